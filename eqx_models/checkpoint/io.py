@@ -1,0 +1,222 @@
+"""Loading HF checkpoints and our own folders into Equinox trees, and writing both back.
+
+Loading never allocates random weights first: the tree's skeleton comes from
+`eqx.filter_eval_shape` and only freshly added heads are initialised, inside a jit
+that computes nothing else.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+import equinox as eqx
+
+from ..errors import CheckpointError
+from ..models import class_by_name, resolve_class
+from .keymap import KeyMap, LoadReport, array_leaves, fill_tree, from_flax_names, tree_to_state
+
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_OWN_MAP = KeyMap(rules=(("", ""),))  # our own folders store tree paths, layers stacked
+
+
+def resolve_dtype(dtype: Any) -> Any:
+    if dtype is None:
+        return jnp.float32
+    name = jnp.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    if name not in DTYPES:
+        raise CheckpointError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def read_config(folder: str | os.PathLike) -> dict[str, Any]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is not a folder")
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no {CONFIG_NAME}")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    return config
+
+
+def from_pretrained(
+    path: str | os.PathLike,
+    *,
+    dtype: Any = None,
+    architecture: str | None = None,
+    key: jax.Array | None = None,
+    **options: Any,
+) -> Any:
+    """Loads a HF checkpoint folder (safetensors, sharded or not; `pytorch_model.bin`;
+    `flax_model.msgpack`) or an eqx_models folder, in inference mode.
+
+    **Arguments:**
+    - `dtype`: parameter dtype, `float32` (default, as HF), `bfloat16` or `float16`.
+    - `architecture`: a class name overriding `config.json`'s `architectures`
+      (e.g. load a causal-LM checkpoint as the base model).
+    - `key`: initialises heads absent from the checkpoint (default `PRNGKey(0)`).
+    - `options`: config run options such as `scan_layers=False` or `remat=True`.
+    """
+    model, _ = load_with_report(path, dtype=dtype, architecture=architecture, key=key, **options)
+    return model
+
+
+def load_with_report(
+    path: str | os.PathLike,
+    *,
+    dtype: Any = None,
+    architecture: str | None = None,
+    key: jax.Array | None = None,
+    **options: Any,
+) -> tuple[Any, LoadReport]:
+    """`from_pretrained`, also returning what was ignored or freshly initialised."""
+    folder = Path(path)
+    hf_config = read_config(folder)
+    own = hf_config.pop("eqx_models", None)
+    if own is not None:
+        if architecture is None:
+            architecture = own.get("architecture")
+        options = {**{k: own[k] for k in ("scan_layers", "remat") if k in own}, **options}
+    family, cls = resolve_class(hf_config, architecture)
+    config = family.config.from_hf_config(hf_config, **options)
+    dtype = resolve_dtype(dtype)
+    skeleton = eqx.filter_eval_shape(cls, config, dtype=dtype, key=jax.random.key(0))
+    if own is not None:
+        state, key_map = _read_own_weights(folder), _OWN_MAP
+    else:
+        from .readers import read_state_dict
+
+        state, source_format = read_state_dict(folder)
+        if source_format == "flax":
+            state = from_flax_names(state)
+        key_map = cls.key_map(config)
+    head_paths = _head_paths(key_map)
+    values, missing, report = fill_tree(skeleton, state, key_map, may_initialise=head_paths)
+    if missing:
+        fresh = _initialise(cls, config, dtype, missing, key if key is not None else jax.random.key(0))
+        values = [fresh.pop(0) if v is None else v for v in values]
+    model = _replace_array_leaves(skeleton, values)
+    return eqx.nn.inference_mode(model), report
+
+
+def _head_paths(key_map: KeyMap) -> tuple[str, ...]:
+    """Tree paths outside the base model: heads a base checkpoint does not have."""
+    if not key_map.is_head:
+        return ()
+    base = key_map.prefix + "."
+    return tuple(tree for _, tree in key_map.rules if not tree.startswith(base) and tree)
+
+
+def _initialise(cls: type, config: Any, dtype: Any, paths: list[str], key: jax.Array) -> list[Any]:
+    """Fresh values for the leaves at `paths`; XLA drops the rest of the init."""
+
+    @jax.jit
+    def init(key):
+        model = cls(config, dtype=dtype, key=key)
+        leaves = dict(array_leaves(model))
+        return [leaves[p] for p in paths]
+
+    return [np.asarray(v) for v in init(key)]
+
+
+def _replace_array_leaves(skeleton: Any, values: list[Any]) -> Any:
+    leaves, treedef = jax.tree_util.tree_flatten(skeleton)
+    it = iter(values)
+    filled = [
+        jnp.asarray(next(it)) if isinstance(leaf, jax.ShapeDtypeStruct) else leaf for leaf in leaves
+    ]
+    return jax.tree_util.tree_unflatten(treedef, filled)
+
+
+def _read_own_weights(folder: Path) -> dict[str, np.ndarray]:
+    path = folder / WEIGHTS_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no {WEIGHTS_NAME}")
+    try:
+        return load_file(path)
+    except Exception as err:  # safetensors raises its own error types
+        raise CheckpointError(f"cannot read {path}: {err}") from None
+
+
+def model_dtype(model: Any) -> str:
+    for _, leaf in array_leaves(model):
+        if jnp.issubdtype(leaf.dtype, jnp.floating):
+            return jnp.dtype(leaf.dtype).name
+    return "float32"
+
+
+@contextlib.contextmanager
+def atomic_folder(destination: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary folder beside `destination` and renames it into place on
+    success; on failure nothing is left behind and an existing `destination` is kept."""
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if destination.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{destination.name}.old-", dir=destination.parent))
+        old.rmdir()
+        destination.rename(old)
+        tmp.rename(destination)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(destination)
+
+
+def _write_config(folder: Path, config: dict[str, Any]) -> None:
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def save_pretrained(model: Any, path: str | os.PathLike) -> None:
+    """Writes our own folder: `config.json` (HF fields plus `eqx_models` metadata) and
+    `model.safetensors` keyed by tree path, layers stacked. Atomic."""
+    cls, config = type(model), model.config
+    class_by_name(cls.__name__)  # fails clearly for an unregistered model
+    hf = config.to_hf_config()
+    hf["architectures"] = [cls.__name__]
+    hf["eqx_models"] = {
+        "format_version": FORMAT_VERSION,
+        "architecture": cls.__name__,
+        "dtype": model_dtype(model),
+        "layout": "stacked",
+        **config.run_options(),
+    }
+    arrays = {path: np.asarray(leaf) for path, leaf in array_leaves(model)}
+    with atomic_folder(path) as tmp:
+        save_file(arrays, tmp / WEIGHTS_NAME, metadata={"format": "eqx_models"})
+        _write_config(tmp, hf)
+
+
+def export_hf(model: Any, path: str | os.PathLike) -> None:
+    """Writes a HF folder (`config.json` + `model.safetensors`, PyTorch names) that
+    `transformers` loads with identical weights. Atomic."""
+    cls, config = type(model), model.config
+    state = tree_to_state(model, cls.key_map(config))
+    hf = config.to_hf_config()
+    hf["architectures"] = [cls.__name__]
+    hf["torch_dtype"] = model_dtype(model)
+    with atomic_folder(path) as tmp:
+        save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        _write_config(tmp, hf)

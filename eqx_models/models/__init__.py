@@ -1,0 +1,61 @@
+"""The registry of architectures: HF `model_type` and class names to our classes."""
+
+import dataclasses
+from typing import Any
+
+from ..errors import ConfigError
+from ._config import ModelConfig
+from .gpt_neo import GPTNeoConfig, GPTNeoForCausalLM, GPTNeoModel
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One architecture: its config class, base model and every head, by HF class name."""
+
+    config: type[ModelConfig]
+    base: type
+    classes: tuple[type, ...]
+
+    def by_name(self) -> dict[str, type]:
+        return {cls.__name__: cls for cls in self.classes}
+
+
+FAMILIES: dict[str, Family] = {
+    "gpt_neo": Family(GPTNeoConfig, GPTNeoModel, (GPTNeoModel, GPTNeoForCausalLM)),
+}
+
+
+def family_of(model_type: Any) -> Family:
+    if model_type not in FAMILIES:
+        raise ConfigError(f"unknown model_type {model_type!r}; supported: {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[model_type]
+
+
+def resolve_class(hf_config: dict[str, Any], architecture: str | None = None) -> tuple[Family, type]:
+    """The class a `config.json` asks for: `architecture` if given, else the first of its
+    `architectures` (HF's `Flax`/`TF` prefixes dropped), else the base model."""
+    family = family_of(hf_config.get("model_type"))
+    names = family.by_name()
+    if architecture is None:
+        listed = hf_config.get("architectures") or []
+        architecture = listed[0] if listed else family.base.__name__
+    for prefix in ("Flax", "TF"):
+        if architecture.startswith(prefix) and architecture[len(prefix) :] in names:
+            architecture = architecture[len(prefix) :]
+    if architecture not in names:
+        raise ConfigError(
+            f"architecture {architecture!r} is not supported for model_type {hf_config.get('model_type')!r}; "
+            f"supported: {', '.join(names)}"
+        )
+    return family, names[architecture]
+
+
+def class_by_name(name: str) -> tuple[Family, type]:
+    for family in FAMILIES.values():
+        if name in family.by_name():
+            return family, family.by_name()[name]
+    raise ConfigError(f"unknown architecture {name!r}")
+
+
+__all__ = ["FAMILIES", "Family", "GPTNeoConfig", "GPTNeoForCausalLM", "GPTNeoModel", "class_by_name", "family_of",
+           "resolve_class"]

@@ -1,0 +1,329 @@
+"""GPT-Neo: learned positions, alternating global / sliding-window attention, no
+score scaling, tied LM head.
+
+Reference: HF `modeling_flax_gpt_neo.py` and `modeling_gpt_neo.py` (4.57.6).
+"""
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+
+import equinox as eqx
+
+from .. import nn
+from ..checkpoint.keymap import KeyMap
+from ..errors import ConfigError
+from ._config import ModelConfig, require
+from ._decoder import DecoderInputs, check_token_ids, decoder_inputs, split_layer_keys
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GPTNeoConfig(ModelConfig):
+    """HF's `GPTNeoConfig` fields (same names and defaults)."""
+
+    model_type: ClassVar[str] = "gpt_neo"
+    vocab_size: int = 50257
+    max_position_embeddings: int = 2048
+    hidden_size: int = 2048
+    num_layers: int = 24
+    # [[pattern, repeats], ...]; e.g. [[["global", "local"], 12]] alternates over 24 layers
+    attention_types: tuple = ((("global", "local"), 12),)
+    num_heads: int = 16
+    intermediate_size: int | None = None  # None means 4 * hidden_size
+    window_size: int = 256
+    activation_function: str = "gelu_new"
+    resid_dropout: float = 0.0
+    embed_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    classifier_dropout: float = 0.1
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    bos_token_id: int | None = 50256
+    eos_token_id: int | None = 50256
+    pad_token_id: int | None = None
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self):
+        layers = self.attention_layers
+        require(
+            len(layers) == self.num_layers,
+            f"attention_types {list(self.attention_types)!r} expand to {len(layers)} layers "
+            f"but num_layers is {self.num_layers}",
+        )
+        unknown = sorted(set(layers) - {"global", "local"})
+        require(not unknown, f"unsupported attention type(s) {unknown}; GPT-Neo has 'global' and 'local'")
+        require(
+            self.hidden_size % self.num_heads == 0,
+            f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}",
+        )
+        require(self.window_size >= 1, f"window_size must be >= 1, got {self.window_size}")
+        nn.activation(self.activation_function)
+
+    @property
+    def attention_layers(self) -> tuple[str, ...]:
+        """One entry per layer, `"global"` or `"local"`."""
+        try:
+            return tuple(kind for pattern, repeats in self.attention_types for _ in range(repeats) for kind in pattern)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"attention_types must look like [[['global', 'local'], 12]], got {self.attention_types!r}"
+            ) from None
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def layer_windows(self) -> tuple[int, ...]:
+        """Sliding-window width per layer (`NO_WINDOW` for global layers)."""
+        return tuple(self.window_size if t == "local" else nn.NO_WINDOW for t in self.attention_layers)
+
+
+class GPTNeoSelfAttention(eqx.Module):
+    q_proj: nn.Linear
+    k_proj: nn.Linear
+    v_proj: nn.Linear
+    out_proj: nn.Linear
+    attn_dropout: eqx.nn.Dropout
+    resid_dropout: eqx.nn.Dropout
+    num_heads: int = eqx.field(static=True)
+
+    def __init__(self, config: GPTNeoConfig, *, dtype: jnp.dtype, key: PRNGKeyArray):
+        kq, kk, kv, ko = jax.random.split(key, 4)
+        dim, std = config.hidden_size, config.initializer_range
+        self.q_proj = nn.Linear(dim, dim, use_bias=False, init_std=std, dtype=dtype, key=kq)
+        self.k_proj = nn.Linear(dim, dim, use_bias=False, init_std=std, dtype=dtype, key=kk)
+        self.v_proj = nn.Linear(dim, dim, use_bias=False, init_std=std, dtype=dtype, key=kv)
+        self.out_proj = nn.Linear(dim, dim, init_std=std, dtype=dtype, key=ko)
+        self.attn_dropout = eqx.nn.Dropout(config.attention_dropout)
+        self.resid_dropout = eqx.nn.Dropout(config.resid_dropout)
+        self.num_heads = config.num_heads
+
+    def __call__(
+        self,
+        x: Float[Array, "seq dim"],
+        mask: Bool[Array, "seq kv"],
+        write: nn.LayerWrite | None,
+        layer: Int[Array, ""],
+        *,
+        key: PRNGKeyArray | None = None,
+    ) -> tuple[Float[Array, "seq dim"], nn.LayerWrite | None]:
+        seq, dim = x.shape
+        heads = lambda t: t.reshape(seq, self.num_heads, -1)  # noqa: E731
+        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        write, k, v = nn.cached_kv(write, layer, k, v)
+        attn_key, resid_key = (None, None) if key is None else jax.random.split(key)
+        # GPT-Neo does not scale scores by head_dim ** -0.5.
+        out = nn.dot_product_attention(q, k, v, mask, scale=1.0, dropout=self.attn_dropout, key=attn_key)
+        out = self.out_proj(out.reshape(seq, dim))
+        return self.resid_dropout(out, key=resid_key), write
+
+
+class GPTNeoMLP(eqx.Module):
+    c_fc: nn.Linear
+    c_proj: nn.Linear
+    dropout: eqx.nn.Dropout
+    activation_function: str = eqx.field(static=True)
+
+    def __init__(self, config: GPTNeoConfig, *, dtype: jnp.dtype, key: PRNGKeyArray):
+        k1, k2 = jax.random.split(key)
+        inner = config.intermediate_size or 4 * config.hidden_size
+        std = config.initializer_range
+        self.c_fc = nn.Linear(config.hidden_size, inner, init_std=std, dtype=dtype, key=k1)
+        self.c_proj = nn.Linear(inner, config.hidden_size, init_std=std, dtype=dtype, key=k2)
+        self.dropout = eqx.nn.Dropout(config.resid_dropout)
+        self.activation_function = config.activation_function
+
+    def __call__(self, x: Float[Array, "seq dim"], *, key: PRNGKeyArray | None = None) -> Float[Array, "seq dim"]:
+        h = nn.activation(self.activation_function)(self.c_fc(x))
+        return self.dropout(self.c_proj(h), key=key)
+
+
+class GPTNeoBlock(eqx.Module):
+    """Pre-LayerNorm block: `x + attn(ln_1(x))`, then `x + mlp(ln_2(x))`."""
+
+    ln_1: nn.LayerNorm
+    attn: GPTNeoSelfAttention
+    ln_2: nn.LayerNorm
+    mlp: GPTNeoMLP
+
+    def __init__(self, config: GPTNeoConfig, *, dtype: jnp.dtype, key: PRNGKeyArray):
+        k1, k2 = jax.random.split(key)
+        eps = config.layer_norm_epsilon
+        self.ln_1 = nn.LayerNorm(config.hidden_size, eps=eps, dtype=dtype)
+        self.attn = GPTNeoSelfAttention(config, dtype=dtype, key=k1)
+        self.ln_2 = nn.LayerNorm(config.hidden_size, eps=eps, dtype=dtype)
+        self.mlp = GPTNeoMLP(config, dtype=dtype, key=k2)
+
+    def __call__(
+        self,
+        x: Float[Array, "seq dim"],
+        mask: Bool[Array, "seq kv"],
+        write: nn.LayerWrite | None,
+        layer: Int[Array, ""],
+        *,
+        key: PRNGKeyArray | None = None,
+    ) -> tuple[Float[Array, "seq dim"], nn.LayerWrite | None]:
+        attn_key, mlp_key = (None, None) if key is None else jax.random.split(key)
+        h, write = self.attn(self.ln_1(x), mask, write, layer, key=attn_key)
+        x = x + h
+        return x + self.mlp(self.ln_2(x), key=mlp_key), write
+
+
+class GPTNeoModel(eqx.Module):
+    """The GPT-Neo decoder stack; returns the final hidden states `[seq, hidden]`."""
+
+    wte: nn.Embedding
+    wpe: nn.Embedding
+    drop: eqx.nn.Dropout
+    h: nn.Stacked[GPTNeoBlock]
+    ln_f: nn.LayerNorm
+    config: GPTNeoConfig = eqx.field(static=True)
+
+    def __init__(self, config: GPTNeoConfig, *, dtype: jnp.dtype = jnp.float32, key: PRNGKeyArray):
+        k_wte, k_wpe, k_h = jax.random.split(key, 3)
+        std = config.initializer_range
+        self.wte = nn.Embedding(config.vocab_size, config.hidden_size, init_std=std, dtype=dtype, key=k_wte)
+        self.wpe = nn.Embedding(
+            config.max_position_embeddings, config.hidden_size, init_std=std, dtype=dtype, key=k_wpe
+        )
+        self.drop = eqx.nn.Dropout(config.embed_dropout)
+        self.h = nn.Stacked(lambda k: GPTNeoBlock(config, dtype=dtype, key=k), config.num_layers, key=k_h)
+        self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon, dtype=dtype)
+        self.config = config
+
+    def __call__(
+        self,
+        input_ids: Int[Array, " seq"],
+        *,
+        attention_mask: Int[Array, " seq"] | Bool[Array, " seq"] | None = None,
+        position_ids: Int[Array, " seq"] | None = None,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, "seq hidden"]:
+        """**Arguments:** `input_ids` one sequence; `attention_mask` 1 for real tokens and 0
+        for padding; `position_ids` default `0..seq-1` (as HF); `key` enables dropout.
+
+        **Returns:** final hidden states `[seq, hidden]`.
+        """
+        inputs = decoder_inputs(input_ids, attention_mask, position_ids, None)
+        hidden, _ = self._forward(input_ids, inputs, key)
+        return hidden
+
+    def decode(
+        self,
+        input_ids: Int[Array, " new"],
+        cache: nn.KVCache,
+        *,
+        attention_mask: Int[Array, " new"] | Bool[Array, " new"] | None = None,
+        position_ids: Int[Array, " new"] | None = None,
+    ) -> tuple[Float[Array, "new hidden"], nn.KVCache]:
+        """Runs `new` tokens against the cache (a prompt, or one token at a time).
+
+        **Returns:** hidden states `[new, hidden]` and the cache with them appended.
+        """
+        inputs = decoder_inputs(input_ids, attention_mask, position_ids, cache)
+        return self._forward(input_ids, inputs, None)
+
+    def init_cache(self, max_len: int, dtype: jnp.dtype | None = None) -> nn.KVCache:
+        """An empty cache for `max_len` slots (prompt plus new tokens)."""
+        cfg = self.config
+        dtype = dtype or self.wte.weight.dtype
+        return nn.KVCache.empty(cfg.num_layers, max_len, cfg.num_heads, cfg.head_dim, dtype)
+
+    def _forward(self, input_ids, inputs: DecoderInputs, key):
+        cfg = self.config
+        input_ids = check_token_ids(input_ids, cfg.vocab_size)
+        embed_key, layer_keys = split_layer_keys(key, cfg.num_layers)
+        x = self.wte(input_ids) + self.wpe(inputs.positions)
+        x = self.drop(x, key=embed_key)
+        windows = jnp.asarray(cfg.layer_windows, jnp.int32)
+
+        def step(block: GPTNeoBlock, carry, per_layer):
+            x, write = carry
+            layer, window, layer_key = per_layer
+            mask = nn.causal_mask(inputs.slots, inputs.kv_slots, inputs.kv_valid, window)
+            x, write = block(x, mask, write, layer, key=layer_key)
+            return (x, write), None
+
+        layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        (x, write), _ = self.h.scan(
+            step, (x, inputs.write), (layers, windows, layer_keys), scan_layers=cfg.scan_layers, remat=cfg.remat
+        )
+        return self.ln_f(x), inputs.finish(write)
+
+    @classmethod
+    def key_map(cls, config: GPTNeoConfig) -> KeyMap:
+        return KeyMap(
+            rules=(
+                ("h.{i}.attn.attention.", "h.layers.attn."),
+                ("h.{i}.", "h.layers."),
+                ("", ""),
+            ),
+            ignore=(r"h\.\d+\.attn\.attention\.(bias|masked_bias)",),  # causal-mask buffers of old saves
+        )
+
+
+class GPTNeoForCausalLM(eqx.Module):
+    """GPT-Neo with a language-model head (tied to `wte` unless `tie_word_embeddings=False`)."""
+
+    transformer: GPTNeoModel
+    lm_head: nn.Linear | None
+
+    def __init__(self, config: GPTNeoConfig, *, dtype: jnp.dtype = jnp.float32, key: PRNGKeyArray):
+        k_model, k_head = jax.random.split(key)
+        self.transformer = GPTNeoModel(config, dtype=dtype, key=k_model)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else nn.Linear(
+                config.hidden_size, config.vocab_size, use_bias=False, init_std=config.initializer_range,
+                dtype=dtype, key=k_head,
+            )
+        )
+
+    @property
+    def config(self) -> GPTNeoConfig:
+        return self.transformer.config
+
+    def __call__(
+        self,
+        input_ids: Int[Array, " seq"],
+        *,
+        attention_mask: Int[Array, " seq"] | Bool[Array, " seq"] | None = None,
+        position_ids: Int[Array, " seq"] | None = None,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, "seq vocab"]:
+        """Next-token logits `[seq, vocab]` in float32; arguments as `GPTNeoModel`."""
+        hidden = self.transformer(input_ids, attention_mask=attention_mask, position_ids=position_ids, key=key)
+        return self.logits(hidden)
+
+    def decode(
+        self,
+        input_ids: Int[Array, " new"],
+        cache: nn.KVCache,
+        *,
+        attention_mask: Int[Array, " new"] | Bool[Array, " new"] | None = None,
+        position_ids: Int[Array, " new"] | None = None,
+    ) -> tuple[Float[Array, "new vocab"], nn.KVCache]:
+        """Cached step: logits for the `new` tokens and the updated cache."""
+        hidden, cache = self.transformer.decode(
+            input_ids, cache, attention_mask=attention_mask, position_ids=position_ids
+        )
+        return self.logits(hidden), cache
+
+    def init_cache(self, max_len: int, dtype: jnp.dtype | None = None) -> nn.KVCache:
+        return self.transformer.init_cache(max_len, dtype)
+
+    def logits(self, hidden: Float[Array, "seq hidden"]) -> Float[Array, "seq vocab"]:
+        head = self.transformer.wte.attend if self.lm_head is None else self.lm_head
+        return head(hidden).astype(jnp.float32)
+
+    @classmethod
+    def key_map(cls, config: GPTNeoConfig) -> KeyMap:
+        tied = ("lm_head.weight",) if config.tie_word_embeddings else ()
+        return GPTNeoModel.key_map(config).nested("transformer").extended(
+            rules=(("lm_head.", "lm_head."),), ignore=tied
+        )

@@ -1,0 +1,78 @@
+"""A preallocated key/value cache for every layer of a decoder stack."""
+
+from typing import NamedTuple
+
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array, Bool, Float, Int
+
+import equinox as eqx
+
+
+class KVCache(eqx.Module):
+    """Keys and values of all layers, written in place at `index`.
+
+    `valid` marks slots holding real tokens (left padding of a prompt is not valid);
+    it is shared by all layers. Unbatched: `jax.vmap` it along with the model.
+    """
+
+    keys: Float[Array, "layers max_len kv_heads head_dim"]
+    values: Float[Array, "layers max_len kv_heads head_dim"]
+    valid: Bool[Array, " max_len"]
+    index: Int[Array, ""]
+
+    @classmethod
+    def empty(
+        cls, num_layers: int, max_len: int, kv_heads: int, head_dim: int, dtype: jnp.dtype = jnp.float32
+    ) -> "KVCache":
+        shape = (num_layers, max_len, kv_heads, head_dim)
+        return cls(
+            keys=jnp.zeros(shape, dtype),
+            values=jnp.zeros(shape, dtype),
+            valid=jnp.zeros((max_len,), bool),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+    @property
+    def max_len(self) -> int:
+        return self.keys.shape[1]
+
+    def slots(self, length: int) -> Int[Array, " length"]:
+        """Slot indices that the next `length` tokens will occupy."""
+        return self.index + jnp.arange(length, dtype=jnp.int32)
+
+    def with_tokens(self, token_valid: Bool[Array, " new"]) -> "KVCache":
+        """Marks the next slots valid (or padding) and advances `index` past them.
+
+        Called once per decode step, before the layers write their keys and values.
+        """
+        valid = lax.dynamic_update_slice(self.valid, token_valid, (self.index,))
+        return KVCache(self.keys, self.values, valid, self.index + token_valid.shape[0])
+
+
+class LayerWrite(NamedTuple):
+    """What a layer needs to write into the cache inside a scan: the stacked buffers
+    (carried, so XLA updates them in place) and the first slot to write."""
+
+    keys: Float[Array, "layers max_len kv_heads head_dim"]
+    values: Float[Array, "layers max_len kv_heads head_dim"]
+    start: Int[Array, ""]
+
+
+def cached_kv(
+    write: LayerWrite | None,
+    layer: Int[Array, ""],
+    k: Float[Array, "new kv_heads head_dim"],
+    v: Float[Array, "new kv_heads head_dim"],
+) -> tuple[LayerWrite | None, Float[Array, "kv kv_heads head_dim"], Float[Array, "kv kv_heads head_dim"]]:
+    """Keys/values a layer attends over. Without a cache, the new ones; with one, the new
+    ones are written at `write.start` and the layer's whole buffer is returned."""
+    if write is None:
+        return None, k, v
+    zero = jnp.zeros((), jnp.int32)
+    at = (layer.astype(jnp.int32), write.start, zero, zero)
+    keys = lax.dynamic_update_slice(write.keys, k[None].astype(write.keys.dtype), at)
+    values = lax.dynamic_update_slice(write.values, v[None].astype(write.values.dtype), at)
+    layer_k = lax.dynamic_index_in_dim(keys, layer, keepdims=False)
+    layer_v = lax.dynamic_index_in_dim(values, layer, keepdims=False)
+    return LayerWrite(keys, values, write.start), layer_k, layer_v

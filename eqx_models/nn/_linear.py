@@ -1,0 +1,57 @@
+"""Linear and embedding layers acting on the last axis of any leading shape."""
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+import equinox as eqx
+
+
+class Linear(eqx.Module):
+    """`y = x W^T + b` on the last axis. The weight keeps PyTorch's `[out, in]` layout,
+    so HF checkpoints need no transpose."""
+
+    weight: Float[Array, "d_out d_in"]
+    bias: Float[Array, " d_out"] | None
+
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        *,
+        use_bias: bool = True,
+        init_std: float = 0.02,
+        dtype: jnp.dtype = jnp.float32,
+        key: PRNGKeyArray,
+    ):
+        self.weight = init_std * jax.random.normal(key, (d_out, d_in), dtype)
+        self.bias = jnp.zeros((d_out,), dtype) if use_bias else None
+
+    def __call__(self, x: Float[Array, "*batch d_in"]) -> Float[Array, "*batch d_out"]:
+        # [..., in] x [out, in] -> [..., out]
+        y = jnp.einsum("...i,oi->...o", x, self.weight)
+        return y if self.bias is None else y + self.bias
+
+
+class Embedding(eqx.Module):
+    """A lookup table `[vocab, dim]` indexed by integer ids of any shape."""
+
+    weight: Float[Array, "vocab dim"]
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        dim: int,
+        *,
+        init_std: float = 0.02,
+        dtype: jnp.dtype = jnp.float32,
+        key: PRNGKeyArray,
+    ):
+        self.weight = init_std * jax.random.normal(key, (num_embeddings, dim), dtype)
+
+    def __call__(self, ids: Int[Array, "*shape"]) -> Float[Array, "*shape dim"]:
+        return jnp.take(self.weight, ids, axis=0)
+
+    def attend(self, x: Float[Array, "*batch dim"]) -> Float[Array, "*batch vocab"]:
+        """Logits against every embedding row (a tied output head)."""
+        return jnp.einsum("...d,vd->...v", x, self.weight)

@@ -1,0 +1,27 @@
+"""Normalisation layers, computed in float32 and cast back to the input dtype."""
+
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+import equinox as eqx
+
+
+class LayerNorm(eqx.Module):
+    """LayerNorm over the last axis with learned scale (`weight`) and `bias`."""
+
+    weight: Float[Array, " dim"]
+    bias: Float[Array, " dim"] | None
+    eps: float = eqx.field(static=True)
+
+    def __init__(self, dim: int, *, eps: float = 1e-5, use_bias: bool = True, dtype: jnp.dtype = jnp.float32):
+        self.weight = jnp.ones((dim,), dtype)
+        self.bias = jnp.zeros((dim,), dtype) if use_bias else None
+        self.eps = eps
+
+    def __call__(self, x: Float[Array, "*batch dim"]) -> Float[Array, "*batch dim"]:
+        h = x.astype(jnp.float32)
+        mean = jnp.mean(h, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(h - mean), axis=-1, keepdims=True)
+        h = (h - mean) * jnp.reciprocal(jnp.sqrt(var + self.eps))
+        h = h.astype(x.dtype) * self.weight
+        return h if self.bias is None else h + self.bias
