@@ -23,7 +23,7 @@ import equinox as eqx
 
 from ..errors import CheckpointError
 from ..models import class_by_name, resolve_class
-from .keymap import KeyMap, LoadReport, array_leaves, fill_tree, from_flax_names, tree_to_state
+from .keymap import KeyMap, LoadReport, _progress, array_leaves, fill_tree, from_flax_names, tree_to_state
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
@@ -85,6 +85,7 @@ def load_with_report(
     dtype: Any = None,
     architecture: str | None = None,
     key: jax.Array | None = None,
+    progress: bool = False,
     **options: Any,
 ) -> tuple[Any, LoadReport]:
     """`from_pretrained`, also returning what was ignored or freshly initialised."""
@@ -109,7 +110,7 @@ def load_with_report(
             state = from_flax_names(state)
         key_map = cls.key_map(config)
     head_paths = _head_paths(key_map)
-    values, missing, report = fill_tree(skeleton, state, key_map, may_initialise=head_paths)
+    values, missing, report = fill_tree(skeleton, state, key_map, may_initialise=head_paths, progress=progress)
     if missing:
         fresh = _initialise(cls, config, dtype, missing, key if key is not None else jax.random.key(0))
         values = [fresh.pop(0) if v is None else v for v in values]
@@ -189,7 +190,7 @@ def _write_config(folder: Path, config: dict[str, Any]) -> None:
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def save_pretrained(model: Any, path: str | os.PathLike) -> None:
+def save_pretrained(model: Any, path: str | os.PathLike, *, progress: bool = False) -> None:
     """Writes our own folder: `config.json` (HF fields plus `eqx_models` metadata) and
     `model.safetensors` keyed by tree path, layers stacked. Atomic."""
     cls, config = type(model), model.config
@@ -203,17 +204,17 @@ def save_pretrained(model: Any, path: str | os.PathLike) -> None:
         "layout": "stacked",
         **config.run_options(),
     }
-    arrays = {path: np.asarray(leaf) for path, leaf in array_leaves(model)}
+    arrays = {path: np.asarray(leaf) for path, leaf in _progress(list(array_leaves(model)), progress, "saving")}
     with atomic_folder(path) as tmp:
         save_file(arrays, tmp / WEIGHTS_NAME, metadata={"format": "eqx_models"})
         _write_config(tmp, hf)
 
 
-def export_hf(model: Any, path: str | os.PathLike) -> None:
+def export_hf(model: Any, path: str | os.PathLike, *, progress: bool = False) -> None:
     """Writes a HF folder (`config.json` + `model.safetensors`, PyTorch names) that
     `transformers` loads with identical weights. Atomic."""
     cls, config = type(model), model.config
-    state = tree_to_state(model, cls.key_map(config))
+    state = tree_to_state(model, cls.key_map(config), progress=progress)
     hf = config.to_hf_config()
     hf["architectures"] = [cls.__name__]
     hf["torch_dtype"] = model_dtype(model)

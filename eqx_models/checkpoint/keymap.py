@@ -36,8 +36,9 @@ class KeyMap:
     prefix: str = ""
     is_head: bool = False
 
-    def nested(self, prefix: str) -> "KeyMap":
-        """This (base-model) map with both sides under `prefix`, as inside a head model."""
+    def nested(self) -> "KeyMap":
+        """This base-model map with both sides under `prefix`, as inside a head model."""
+        prefix = self.prefix
         join = lambda p: f"{prefix}.{p}" if p else f"{prefix}."  # noqa: E731
         return KeyMap(
             rules=tuple((join(hf), join(tree)) for hf, tree in self.rules),
@@ -103,6 +104,15 @@ def align_prefix(state: dict[str, np.ndarray], key_map: KeyMap) -> tuple[dict[st
     return state, []
 
 
+def _progress(items: list, enabled: bool, what: str) -> Any:
+    """`items`, behind a tqdm bar on stderr when `enabled` and there is enough to show."""
+    if not enabled or len(items) < 8:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=what, unit="tensor", leave=False)
+
+
 def _describe(names: list[str], limit: int = 8) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
@@ -123,6 +133,7 @@ def fill_tree(
     key_map: KeyMap,
     *,
     may_initialise: tuple[str, ...] = (),
+    progress: bool = False,
 ) -> tuple[list[Any], list[str], LoadReport]:
     """Matches checkpoint arrays to the skeleton's leaves, strictly.
 
@@ -137,7 +148,7 @@ def fill_tree(
     values: list[Any] = []
     missing_paths: list[str] = []
     missing_keys: list[str] = []
-    for path, leaf in array_leaves(skeleton):
+    for path, leaf in _progress(list(array_leaves(skeleton)), progress, "loading"):
         layers = leaf.shape[0] if leaf.ndim else None
         names, stacked = key_map.hf_names(path, layers)
         absent = [n for n in names if n not in state]
@@ -172,10 +183,10 @@ def fill_tree(
     return values, missing_paths, report
 
 
-def tree_to_state(model: Any, key_map: KeyMap) -> dict[str, np.ndarray]:
+def tree_to_state(model: Any, key_map: KeyMap, *, progress: bool = False) -> dict[str, np.ndarray]:
     """The model's parameters under HF (PyTorch) names, unstacking layers."""
     state: dict[str, np.ndarray] = {}
-    for path, leaf in array_leaves(model):
+    for path, leaf in _progress(list(array_leaves(model)), progress, "exporting"):
         array = np.asarray(leaf)
         names, stacked = key_map.hf_names(path, array.shape[0] if array.ndim else None)
         for i, name in enumerate(names):

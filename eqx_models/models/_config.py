@@ -2,12 +2,15 @@
 HuggingFace `config.json` dictionaries."""
 
 import dataclasses
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, TypeVar
 
 from ..errors import ConfigError
 
 # HF bookkeeping keys that describe a file, not a model; rewritten on export.
 _HF_BOOKKEEPING = ("model_type", "architectures", "transformers_version", "_name_or_path")
+
+
+C = TypeVar("C", bound="ModelConfig")
 
 
 def _freeze(value: Any) -> Any:
@@ -41,7 +44,7 @@ class ModelConfig:
     _RUN_OPTIONS: ClassVar[tuple[str, ...]] = ("scan_layers", "remat")
 
     @classmethod
-    def from_hf_config(cls, hf: dict[str, Any], **overrides: Any) -> Self:
+    def from_hf_config(cls: type[C], hf: dict[str, Any], **overrides: Any) -> C:
         """Builds the config from a HF `config.json` dict; unknown keys go to `extra`."""
         declared = cls.model_type
         given = hf.get("model_type", declared)
@@ -64,7 +67,7 @@ class ModelConfig:
     def run_options(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self._RUN_OPTIONS}
 
-    def replace(self, **changes: Any) -> Self:
+    def replace(self: C, **changes: Any) -> C:
         return dataclasses.replace(self, **changes)
 
 

@@ -4,7 +4,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Int, PRNGKeyArray
+from jaxtyping import Array, Bool, Int, Key, PRNGKeyArray
 
 import equinox as eqx
 
@@ -67,7 +67,7 @@ def check_token_ids(input_ids: Int[Array, " seq"], vocab_size: int) -> Int[Array
 
 def split_layer_keys(
     key: PRNGKeyArray | None, num_layers: int
-) -> tuple[PRNGKeyArray | None, PRNGKeyArray | None]:
+) -> tuple[PRNGKeyArray | None, Key[Array, " layers"] | None]:
     """One key for the embeddings and one per layer (stacked), or `None`s without dropout."""
     if key is None:
         return None, None

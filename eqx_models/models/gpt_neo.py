@@ -9,6 +9,7 @@ from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 import equinox as eqx
@@ -91,7 +92,7 @@ class GPTNeoSelfAttention(eqx.Module):
     resid_dropout: eqx.nn.Dropout
     num_heads: int = eqx.field(static=True)
 
-    def __init__(self, config: GPTNeoConfig, *, dtype: jnp.dtype, key: PRNGKeyArray):
+    def __init__(self, config: GPTNeoConfig, *, dtype: DTypeLike, key: PRNGKeyArray):
         kq, kk, kv, ko = jax.random.split(key, 4)
         dim, std = config.hidden_size, config.initializer_range
         self.q_proj = nn.Linear(dim, dim, use_bias=False, init_std=std, dtype=dtype, key=kq)
@@ -128,7 +129,7 @@ class GPTNeoMLP(eqx.Module):
     dropout: eqx.nn.Dropout
     activation_function: str = eqx.field(static=True)
 
-    def __init__(self, config: GPTNeoConfig, *, dtype: jnp.dtype, key: PRNGKeyArray):
+    def __init__(self, config: GPTNeoConfig, *, dtype: DTypeLike, key: PRNGKeyArray):
         k1, k2 = jax.random.split(key)
         inner = config.intermediate_size or 4 * config.hidden_size
         std = config.initializer_range
@@ -150,7 +151,7 @@ class GPTNeoBlock(eqx.Module):
     ln_2: nn.LayerNorm
     mlp: GPTNeoMLP
 
-    def __init__(self, config: GPTNeoConfig, *, dtype: jnp.dtype, key: PRNGKeyArray):
+    def __init__(self, config: GPTNeoConfig, *, dtype: DTypeLike, key: PRNGKeyArray):
         k1, k2 = jax.random.split(key)
         eps = config.layer_norm_epsilon
         self.ln_1 = nn.LayerNorm(config.hidden_size, eps=eps, dtype=dtype)
@@ -183,7 +184,7 @@ class GPTNeoModel(eqx.Module):
     ln_f: nn.LayerNorm
     config: GPTNeoConfig = eqx.field(static=True)
 
-    def __init__(self, config: GPTNeoConfig, *, dtype: jnp.dtype = jnp.float32, key: PRNGKeyArray):
+    def __init__(self, config: GPTNeoConfig, *, dtype: DTypeLike = jnp.float32, key: PRNGKeyArray):
         k_wte, k_wpe, k_h = jax.random.split(key, 3)
         std = config.initializer_range
         self.wte = nn.Embedding(config.vocab_size, config.hidden_size, init_std=std, dtype=dtype, key=k_wte)
@@ -227,7 +228,7 @@ class GPTNeoModel(eqx.Module):
         inputs = decoder_inputs(input_ids, attention_mask, position_ids, cache)
         return self._forward(input_ids, inputs, None)
 
-    def init_cache(self, max_len: int, dtype: jnp.dtype | None = None) -> nn.KVCache:
+    def init_cache(self, max_len: int, dtype: DTypeLike | None = None) -> nn.KVCache:
         """An empty cache for `max_len` slots (prompt plus new tokens)."""
         cfg = self.config
         dtype = dtype or self.wte.weight.dtype
@@ -263,6 +264,7 @@ class GPTNeoModel(eqx.Module):
                 ("", ""),
             ),
             ignore=(r"h\.\d+\.attn\.attention\.(bias|masked_bias)",),  # causal-mask buffers of old saves
+            prefix="transformer",
         )
 
 
@@ -272,7 +274,7 @@ class GPTNeoForCausalLM(eqx.Module):
     transformer: GPTNeoModel
     lm_head: nn.Linear | None
 
-    def __init__(self, config: GPTNeoConfig, *, dtype: jnp.dtype = jnp.float32, key: PRNGKeyArray):
+    def __init__(self, config: GPTNeoConfig, *, dtype: DTypeLike = jnp.float32, key: PRNGKeyArray):
         k_model, k_head = jax.random.split(key)
         self.transformer = GPTNeoModel(config, dtype=dtype, key=k_model)
         self.lm_head = (
@@ -314,7 +316,7 @@ class GPTNeoForCausalLM(eqx.Module):
         )
         return self.logits(hidden), cache
 
-    def init_cache(self, max_len: int, dtype: jnp.dtype | None = None) -> nn.KVCache:
+    def init_cache(self, max_len: int, dtype: DTypeLike | None = None) -> nn.KVCache:
         return self.transformer.init_cache(max_len, dtype)
 
     def logits(self, hidden: Float[Array, "seq hidden"]) -> Float[Array, "seq vocab"]:
@@ -324,6 +326,6 @@ class GPTNeoForCausalLM(eqx.Module):
     @classmethod
     def key_map(cls, config: GPTNeoConfig) -> KeyMap:
         tied = ("lm_head.weight",) if config.tie_word_embeddings else ()
-        return GPTNeoModel.key_map(config).nested("transformer").extended(
+        return GPTNeoModel.key_map(config).nested().extended(
             rules=(("lm_head.", "lm_head."),), ignore=tied
         )

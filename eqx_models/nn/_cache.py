@@ -3,6 +3,7 @@
 from typing import NamedTuple
 
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
@@ -23,7 +24,7 @@ class KVCache(eqx.Module):
 
     @classmethod
     def empty(
-        cls, num_layers: int, max_len: int, kv_heads: int, head_dim: int, dtype: jnp.dtype = jnp.float32
+        cls, num_layers: int, max_len: int, kv_heads: int, head_dim: int, dtype: DTypeLike = jnp.float32
     ) -> "KVCache":
         shape = (num_layers, max_len, kv_heads, head_dim)
         return cls(

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 import equinox as eqx
@@ -21,7 +22,7 @@ class Linear(eqx.Module):
         *,
         use_bias: bool = True,
         init_std: float = 0.02,
-        dtype: jnp.dtype = jnp.float32,
+        dtype: DTypeLike = jnp.float32,
         key: PRNGKeyArray,
     ):
         self.weight = init_std * jax.random.normal(key, (d_out, d_in), dtype)
@@ -44,7 +45,7 @@ class Embedding(eqx.Module):
         dim: int,
         *,
         init_std: float = 0.02,
-        dtype: jnp.dtype = jnp.float32,
+        dtype: DTypeLike = jnp.float32,
         key: PRNGKeyArray,
     ):
         self.weight = init_std * jax.random.normal(key, (num_embeddings, dim), dtype)

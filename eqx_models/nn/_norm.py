@@ -1,6 +1,7 @@
 """Normalisation layers, computed in float32 and cast back to the input dtype."""
 
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 from jaxtyping import Array, Float
 
 import equinox as eqx
@@ -13,7 +14,7 @@ class LayerNorm(eqx.Module):
     bias: Float[Array, " dim"] | None
     eps: float = eqx.field(static=True)
 
-    def __init__(self, dim: int, *, eps: float = 1e-5, use_bias: bool = True, dtype: jnp.dtype = jnp.float32):
+    def __init__(self, dim: int, *, eps: float = 1e-5, use_bias: bool = True, dtype: DTypeLike = jnp.float32):
         self.weight = jnp.ones((dim,), dtype)
         self.bias = jnp.zeros((dim,), dtype) if use_bias else None
         self.eps = eps

@@ -1,0 +1,45 @@
+"""Random tiny HF PyTorch models: the numerical oracle of every parity test."""
+
+import numpy as np
+import torch
+
+
+def randomise(model: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torch.nn.Module:
+    """Every parameter random, norm weights around 1, so nothing rests at its init value."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator) * std
+            is_norm_weight = param.ndim == 1 and ("ln" in name or "norm" in name) and name.endswith("weight")
+            param.copy_(1.0 + noise if is_norm_weight else noise)
+    return model.eval()
+
+
+def left_padded(rng: np.random.Generator, vocab: int, lengths: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Random ids `[batch, max(lengths)]`, each row left-padded to the longest."""
+    seq = max(lengths)
+    ids = rng.integers(0, vocab, (len(lengths), seq))
+    mask = np.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        mask[row, seq - length :] = 1
+        ids[row, : seq - length] = 0
+    return ids, mask
+
+
+def hf_positions(mask: np.ndarray) -> np.ndarray:
+    """The positions HF `generate` gives a left-padded batch."""
+    return np.where(mask, np.cumsum(mask, -1) - 1, 1)
+
+
+def torch_logits(model, ids, mask, positions=None) -> np.ndarray:
+    kwargs = {"attention_mask": torch.tensor(mask)}
+    if positions is not None:
+        kwargs["position_ids"] = torch.tensor(positions)
+    with torch.no_grad():
+        out = model(torch.tensor(ids), **kwargs)
+    return (out.logits if hasattr(out, "logits") else out.last_hidden_state).float().numpy()
+
+
+def max_diff_valid(ours, expected, mask) -> float:
+    """Max |difference| over real (unpadded) tokens."""
+    return float(np.abs(np.asarray(ours, np.float32) - expected)[np.asarray(mask, bool)].max())

@@ -1,0 +1,193 @@
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from oracle import hf_positions, left_padded, max_diff_valid, randomise, torch_logits
+
+import eqx_models
+from eqx_models.generation._loop import batched_decode, init_batched_cache
+from eqx_models.models import GPTNeoConfig, GPTNeoForCausalLM, GPTNeoModel
+
+TINY = dict(vocab_size=97, hidden_size=32, num_heads=4, max_position_embeddings=64, window_size=3)
+
+
+def hf_neo(tmp_path, seed=0, head=transformers.GPTNeoForCausalLM, **overrides):
+    config = transformers.GPTNeoConfig(**{**TINY, "num_layers": 4,
+                                          "attention_types": [[["global", "local"], 2]], **overrides})
+    torch.manual_seed(seed)
+    model = randomise(head(config), seed)
+    model.save_pretrained(tmp_path)
+    return model
+
+
+PATTERNS = [
+    ([[["global", "local"], 2]], 4, 3),
+    ([[["local"], 3], [["global"], 1]], 4, 1),
+    ([[["global"], 2]], 2, 5),
+    ([[["local", "local", "global"], 1]], 3, 20),  # window wider than the sequence
+]
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+@pytest.mark.parametrize("attention_types,num_layers,window_size", PATTERNS)
+def test_causal_lm_logits_match_hf_on_left_padded_batch(tmp_path, attention_types, num_layers, window_size,
+                                                        scan_layers):
+    reference = hf_neo(tmp_path, attention_types=attention_types, num_layers=num_layers, window_size=window_size)
+    model = eqx_models.from_pretrained(tmp_path, scan_layers=scan_layers)
+    assert model.config.scan_layers is scan_layers
+    ids, mask = left_padded(np.random.default_rng(1), TINY["vocab_size"], [13, 9, 4])
+    positions = hf_positions(mask)
+    expected = torch_logits(reference, ids, mask, positions)
+    ours = jax.vmap(lambda i, m, p: model(i, attention_mask=m, position_ids=p))(ids, mask, positions)
+    diff = max_diff_valid(ours, expected, mask)
+    print(f"GPT-Neo {attention_types} window {window_size} scan={scan_layers}: max |diff| {diff:.2e}")
+    assert diff < 2e-5
+
+
+def test_base_model_hidden_states_match_hf(tmp_path):
+    reference = hf_neo(tmp_path, head=transformers.GPTNeoModel)
+    model = eqx_models.from_pretrained(tmp_path)
+    assert isinstance(model, GPTNeoModel)
+    ids, mask = left_padded(np.random.default_rng(2), TINY["vocab_size"], [11, 7])
+    expected = torch_logits(reference, ids, mask, hf_positions(mask))
+    ours = jax.vmap(lambda i, m, p: model(i, attention_mask=m, position_ids=p))(ids, mask, hf_positions(mask))
+    assert max_diff_valid(ours, expected, mask) < 1e-5
+
+
+def test_default_positions_are_slots_as_in_hf(tmp_path):
+    reference = hf_neo(tmp_path)
+    model = eqx_models.from_pretrained(tmp_path)
+    ids = np.random.default_rng(3).integers(0, TINY["vocab_size"], (1, 10))
+    mask = np.ones_like(ids)
+    expected = torch_logits(reference, ids, mask)
+    assert max_diff_valid(model(jnp.asarray(ids[0]))[None], expected, mask) < 2e-5
+
+
+def test_untied_head_matches_hf(tmp_path):
+    reference = hf_neo(tmp_path, tie_word_embeddings=False)
+    model = eqx_models.from_pretrained(tmp_path)
+    assert model.lm_head is not None
+    ids, mask = left_padded(np.random.default_rng(4), TINY["vocab_size"], [8, 5])
+    expected = torch_logits(reference, ids, mask, hf_positions(mask))
+    ours = jax.vmap(lambda i, m, p: model(i, attention_mask=m, position_ids=p))(ids, mask, hf_positions(mask))
+    assert max_diff_valid(ours, expected, mask) < 2e-5
+
+
+def test_base_checkpoint_loads_into_head_and_head_into_base(tmp_path):
+    hf_neo(tmp_path / "base", head=transformers.GPTNeoModel)
+    hf_neo(tmp_path / "lm")
+    head = eqx_models.from_pretrained(tmp_path / "base", architecture="GPTNeoForCausalLM")
+    base = eqx_models.from_pretrained(tmp_path / "base")
+    np.testing.assert_array_equal(head.transformer.wte.weight, base.wte.weight)
+    base_from_lm, report = eqx_models.load_with_report(tmp_path / "lm", architecture="GPTNeoModel")
+    lm = eqx_models.from_pretrained(tmp_path / "lm")
+    np.testing.assert_array_equal(base_from_lm.h.layers.mlp.c_fc.weight, lm.transformer.h.layers.mlp.c_fc.weight)
+
+
+def test_cached_decoding_equals_full_forward(tmp_path):
+    hf_neo(tmp_path, window_size=2)
+    model = eqx_models.from_pretrained(tmp_path)
+    ids, mask = left_padded(np.random.default_rng(5), TINY["vocab_size"], [10, 6])
+    positions = hf_positions(mask)
+    full = jax.vmap(lambda i, m, p: model(i, attention_mask=m, position_ids=p))(ids, mask, positions)
+    cache = init_batched_cache(model, 2, 16)
+    chunks = []
+    for start, stop in [(0, 5), (5, 6), (6, 9), (9, 10)]:  # a prompt, then pieces of any length
+        logits, cache = batched_decode(model, jnp.asarray(ids[:, start:stop]), cache,
+                                       jnp.asarray(mask[:, start:stop], bool), jnp.asarray(positions[:, start:stop]))
+        chunks.append(np.asarray(logits))
+    diff = max_diff_valid(np.concatenate(chunks, 1), np.asarray(full), mask)
+    print(f"cached vs full: max |diff| {diff:.2e}")
+    assert diff < 1e-5
+
+
+@pytest.mark.parametrize("eos", [None, "pick"])
+def test_greedy_generate_matches_hf_token_for_token(tmp_path, eos):
+    reference = hf_neo(tmp_path, seed=7)
+    model = eqx_models.from_pretrained(tmp_path)
+    ids, mask = left_padded(np.random.default_rng(8), TINY["vocab_size"], [7, 3, 5])
+    if eos == "pick":  # an id the model emits early for some row, so rows stop at different steps
+        first = eqx_models.generate(model, ids, mask, max_new_tokens=4, eos_token_id=None)
+        eos = int(np.asarray(first)[1, ids.shape[1] + 1])
+    ours = np.asarray(eqx_models.generate(model, ids, mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=0))
+    with torch.no_grad():
+        theirs = reference.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=12,
+                                    do_sample=False, eos_token_id=eos, pad_token_id=0).numpy()
+    np.testing.assert_array_equal(ours, theirs)
+
+
+def test_generate_defaults_eos_from_config(tmp_path):
+    hf_neo(tmp_path, eos_token_id=5, bos_token_id=5)
+    model = eqx_models.from_pretrained(tmp_path)
+    out = np.asarray(eqx_models.generate(model, np.array([[1, 2, 3]]), max_new_tokens=30))
+    new = out[0, 3:]
+    if 5 in new:  # after EOS, only padding (the EOS id itself when no pad id is set)
+        assert (new[list(new).index(5):] == 5).all()
+    else:
+        assert len(new) == 30
+
+
+def test_generate_rejects_bad_requests(tmp_path):
+    hf_neo(tmp_path)
+    model = eqx_models.from_pretrained(tmp_path)
+    with pytest.raises(eqx_models.InputError, match="exceeds the model's 64 positions"):
+        eqx_models.generate(model, np.ones((1, 60), int), max_new_tokens=10)
+    with pytest.raises(eqx_models.InputError, match="outside"):
+        eqx_models.generate(model, np.array([[1, 200]]), max_new_tokens=2)
+    with pytest.raises(eqx_models.InputError, match=r"\[batch, seq\]"):
+        eqx_models.generate(model, np.array([1, 2]), max_new_tokens=2)
+    with pytest.raises(eqx_models.InputError, match="attention_mask"):
+        eqx_models.generate(model, np.array([[1, 2]]), np.array([[1, 1, 1]]), max_new_tokens=2)
+
+
+def test_out_of_range_ids_fail_inside_the_model(tmp_path):
+    hf_neo(tmp_path)
+    model = eqx_models.from_pretrained(tmp_path)
+    with pytest.raises(Exception, match="token id outside"):
+        jax.block_until_ready(model(jnp.array([1, 500])))
+
+
+def test_wrong_shapes_fail_the_type_check(getkey):
+    config = GPTNeoConfig(**TINY, num_layers=2, attention_types=((("global", "local"), 1),))
+    model = GPTNeoForCausalLM(config, key=getkey())
+    with pytest.raises(Exception, match="input_ids|seq|shape"):
+        model(jnp.ones((2, 5), jnp.int32))
+
+
+def test_dropout_is_active_only_with_a_key(getkey):
+    config = GPTNeoConfig(**TINY, num_layers=2, attention_types=((("global", "local"), 1),), resid_dropout=0.5,
+                          embed_dropout=0.5, attention_dropout=0.5)
+    model = GPTNeoForCausalLM(config, key=getkey())
+    ids = jnp.arange(6, dtype=jnp.int32)
+    a, b = model(ids, key=jax.random.key(1)), model(ids, key=jax.random.key(2))
+    assert not np.allclose(a, b)
+    inference = eqx.nn.inference_mode(model)
+    np.testing.assert_array_equal(inference(ids), inference(ids, key=jax.random.key(1)))
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (dict(num_layers=3), "expand to 4 layers but num_layers is 3"),
+        (dict(attention_types=[[["global", "sparse"], 2]]), "unsupported attention type"),
+        (dict(num_heads=5), "not divisible by num_heads"),
+        (dict(activation_function="gelu_quadratic"), "unsupported activation"),
+        (dict(window_size=0), "window_size"),
+    ],
+)
+def test_bad_config_values_are_named(overrides, match):
+    hf = {**TINY, "model_type": "gpt_neo", "num_layers": 4, "attention_types": [[["global", "local"], 2]], **overrides}
+    with pytest.raises(eqx_models.ConfigError, match=match):
+        GPTNeoConfig.from_hf_config(hf)
+
+
+def test_config_round_trips_through_hf_dict():
+    hf = transformers.GPTNeoConfig(**TINY, num_layers=2, attention_types=[[["local", "global"], 1]]).to_dict()
+    config = GPTNeoConfig.from_hf_config(hf)
+    back = config.to_hf_config()
+    for key in ("attention_types", "window_size", "hidden_size", "num_heads", "eos_token_id"):
+        assert back[key] == hf[key]
+    assert transformers.GPTNeoConfig(**back).attention_layers == ["local", "global"]
