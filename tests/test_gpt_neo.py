@@ -15,8 +15,9 @@ TINY = dict(vocab_size=97, hidden_size=32, num_heads=4, max_position_embeddings=
 
 
 def hf_neo(tmp_path, seed=0, head=transformers.GPTNeoForCausalLM, **overrides):
-    config = transformers.GPTNeoConfig(**{**TINY, "num_layers": 4,
-                                          "attention_types": [[["global", "local"], 2]], **overrides})
+    config = transformers.GPTNeoConfig(
+        **{**TINY, "num_layers": 4, "attention_types": [[["global", "local"], 2]], **overrides}
+    )
     torch.manual_seed(seed)
     model = randomise(head(config), seed)
     model.save_pretrained(tmp_path)
@@ -33,8 +34,9 @@ PATTERNS = [
 
 @pytest.mark.parametrize("scan_layers", [True, False])
 @pytest.mark.parametrize("attention_types,num_layers,window_size", PATTERNS)
-def test_causal_lm_logits_match_hf_on_left_padded_batch(tmp_path, attention_types, num_layers, window_size,
-                                                        scan_layers):
+def test_causal_lm_logits_match_hf_on_left_padded_batch(
+    tmp_path, attention_types, num_layers, window_size, scan_layers
+):
     reference = hf_neo(tmp_path, attention_types=attention_types, num_layers=num_layers, window_size=window_size)
     model = eqx_models.from_pretrained(tmp_path, scan_layers=scan_layers)
     assert model.config.scan_layers is scan_layers
@@ -96,8 +98,13 @@ def test_cached_decoding_equals_full_forward(tmp_path):
     cache = init_batched_cache(model, 2, 16)
     chunks = []
     for start, stop in [(0, 5), (5, 6), (6, 9), (9, 10)]:  # a prompt, then pieces of any length
-        logits, cache = batched_decode(model, jnp.asarray(ids[:, start:stop]), cache,
-                                       jnp.asarray(mask[:, start:stop], bool), jnp.asarray(positions[:, start:stop]))
+        logits, cache = batched_decode(
+            model,
+            jnp.asarray(ids[:, start:stop]),
+            cache,
+            jnp.asarray(mask[:, start:stop], bool),
+            jnp.asarray(positions[:, start:stop]),
+        )
         chunks.append(np.asarray(logits))
     diff = max_diff_valid(np.concatenate(chunks, 1), np.asarray(full), mask)
     print(f"cached vs full: max |diff| {diff:.2e}")
@@ -114,8 +121,14 @@ def test_greedy_generate_matches_hf_token_for_token(tmp_path, eos):
         eos = int(np.asarray(first)[1, ids.shape[1] + 1])
     ours = np.asarray(eqx_models.generate(model, ids, mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=0))
     with torch.no_grad():
-        theirs = reference.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=12,
-                                    do_sample=False, eos_token_id=eos, pad_token_id=0).numpy()
+        theirs = reference.generate(
+            torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            max_new_tokens=12,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=0,
+        ).numpy()
     np.testing.assert_array_equal(ours, theirs)
 
 
@@ -125,7 +138,7 @@ def test_generate_defaults_eos_from_config(tmp_path):
     out = np.asarray(eqx_models.generate(model, np.array([[1, 2, 3]]), max_new_tokens=30))
     new = out[0, 3:]
     if 5 in new:  # after EOS, only padding (the EOS id itself when no pad id is set)
-        assert (new[list(new).index(5):] == 5).all()
+        assert (new[list(new).index(5) :] == 5).all()
     else:
         assert len(new) == 30
 
@@ -158,8 +171,14 @@ def test_wrong_shapes_fail_the_type_check(getkey):
 
 
 def test_dropout_is_active_only_with_a_key(getkey):
-    config = GPTNeoConfig(**TINY, num_layers=2, attention_types=((("global", "local"), 1),), resid_dropout=0.5,
-                          embed_dropout=0.5, attention_dropout=0.5)
+    config = GPTNeoConfig(
+        **TINY,
+        num_layers=2,
+        attention_types=((("global", "local"), 1),),
+        resid_dropout=0.5,
+        embed_dropout=0.5,
+        attention_dropout=0.5,
+    )
     model = GPTNeoForCausalLM(config, key=getkey())
     ids = jnp.arange(6, dtype=jnp.int32)
     a, b = model(ids, key=jax.random.key(1)), model(ids, key=jax.random.key(2))

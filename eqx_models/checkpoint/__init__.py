@@ -3,4 +3,5 @@
 The loading functions live in `eqx_models.checkpoint.io` (re-exported by `eqx_models`).
 """
 
-from .keymap import KeyMap as KeyMap, LoadReport as LoadReport
+from .keymap import KeyMap as KeyMap
+from .keymap import LoadReport as LoadReport

@@ -15,6 +15,7 @@ when it is looked up, i.e. before the pickle can call it. Tensors are first reco
 and turned into numpy arrays once the storage bytes are at hand.
 """
 
+import _compat_pickle
 import collections
 import io
 import pickle
@@ -206,8 +207,17 @@ def _allowed_globals() -> dict[tuple[str, str], object]:
 _ALLOWED = _allowed_globals()
 
 
-def _text(value) -> str:
+def _text(value):
+    """Decode the bytes that Python 2 pickles hold where Python 3 ones hold str."""
     return value.decode("ascii") if isinstance(value, bytes) else value
+
+
+def _global_name(module: str, name: str) -> str:
+    """`'module.name'`, plus its Python 3 name when the pickle uses a Python 2 one (protocol < 3)."""
+    py3 = _compat_pickle.NAME_MAPPING.get((module, name))
+    py3 = py3 or (_compat_pickle.IMPORT_MAPPING.get(module, module), name)
+    shown = f"'{module}.{name}'"
+    return shown if py3 == (module, name) else f"{shown} (Python 3: '{py3[0]}.{py3[1]}')"
 
 
 class _Unpickler(pickle.Unpickler):
@@ -222,8 +232,8 @@ class _Unpickler(pickle.Unpickler):
         found = _ALLOWED.get((module, name))
         if found is None:
             raise CheckpointError(
-                f"{self.label}: refused to unpickle the global '{module}.{name}': only tensors, storages "
-                "and OrderedDict are allowed (the file is not a plain state dict, or is malicious)"
+                f"{self.label}: refused to unpickle the global {_global_name(module, name)}: only tensors, "
+                "storages and OrderedDict are allowed (the file is not a plain state dict, or is malicious)"
             )
         return found
 
@@ -303,7 +313,7 @@ def _collect(obj, raw_of: Callable[[str], bytes], label: str) -> dict[str, np.nd
 
     def walk(node: dict, prefix: str) -> None:
         for key, value in node.items():
-            name = prefix + str(_text(key))
+            name = prefix + (key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key))
             if isinstance(value, dict):
                 walk(value, name + ".")
             elif isinstance(value, _TensorRef):
@@ -313,6 +323,8 @@ def _collect(obj, raw_of: Callable[[str], bytes], label: str) -> dict[str, np.nd
         walk(obj, "")
     except _BadPickle as err:
         raise CheckpointError(f"{label}: {err}") from None
+    except RecursionError:
+        raise CheckpointError(f"{label}: the pickled dict is nested too deeply or contains itself") from None
     return out
 
 
@@ -370,8 +382,9 @@ def _read_legacy(path: Path) -> dict[str, np.ndarray]:
             try:
                 header.append(_unpickle(_Unpickler(file, label)))
             except CheckpointError as err:
+                detail = str(err).removeprefix(f"{label}: ")
                 raise CheckpointError(
-                    f"{label}: not a PyTorch checkpoint (neither a zip archive nor the legacy format): {err}"
+                    f"{label}: not a PyTorch checkpoint (neither zip nor legacy layout): {detail}"
                 ) from None
         if header[0] != _LEGACY_MAGIC or header[1] != _LEGACY_PROTOCOL:
             raise CheckpointError(f"{label}: not a PyTorch checkpoint (bad legacy magic number or protocol)")
@@ -395,7 +408,7 @@ def read_torch_file(path: Path) -> dict[str, np.ndarray]:
     try:
         if zipfile.is_zipfile(path):
             return _read_zip(path)
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as err:
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, RuntimeError) as err:
         raise CheckpointError(f"{path}: corrupt zip archive ({type(err).__name__}: {err})") from None
     if magic.startswith(b"PK"):
         raise CheckpointError(f"{path}: truncated or corrupt zip archive")

@@ -14,12 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file, save_file
-
-import equinox as eqx
 
 from ..errors import CheckpointError
 from ..models import class_by_name, resolve_class
@@ -69,7 +68,8 @@ def from_pretrained(
     `flax_model.msgpack`) or an eqx_models folder, in inference mode.
 
     **Arguments:**
-    - `dtype`: parameter dtype, `float32` (default, as HF), `bfloat16` or `float16`.
+    - `dtype`: parameter dtype, `float32`, `bfloat16` or `float16`. Default: float32 for
+      HF folders (as `transformers`), the saved dtype for our own folders.
     - `architecture`: a class name overriding `config.json`'s `architectures`
       (e.g. load a causal-LM checkpoint as the base model).
     - `key`: initialises heads absent from the checkpoint (default `PRNGKey(0)`).
@@ -96,6 +96,7 @@ def load_with_report(
         if architecture is None:
             architecture = own.get("architecture")
         options = {**{k: own[k] for k in ("scan_layers", "remat") if k in own}, **options}
+        dtype = own.get("dtype") if dtype is None else dtype
     family, cls = resolve_class(hf_config, architecture)
     config = family.config.from_hf_config(hf_config, **options)
     dtype = resolve_dtype(dtype)
@@ -141,9 +142,7 @@ def _initialise(cls: type, config: Any, dtype: Any, paths: list[str], key: jax.A
 def _replace_array_leaves(skeleton: Any, values: list[Any]) -> Any:
     leaves, treedef = jax.tree_util.tree_flatten(skeleton)
     it = iter(values)
-    filled = [
-        jnp.asarray(next(it)) if isinstance(leaf, jax.ShapeDtypeStruct) else leaf for leaf in leaves
-    ]
+    filled = [jnp.asarray(next(it)) if isinstance(leaf, jax.ShapeDtypeStruct) else leaf for leaf in leaves]
     return jax.tree_util.tree_unflatten(treedef, filled)
 
 
@@ -190,13 +189,21 @@ def _write_config(folder: Path, config: dict[str, Any]) -> None:
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def _hf_config(model: Any) -> dict[str, Any]:
+    """The HF `config.json` of `model`: its config, class and parameter dtype (under both
+    the current `dtype` key and the older `torch_dtype`)."""
+    hf = model.config.to_hf_config()
+    hf["architectures"] = [type(model).__name__]
+    hf["dtype"] = hf["torch_dtype"] = model_dtype(model)
+    return hf
+
+
 def save_pretrained(model: Any, path: str | os.PathLike, *, progress: bool = False) -> None:
     """Writes our own folder: `config.json` (HF fields plus `eqx_models` metadata) and
     `model.safetensors` keyed by tree path, layers stacked. Atomic."""
     cls, config = type(model), model.config
     class_by_name(cls.__name__)  # fails clearly for an unregistered model
-    hf = config.to_hf_config()
-    hf["architectures"] = [cls.__name__]
+    hf = _hf_config(model)
     hf["eqx_models"] = {
         "format_version": FORMAT_VERSION,
         "architecture": cls.__name__,
@@ -215,9 +222,7 @@ def export_hf(model: Any, path: str | os.PathLike, *, progress: bool = False) ->
     `transformers` loads with identical weights. Atomic."""
     cls, config = type(model), model.config
     state = tree_to_state(model, cls.key_map(config), progress=progress)
-    hf = config.to_hf_config()
-    hf["architectures"] = [cls.__name__]
-    hf["torch_dtype"] = model_dtype(model)
+    hf = _hf_config(model)
     with atomic_folder(path) as tmp:
         save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         _write_config(tmp, hf)

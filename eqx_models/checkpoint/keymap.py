@@ -105,12 +105,12 @@ def align_prefix(state: dict[str, np.ndarray], key_map: KeyMap) -> tuple[dict[st
 
 
 def _progress(items: list, enabled: bool, what: str) -> Any:
-    """`items`, behind a tqdm bar on stderr when `enabled` and there is enough to show."""
-    if not enabled or len(items) < 8:
+    """`items`, behind a tqdm bar when `enabled` and stderr is a terminal."""
+    if not enabled:
         return items
     from tqdm.auto import tqdm
 
-    return tqdm(items, desc=what, unit="tensor", leave=False)
+    return tqdm(items, desc=what, unit="tensor", leave=False, disable=None)
 
 
 def _describe(names: list[str], limit: int = 8) -> str:

@@ -1,16 +1,14 @@
 """The compiled decoding loop: prefill the prompt into a KV cache, then one token per
 `lax.while_loop` iteration until every row has stopped or the budget is spent."""
 
-import functools
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int
-
-import equinox as eqx
 
 from ..errors import InputError
 from ..nn import KVCache
@@ -76,9 +74,7 @@ def _greedy(
         tokens = lax.dynamic_update_slice(tokens, token[:, None], (0, prompt + step))
         finished = finished | jnp.isin(token, eos)
         position = last_pos + 1
-        new_logits, cache = batched_decode(
-            model, token[:, None], cache, jnp.ones((batch, 1), bool), position[:, None]
-        )
+        new_logits, cache = batched_decode(model, token[:, None], cache, jnp.ones((batch, 1), bool), position[:, None])
         return step + 1, tokens, cache, new_logits[:, -1], position, finished
 
     state = (jnp.zeros((), jnp.int32), tokens, cache, logits[:, -1], positions[:, -1], jnp.zeros((batch,), bool))

@@ -57,5 +57,13 @@ def class_by_name(name: str) -> tuple[Family, type]:
     raise ConfigError(f"unknown architecture {name!r}")
 
 
-__all__ = ["FAMILIES", "Family", "GPTNeoConfig", "GPTNeoForCausalLM", "GPTNeoModel", "class_by_name", "family_of",
-           "resolve_class"]
+__all__ = [
+    "FAMILIES",
+    "Family",
+    "GPTNeoConfig",
+    "GPTNeoForCausalLM",
+    "GPTNeoModel",
+    "class_by_name",
+    "family_of",
+    "resolve_class",
+]

@@ -7,7 +7,7 @@ from typing import Any, ClassVar, TypeVar
 from ..errors import ConfigError
 
 # HF bookkeeping keys that describe a file, not a model; rewritten on export.
-_HF_BOOKKEEPING = ("model_type", "architectures", "transformers_version", "_name_or_path")
+_HF_BOOKKEEPING = ("model_type", "architectures", "transformers_version", "_name_or_path", "dtype", "torch_dtype")
 
 
 C = TypeVar("C", bound="ModelConfig")

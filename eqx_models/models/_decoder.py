@@ -2,11 +2,10 @@
 
 from typing import NamedTuple
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Int, Key, PRNGKeyArray
-
-import equinox as eqx
 
 from .. import nn
 from ..errors import InputError

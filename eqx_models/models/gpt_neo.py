@@ -7,12 +7,11 @@ Reference: HF `modeling_flax_gpt_neo.py` and `modeling_gpt_neo.py` (4.57.6).
 import dataclasses
 from typing import ClassVar
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
-
-import equinox as eqx
 
 from .. import nn
 from ..checkpoint.keymap import KeyMap
@@ -281,8 +280,12 @@ class GPTNeoForCausalLM(eqx.Module):
             None
             if config.tie_word_embeddings
             else nn.Linear(
-                config.hidden_size, config.vocab_size, use_bias=False, init_std=config.initializer_range,
-                dtype=dtype, key=k_head,
+                config.hidden_size,
+                config.vocab_size,
+                use_bias=False,
+                init_std=config.initializer_range,
+                dtype=dtype,
+                key=k_head,
             )
         )
 
@@ -326,6 +329,4 @@ class GPTNeoForCausalLM(eqx.Module):
     @classmethod
     def key_map(cls, config: GPTNeoConfig) -> KeyMap:
         tied = ("lm_head.weight",) if config.tie_word_embeddings else ()
-        return GPTNeoModel.key_map(config).nested().extended(
-            rules=(("lm_head.", "lm_head."),), ignore=tied
-        )
+        return GPTNeoModel.key_map(config).nested().extended(rules=(("lm_head.", "lm_head."),), ignore=tied)

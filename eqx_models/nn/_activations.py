@@ -56,6 +56,4 @@ def activation(name: str) -> Callable[[Array], Array]:
     try:
         return ACTIVATIONS[name]
     except KeyError:
-        raise ConfigError(
-            f"unsupported activation {name!r}; supported: {', '.join(sorted(ACTIVATIONS))}"
-        ) from None
+        raise ConfigError(f"unsupported activation {name!r}; supported: {', '.join(sorted(ACTIVATIONS))}") from None

@@ -5,11 +5,10 @@ not from position ids: HF's causal and sliding-window masks count padding slots 
 and positions only feed the position embeddings.
 """
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
-
-import equinox as eqx
 
 # A window this wide masks nothing: used for "global" layers stored beside "local" ones.
 NO_WINDOW = 2**30

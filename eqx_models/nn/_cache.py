@@ -2,12 +2,11 @@
 
 from typing import NamedTuple
 
-import jax.numpy as jnp
-from jax.typing import DTypeLike
-from jax import lax
-from jaxtyping import Array, Bool, Float, Int
-
 import equinox as eqx
+import jax.numpy as jnp
+from jax import lax
+from jax.typing import DTypeLike
+from jaxtyping import Array, Bool, Float, Int
 
 
 class KVCache(eqx.Module):

@@ -1,11 +1,10 @@
 """Linear and embedding layers acting on the last axis of any leading shape."""
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 from jaxtyping import Array, Float, Int, PRNGKeyArray
-
-import equinox as eqx
 
 
 class Linear(eqx.Module):

@@ -1,10 +1,9 @@
 """Normalisation layers, computed in float32 and cast back to the input dtype."""
 
+import equinox as eqx
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 from jaxtyping import Array, Float
-
-import equinox as eqx
 
 
 class LayerNorm(eqx.Module):

@@ -7,12 +7,11 @@ Compile time does not grow with depth when scanning. The Python-loop path
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jaxtyping import PRNGKeyArray
-
-import equinox as eqx
 
 Layer = TypeVar("Layer", bound=eqx.Module)
 
