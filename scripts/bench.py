@@ -1,0 +1,162 @@
+"""Side-by-side forward benchmark: eqx_models vs HF Flax vs HF PyTorch on the same weights.
+
+    python scripts/bench.py                  # GPT-Neo-125M shape, 1 x 512 tokens
+    python scripts/bench.py --runs 10 --seq 512 --markdown
+
+Random weights are written once as a HF checkpoint and loaded by all three. Prints median
+forward times, compile times and ratios; also our compile time at two depths (scan over
+layers keeps it flat). Not a test: numbers depend on the machine.
+"""
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+
+
+@dataclass
+class Case:
+    name: str
+    hf_config: Callable[[int], object]  # num_layers -> transformers config
+    torch_class: str
+    flax_class: str
+    layers: int
+    deep_layers: int
+
+
+def gpt_neo_125m(num_layers: int):
+    import transformers
+
+    return transformers.GPTNeoConfig(
+        vocab_size=50257, hidden_size=768, num_layers=num_layers, num_heads=12, max_position_embeddings=2048,
+        attention_types=[[["global", "local"], num_layers // 2]], window_size=256,
+    )
+
+
+CASES = {"gpt_neo": Case("GPT-Neo-125M", gpt_neo_125m, "GPTNeoForCausalLM", "FlaxGPTNeoForCausalLM", 12, 24)}
+
+
+def timed(fn: Callable[[], object], runs: int) -> tuple[float, float]:
+    """(first call seconds, median of `runs` further calls)."""
+    start = time.perf_counter()
+    fn()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return first, statistics.median(times)
+
+
+def write_checkpoint(case: Case, num_layers: int, folder: str) -> None:
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    getattr(transformers, case.torch_class)(case.hf_config(num_layers)).save_pretrained(folder)
+
+
+def bench_ours(folder: str, ids: np.ndarray, runs: int) -> tuple[float, float]:
+    import equinox as eqx
+
+    import eqx_models
+
+    model = eqx_models.from_pretrained(folder)
+    forward = eqx.filter_jit(lambda m, i: jax.vmap(m)(i))
+    tokens = jax.numpy.asarray(ids)
+    return timed(lambda: forward(model, tokens).block_until_ready(), runs)
+
+
+def bench_flax(case: Case, folder: str, ids: np.ndarray, runs: int) -> tuple[float, float]:
+    import transformers
+
+    with jax.numpy_dtype_promotion("standard"):
+        model = getattr(transformers, case.flax_class).from_pretrained(folder, from_pt=True)
+        forward = jax.jit(lambda params, i: model(i, params=params).logits)
+        tokens = jax.numpy.asarray(ids)
+        return timed(lambda: forward(model.params, tokens).block_until_ready(), runs)
+
+
+def bench_torch(case: Case, folder: str, ids: np.ndarray, runs: int) -> tuple[float, float]:
+    import torch
+    import transformers
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = getattr(transformers, case.torch_class).from_pretrained(folder).eval()
+    tokens = torch.tensor(ids)
+
+    def forward():
+        with torch.no_grad():
+            return model(tokens).logits
+
+    return timed(forward, runs)
+
+
+def compile_seconds(folder: str, ids: np.ndarray) -> float:
+    import equinox as eqx
+
+    import eqx_models
+
+    model = eqx_models.from_pretrained(folder)
+    forward = eqx.filter_jit(lambda m, i: jax.vmap(m)(i))
+    start = time.perf_counter()
+    forward.lower(model, jax.numpy.asarray(ids)).compile()
+    return time.perf_counter() - start
+
+
+def run_case(case: Case, seq: int, runs: int, root: str) -> list[tuple[str, str]]:
+    ids = np.random.default_rng(0).integers(0, 1000, (1, seq)).astype(np.int32)
+    shallow, deep = os.path.join(root, f"{case.name}-{case.layers}"), os.path.join(root, f"{case.name}-deep")
+    write_checkpoint(case, case.layers, shallow)
+    write_checkpoint(case, case.deep_layers, deep)
+    ours_first, ours = bench_ours(shallow, ids, runs)
+    flax_first, flax = bench_flax(case, shallow, ids, runs)
+    torch_first, torch_time = bench_torch(case, shallow, ids, runs)
+    compile_shallow, compile_deep = compile_seconds(shallow, ids), compile_seconds(deep, ids)
+    label = f"{case.name} forward 1x{seq}"
+    return [
+        (f"{label}: eqx_models", f"{ours * 1e3:.0f} ms"),
+        (f"{label}: HF Flax", f"{flax * 1e3:.0f} ms"),
+        (f"{label}: HF PyTorch", f"{torch_time * 1e3:.0f} ms"),
+        (f"{label}: ratio ours / HF Flax (target <= 1.0)", f"{ours / flax:.2f}"),
+        (f"{label}: ratio ours / HF PyTorch", f"{ours / torch_time:.2f}"),
+        (f"{case.name} first call (compile + run): ours / HF Flax", f"{ours_first:.2f} s / {flax_first:.2f} s"),
+        (f"{case.name} compile {case.layers} layers / {case.deep_layers} layers",
+         f"{compile_shallow:.2f} s / {compile_deep:.2f} s"),
+        (f"{case.name} compile ratio {case.deep_layers}/{case.layers} layers (target <= 1.3)",
+         f"{compile_deep / compile_shallow:.2f}"),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--markdown", action="store_true", help="print a markdown table")
+    args = parser.parse_args()
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="eqx-bench-") as root:
+        for name in args.models:
+            rows += run_case(CASES[name], args.seq, args.runs, root)
+    print(f"machine: {os.cpu_count()} CPU cores, jax {jax.__version__}, backend {jax.default_backend()}")
+    if args.markdown:
+        print("| measurement | value |\n|---|---|")
+        for what, value in rows:
+            print(f"| {what} | {value} |")
+    else:
+        width = max(len(what) for what, _ in rows)
+        for what, value in rows:
+            print(f"{what:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    main()
