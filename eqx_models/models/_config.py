@@ -4,6 +4,8 @@ HuggingFace `config.json` dictionaries."""
 import dataclasses
 from typing import Any, ClassVar, TypeVar
 
+import equinox as eqx
+
 from ..errors import ConfigError
 
 # HF bookkeeping keys that describe a file, not a model; rewritten on export.
@@ -75,3 +77,29 @@ def require(condition: bool, message: str) -> None:
     """Raises `ConfigError(message)` unless `condition` holds."""
     if not condition:
         raise ConfigError(message)
+
+
+def with_run_options(model: Any, **options: Any) -> Any:
+    """A copy of `model` whose configs carry new run options, e.g.
+    `with_run_options(model, scan_layers=False, remat=True)`. Parameters are shared.
+
+    Configs are static fields (part of the tree structure, not leaves), so `eqx.tree_at`
+    cannot replace them; this rebuilds the modules that hold one.
+    """
+    unknown = set(options) - set(ModelConfig._RUN_OPTIONS)
+    if unknown:
+        raise ConfigError(f"unknown run option(s) {sorted(unknown)}; known: {list(ModelConfig._RUN_OPTIONS)}")
+
+    def rebuild(node: Any) -> Any:
+        if isinstance(node, (list, tuple)) and not hasattr(node, "_fields"):
+            return type(node)(rebuild(item) for item in node)
+        if not isinstance(node, eqx.Module):
+            return node
+        copy = object.__new__(type(node))
+        for field in dataclasses.fields(node):
+            value = getattr(node, field.name)
+            value = value.replace(**options) if isinstance(value, ModelConfig) else rebuild(value)
+            object.__setattr__(copy, field.name, value)
+        return copy
+
+    return rebuild(model)
