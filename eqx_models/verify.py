@@ -18,7 +18,7 @@ def verify(path: str | os.PathLike, *, seq_len: int = 16, seed: int = 0) -> floa
         raise EqxModelsError("verify needs transformers and torch: pip install 'eqx_models[hf]'") from None
     from .checkpoint.io import export_hf, from_pretrained, read_config
 
-    model = from_pretrained(path)
+    model = from_pretrained(path, dtype="float32")
     hf_dir = path
     if "eqx_models" in read_config(path):  # our own folder: let transformers read an export
         import tempfile

@@ -34,25 +34,33 @@ def gpt_neo_125m(num_layers: int):
     import transformers
 
     return transformers.GPTNeoConfig(
-        vocab_size=50257, hidden_size=768, num_layers=num_layers, num_heads=12, max_position_embeddings=2048,
-        attention_types=[[["global", "local"], num_layers // 2]], window_size=256,
+        vocab_size=50257,
+        hidden_size=768,
+        num_layers=num_layers,
+        num_heads=12,
+        max_position_embeddings=2048,
+        attention_types=[[["global", "local"], num_layers // 2]],
+        window_size=256,
     )
 
 
 CASES = {"gpt_neo": Case("GPT-Neo-125M", gpt_neo_125m, "GPTNeoForCausalLM", "FlaxGPTNeoForCausalLM", 12, 24)}
 
 
-def timed(fn: Callable[[], object], runs: int) -> tuple[float, float]:
-    """(first call seconds, median of `runs` further calls)."""
-    start = time.perf_counter()
-    fn()
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(runs):
+def interleaved(fns: dict[str, Callable[[], object]], runs: int) -> tuple[dict[str, float], dict[str, float]]:
+    """First-call seconds and median seconds of each function, the runs interleaved so that
+    load from elsewhere on the machine hits every contender alike."""
+    first, times = {}, {name: [] for name in fns}
+    for name, fn in fns.items():
         start = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - start)
-    return first, statistics.median(times)
+        first[name] = time.perf_counter() - start
+    for _ in range(runs):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return first, {name: statistics.median(t) for name, t in times.items()}
 
 
 def write_checkpoint(case: Case, num_layers: int, folder: str) -> None:
@@ -63,7 +71,7 @@ def write_checkpoint(case: Case, num_layers: int, folder: str) -> None:
     getattr(transformers, case.torch_class)(case.hf_config(num_layers)).save_pretrained(folder)
 
 
-def bench_ours(folder: str, ids: np.ndarray, runs: int) -> tuple[float, float]:
+def ours_forward(folder: str, ids: np.ndarray) -> Callable[[], object]:
     import equinox as eqx
 
     import eqx_models
@@ -71,20 +79,25 @@ def bench_ours(folder: str, ids: np.ndarray, runs: int) -> tuple[float, float]:
     model = eqx_models.from_pretrained(folder)
     forward = eqx.filter_jit(lambda m, i: jax.vmap(m)(i))
     tokens = jax.numpy.asarray(ids)
-    return timed(lambda: forward(model, tokens).block_until_ready(), runs)
+    return lambda: forward(model, tokens).block_until_ready()
 
 
-def bench_flax(case: Case, folder: str, ids: np.ndarray, runs: int) -> tuple[float, float]:
+def flax_forward(case: Case, folder: str, ids: np.ndarray) -> Callable[[], object]:
     import transformers
 
     with jax.numpy_dtype_promotion("standard"):
         model = getattr(transformers, case.flax_class).from_pretrained(folder, from_pt=True)
         forward = jax.jit(lambda params, i: model(i, params=params).logits)
         tokens = jax.numpy.asarray(ids)
-        return timed(lambda: forward(model.params, tokens).block_until_ready(), runs)
+
+    def run():
+        with jax.numpy_dtype_promotion("standard"):
+            return forward(model.params, tokens).block_until_ready()
+
+    return run
 
 
-def bench_torch(case: Case, folder: str, ids: np.ndarray, runs: int) -> tuple[float, float]:
+def torch_forward(case: Case, folder: str, ids: np.ndarray) -> Callable[[], object]:
     import torch
     import transformers
 
@@ -96,30 +109,43 @@ def bench_torch(case: Case, folder: str, ids: np.ndarray, runs: int) -> tuple[fl
         with torch.no_grad():
             return model(tokens).logits
 
-    return timed(forward, runs)
+    return forward
 
 
-def compile_seconds(folder: str, ids: np.ndarray) -> float:
+def compile_seconds(case: Case, num_layers: int, seq: int, repeats: int = 3) -> float:
+    """Lowering + XLA compile of our forward at `num_layers`, from shapes only (best of
+    `repeats`, each a fresh compile)."""
     import equinox as eqx
 
-    import eqx_models
+    from eqx_models.models import FAMILIES
 
-    model = eqx_models.from_pretrained(folder)
-    forward = eqx.filter_jit(lambda m, i: jax.vmap(m)(i))
-    start = time.perf_counter()
-    forward.lower(model, jax.numpy.asarray(ids)).compile()
-    return time.perf_counter() - start
+    family = FAMILIES[case.hf_config(2).model_type]
+    config = family.config.from_hf_config(case.hf_config(num_layers).to_dict())
+    cls = dict(family.by_name())[case.torch_class]
+    shapes = eqx.nn.inference_mode(eqx.filter_eval_shape(cls, config, key=jax.random.key(0)))
+    params, static = eqx.partition(shapes, lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    ids = jax.ShapeDtypeStruct((1, seq), jax.numpy.int32)
+    best = float("inf")
+    for _ in range(repeats):
+        forward = jax.jit(lambda p, i: jax.vmap(eqx.combine(p, static))(i))
+        start = time.perf_counter()
+        forward.lower(params, ids).compile()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def run_case(case: Case, seq: int, runs: int, root: str) -> list[tuple[str, str]]:
     ids = np.random.default_rng(0).integers(0, 1000, (1, seq)).astype(np.int32)
-    shallow, deep = os.path.join(root, f"{case.name}-{case.layers}"), os.path.join(root, f"{case.name}-deep")
+    shallow = os.path.join(root, case.name)
     write_checkpoint(case, case.layers, shallow)
-    write_checkpoint(case, case.deep_layers, deep)
-    ours_first, ours = bench_ours(shallow, ids, runs)
-    flax_first, flax = bench_flax(case, shallow, ids, runs)
-    torch_first, torch_time = bench_torch(case, shallow, ids, runs)
-    compile_shallow, compile_deep = compile_seconds(shallow, ids), compile_seconds(deep, ids)
+    # The JAX contenders alternate run by run. PyTorch runs on its own afterwards: its
+    # OpenMP threads keep spinning after each call and would slow whatever runs next.
+    first, median = interleaved({"ours": ours_forward(shallow, ids), "flax": flax_forward(case, shallow, ids)}, runs)
+    _, torch_median = interleaved({"torch": torch_forward(case, shallow, ids)}, runs)
+    median.update(torch_median)
+    ours, flax, torch_time = median["ours"], median["flax"], median["torch"]
+    ours_first, flax_first = first["ours"], first["flax"]
+    compile_shallow, compile_deep = (compile_seconds(case, n, seq) for n in (case.layers, case.deep_layers))
     label = f"{case.name} forward 1x{seq}"
     return [
         (f"{label}: eqx_models", f"{ours * 1e3:.0f} ms"),
@@ -128,10 +154,14 @@ def run_case(case: Case, seq: int, runs: int, root: str) -> list[tuple[str, str]
         (f"{label}: ratio ours / HF Flax (target <= 1.0)", f"{ours / flax:.2f}"),
         (f"{label}: ratio ours / HF PyTorch", f"{ours / torch_time:.2f}"),
         (f"{case.name} first call (compile + run): ours / HF Flax", f"{ours_first:.2f} s / {flax_first:.2f} s"),
-        (f"{case.name} compile {case.layers} layers / {case.deep_layers} layers",
-         f"{compile_shallow:.2f} s / {compile_deep:.2f} s"),
-        (f"{case.name} compile ratio {case.deep_layers}/{case.layers} layers (target <= 1.3)",
-         f"{compile_deep / compile_shallow:.2f}"),
+        (
+            f"{case.name} compile {case.layers} layers / {case.deep_layers} layers",
+            f"{compile_shallow:.2f} s / {compile_deep:.2f} s",
+        ),
+        (
+            f"{case.name} compile ratio {case.deep_layers}/{case.layers} layers (target <= 1.3)",
+            f"{compile_deep / compile_shallow:.2f}",
+        ),
     ]
 
 

@@ -14,8 +14,15 @@ OUT = Path(__file__).resolve().parent.parent / "examples" / "tiny-gpt-neo"
 
 def main() -> None:
     config = transformers.GPTNeoConfig(
-        vocab_size=257, hidden_size=64, num_layers=4, num_heads=4, max_position_embeddings=256,
-        attention_types=[[["global", "local"], 2]], window_size=32, bos_token_id=256, eos_token_id=256,
+        vocab_size=257,
+        hidden_size=64,
+        num_layers=4,
+        num_heads=4,
+        max_position_embeddings=256,
+        attention_types=[[["global", "local"], 2]],
+        window_size=32,
+        bos_token_id=256,
+        eos_token_id=256,
     )
     torch.manual_seed(0)
     transformers.GPTNeoForCausalLM(config).save_pretrained(OUT)

@@ -37,9 +37,9 @@ def torch_logits(model, ids, mask, positions=None) -> np.ndarray:
         kwargs["position_ids"] = torch.tensor(positions)
     with torch.no_grad():
         out = model(torch.tensor(ids), **kwargs)
-    return (out.logits if hasattr(out, "logits") else out.last_hidden_state).float().numpy()
+    return (out.logits if hasattr(out, "logits") else out.last_hidden_state).numpy()
 
 
 def max_diff_valid(ours, expected, mask) -> float:
     """Max |difference| over real (unpadded) tokens."""
-    return float(np.abs(np.asarray(ours, np.float32) - expected)[np.asarray(mask, bool)].max())
+    return float(np.abs(np.asarray(ours, np.float64) - expected)[np.asarray(mask, bool)].max())

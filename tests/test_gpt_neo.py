@@ -49,6 +49,26 @@ def test_causal_lm_logits_match_hf_on_left_padded_batch(
     assert diff < 2e-5
 
 
+def test_long_left_padded_batch_matches_hf(tmp_path):
+    """Lengths past the attention's causal block size and not a multiple of it. Over 600
+    positions float32 rounding grows in HF too, so the float64 HF model is the truth and we
+    must be at least as close to it as HF's own float32 model."""
+    reference = hf_neo(tmp_path, max_position_embeddings=640, window_size=97)
+    model = eqx_models.from_pretrained(tmp_path)
+    ids, mask = left_padded(np.random.default_rng(9), TINY["vocab_size"], [601, 515])
+    positions = hf_positions(mask)
+    hf32 = torch_logits(reference, ids, mask, positions)
+    truth = torch_logits(reference.double(), ids, mask, positions)
+    ours = jax.vmap(lambda i, m, p: model(i, attention_mask=m, position_ids=p))(ids, mask, positions)
+    ours_error, hf_error = max_diff_valid(ours, truth, mask), max_diff_valid(hf32, truth, mask)
+    print(
+        f"GPT-Neo 601 tokens: |ours - hf32| {max_diff_valid(ours, hf32, mask):.2e}, "
+        f"|ours - hf64| {ours_error:.2e}, |hf32 - hf64| {hf_error:.2e}"
+    )
+    assert ours_error <= hf_error
+    assert max_diff_valid(ours, hf32, mask) < 1e-4
+
+
 def test_base_model_hidden_states_match_hf(tmp_path):
     reference = hf_neo(tmp_path, head=transformers.GPTNeoModel)
     model = eqx_models.from_pretrained(tmp_path)

@@ -99,3 +99,15 @@ def test_stacked_layer_unstacks_one_layer(getkey):
     stack = nn.Stacked(lambda k: nn.Linear(3, 4, key=k), 5, key=getkey())
     assert stack.layers.weight.shape == (5, 4, 3)
     np.testing.assert_array_equal(stack.layer(2).weight, stack.layers.weight[2])
+
+
+@pytest.mark.parametrize("window", [nn.NO_WINDOW, 100])
+def test_causal_block_skipping_equals_full_attention(getkey, window):
+    seq = 601  # several query blocks, the last one short
+    q, k, v = (jax.random.normal(getkey(), (seq, 4, 8)) for _ in range(3))
+    slots = jnp.arange(seq)
+    valid = jnp.arange(seq) >= 37  # left padding
+    mask = nn.causal_mask(slots, slots, valid, window)
+    blocked = nn.dot_product_attention(q, k, v, mask, causal=True)
+    full = nn.dot_product_attention(q, k, v, mask)
+    np.testing.assert_allclose(blocked[37:], full[37:], atol=1e-5)

@@ -3,5 +3,6 @@
 The loading functions live in `eqx_models.checkpoint.io` (re-exported by `eqx_models`).
 """
 
-from .keymap import KeyMap as KeyMap
-from .keymap import LoadReport as LoadReport
+from .keymap import KeyMap, LoadReport
+
+__all__ = ["KeyMap", "LoadReport"]

@@ -68,6 +68,7 @@ def from_pretrained(
     `flax_model.msgpack`) or an eqx_models folder, in inference mode.
 
     **Arguments:**
+
     - `dtype`: parameter dtype, `float32`, `bfloat16` or `float16`. Default: float32 for
       HF folders (as `transformers`), the saved dtype for our own folders.
     - `architecture`: a class name overriding `config.json`'s `architectures`

@@ -13,7 +13,15 @@ from jaxtyping import Array, Bool, Float, Int
 from ..errors import InputError
 from ..nn import KVCache
 
-_FROM_CONFIG: Any = object()
+
+class _FromConfig:
+    """Default of `eos_token_id` / `pad_token_id`: take the value from the model's config."""
+
+    def __repr__(self) -> str:
+        return "<from config>"
+
+
+_FROM_CONFIG: Any = _FromConfig()
 
 
 def _cache_axes(cache: KVCache) -> KVCache:
@@ -101,6 +109,7 @@ def generate(
     """Greedy decoding with a KV cache, compiled into one program.
 
     **Arguments:**
+
     - `input_ids`: `[batch, seq]` prompts, left-padded when their lengths differ.
     - `attention_mask`: `[batch, seq]`, 1 for real tokens, 0 for padding.
     - `max_new_tokens`: how many tokens to add at most.

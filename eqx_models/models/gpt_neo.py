@@ -112,12 +112,14 @@ class GPTNeoSelfAttention(eqx.Module):
         key: PRNGKeyArray | None = None,
     ) -> tuple[Float[Array, "seq dim"], nn.LayerWrite | None]:
         seq, dim = x.shape
-        heads = lambda t: t.reshape(seq, self.num_heads, -1)  # noqa: E731
-        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        q, k, v = nn.fused_projections(x, (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (t.reshape(seq, self.num_heads, -1) for t in (q, k, v))
         write, k, v = nn.cached_kv(write, layer, k, v)
         attn_key, resid_key = (None, None) if key is None else jax.random.split(key)
         # GPT-Neo does not scale scores by head_dim ** -0.5.
-        out = nn.dot_product_attention(q, k, v, mask, scale=1.0, dropout=self.attn_dropout, key=attn_key)
+        out = nn.dot_product_attention(
+            q, k, v, mask, scale=1.0, dropout=self.attn_dropout, key=attn_key, causal=write is None
+        )
         out = self.out_proj(out.reshape(seq, dim))
         return self.resid_dropout(out, key=resid_key), write
 

@@ -1,22 +1,24 @@
 """Layers shared by every architecture."""
 
-from ._activations import activation as activation
-from ._attention import (
-    NO_WINDOW as NO_WINDOW,
-)
-from ._attention import (
-    causal_mask as causal_mask,
-)
-from ._attention import (
-    dot_product_attention as dot_product_attention,
-)
-from ._attention import (
-    padding_mask as padding_mask,
-)
-from ._cache import KVCache as KVCache
-from ._cache import LayerWrite as LayerWrite
-from ._cache import cached_kv as cached_kv
-from ._linear import Embedding as Embedding
-from ._linear import Linear as Linear
-from ._norm import LayerNorm as LayerNorm
-from ._stack import Stacked as Stacked
+from ._activations import activation
+from ._attention import NO_WINDOW, causal_mask, dot_product_attention, padding_mask
+from ._cache import KVCache, LayerWrite, cached_kv
+from ._linear import Embedding, Linear, fused_projections
+from ._norm import LayerNorm
+from ._stack import Stacked
+
+__all__ = [
+    "NO_WINDOW",
+    "Embedding",
+    "KVCache",
+    "LayerNorm",
+    "LayerWrite",
+    "Linear",
+    "Stacked",
+    "activation",
+    "cached_kv",
+    "causal_mask",
+    "dot_product_attention",
+    "fused_projections",
+    "padding_mask",
+]

@@ -40,36 +40,74 @@ def dot_product_attention(
     bias: Float[Array, "heads q kv"] | None = None,
     dropout: eqx.nn.Dropout | None = None,
     key: PRNGKeyArray | None = None,
+    causal: bool = False,
 ) -> Float[Array, "q heads head_dim"]:
     """Softmax attention with grouped KV heads (MHA, GQA and MQA alike).
 
     **Arguments:**
+
     - `q`, `k`, `v`: per-head projections; `heads` must be a multiple of `kv_heads`.
       K/V are never repeated in memory: queries are grouped onto their KV head.
     - `mask`: `True` where attention is allowed.
     - `scale`: multiplies the scores; `None` means `head_dim ** -0.5`, `1.0` none (GPT-Neo, T5).
     - `bias`: added to the scores before masking (relative position bias).
     - `dropout`, `key`: dropout on the attention probabilities.
+    - `causal`: promise that query `i` never attends key `j > i` (queries and keys are the
+      same slots); long inputs are then split into query blocks that skip the key blocks
+      after them, saving up to half of the work.
 
     Scores and softmax are computed in float32; the output has `v`'s dtype.
     """
+    q_len, kv_len = q.shape[0], k.shape[0]
+    if not causal or q_len != kv_len or q_len < 2 * _MIN_CAUSAL_BLOCK:
+        return _attend(q, k, v, mask, scale, bias, dropout, key)
+    block = max(_MIN_CAUSAL_BLOCK, -(-q_len // _MAX_CAUSAL_BLOCKS))
+    outputs = []
+    for start in range(0, q_len, block):
+        stop = min(start + block, q_len)
+        outputs.append(
+            _attend(
+                q[start:stop],
+                k[:stop],
+                v[:stop],
+                None if mask is None else mask[start:stop, :stop],
+                scale,
+                None if bias is None else bias[:, start:stop, :stop],
+                dropout,
+                None if key is None else jax.random.fold_in(key, start),
+            )
+        )
+    return jnp.concatenate(outputs)
+
+
+_MIN_CAUSAL_BLOCK = 256
+_MAX_CAUSAL_BLOCKS = 8
+
+
+def _attend(q, k, v, mask, scale, bias, dropout, key):
     q_len, heads, head_dim = q.shape
-    kv_heads = k.shape[1]
+    kv_len, kv_heads, _ = k.shape
     groups = heads // kv_heads
     if scale is None:
         scale = head_dim**-0.5
-    # [q, kv_heads, groups, head_dim] x [kv, kv_heads, head_dim] -> [kv_heads, groups, q, kv]
-    grouped_q = q.reshape(q_len, kv_heads, groups, head_dim)
-    scores = jnp.einsum("qhgd,khd->hgqk", grouped_q, k, preferred_element_type=jnp.float32)
+    # Queries sharing a KV head are folded into one matrix, so each KV head is one plain
+    # matmul (measured ~1.8x faster on CPU than a 5-d einsum with a groups axis):
+    # [q, heads, d] -> [kv_heads, groups * q, d]
+    folded_q = q.reshape(q_len, kv_heads, groups, head_dim).transpose(1, 2, 0, 3)
+    folded_q = folded_q.reshape(kv_heads, groups * q_len, head_dim)
+    # [kv_heads, groups * q, d] x [kv, kv_heads, d] -> [kv_heads, groups, q, kv]
+    scores = jnp.einsum("hmd,khd->hmk", folded_q, k, preferred_element_type=jnp.float32)
+    scores = scores.reshape(kv_heads, groups, q_len, kv_len)
     if scale != 1.0:
         scores = scores * scale
     if bias is not None:
-        scores = scores + bias.astype(jnp.float32).reshape(kv_heads, groups, q_len, -1)
+        scores = scores + bias.astype(jnp.float32).reshape(kv_heads, groups, q_len, kv_len)
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     if dropout is not None:
         probs = dropout(probs, key=key)
-    # [kv_heads, groups, q, kv] x [kv, kv_heads, head_dim] -> [q, kv_heads, groups, head_dim]
-    out = jnp.einsum("hgqk,khd->qhgd", probs, v)
+    # [kv_heads, groups * q, kv] x [kv, kv_heads, d] -> [kv_heads, groups * q, d]
+    out = jnp.einsum("hmk,khd->hmd", probs.reshape(kv_heads, groups * q_len, kv_len), v)
+    out = out.reshape(kv_heads, groups, q_len, head_dim).transpose(2, 0, 1, 3)
     return out.reshape(q_len, heads, head_dim)

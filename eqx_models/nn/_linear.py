@@ -1,5 +1,7 @@
 """Linear and embedding layers acting on the last axis of any leading shape."""
 
+import itertools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -55,3 +57,16 @@ class Embedding(eqx.Module):
     def attend(self, x: Float[Array, "*batch dim"]) -> Float[Array, "*batch vocab"]:
         """Logits against every embedding row (a tied output head)."""
         return jnp.einsum("...d,vd->...v", x, self.weight)
+
+
+def fused_projections(x: Float[Array, "*batch d_in"], layers: tuple[Linear, ...]) -> tuple[Array, ...]:
+    """Applies several `Linear`s to the same input as one matmul over their stacked weights
+    (one large matmul beats three small ones; inside a layer scan the weights are being
+    copied out of the stack anyway, so stacking them costs nothing extra)."""
+    weight = jnp.concatenate([layer.weight for layer in layers])
+    y = jnp.einsum("...i,oi->...o", x, weight)
+    if any(layer.bias is not None for layer in layers):
+        biases = [jnp.zeros(m.weight.shape[:1], m.weight.dtype) if m.bias is None else m.bias for m in layers]
+        y = y + jnp.concatenate(biases)
+    splits = [layer.weight.shape[0] for layer in layers]
+    return tuple(jnp.split(y, list(itertools.accumulate(splits[:-1])), axis=-1))
