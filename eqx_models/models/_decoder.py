@@ -1,11 +1,18 @@
-"""Plumbing shared by decoder stacks: slots, positions, masks' inputs and the KV cache."""
+"""What decoder-only models share: slots, positions and key validity for masks, the scan
+over layers with the KV cache, and the causal-LM head.
 
-from typing import NamedTuple
+A family subclasses `DecoderModel` (its embeddings, stacked blocks and final norm) and
+`CausalLM` (the base model plus an optionally tied output projection); the forward pass,
+cached decoding and cache allocation are written once here.
+"""
+
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Int, Key, PRNGKeyArray
+from jax.typing import DTypeLike
+from jaxtyping import Array, Bool, Float, Int, Key, PRNGKeyArray
 
 from .. import nn
 from ..errors import InputError
@@ -14,7 +21,7 @@ from ..errors import InputError
 class DecoderInputs(NamedTuple):
     """What every layer of a decoder needs besides its hidden states."""
 
-    positions: Int[Array, " seq"]  # feed the position embeddings
+    positions: Int[Array, " seq"]  # feed the position embeddings / rotary angles
     slots: Int[Array, " seq"]  # the queries' slots, for causal / window masks
     kv_slots: Int[Array, " kv"]  # the keys' slots (the whole cache when decoding)
     kv_valid: Bool[Array, " kv"]  # keys that are real tokens, not padding or empty cache
@@ -26,6 +33,20 @@ class DecoderInputs(NamedTuple):
         if self.cache is None or write is None:
             return None
         return nn.KVCache(write.keys, write.values, self.cache.valid, self.cache.index)
+
+
+class LayerContext(NamedTuple):
+    """A block's inputs besides its hidden states, one layer's view of `DecoderInputs`."""
+
+    mask: Bool[Array, "seq kv"]
+    positions: Int[Array, " seq"]
+    write: nn.LayerWrite | None  # where to put this layer's keys/values, when decoding
+    layer: Int[Array, ""]
+
+    @property
+    def causal(self) -> bool:
+        """Queries and keys are the same slots (no cache), so attention may skip blocks."""
+        return self.write is None
 
 
 def decoder_inputs(
@@ -72,3 +93,152 @@ def split_layer_keys(
         return None, None
     embed_key, layers_key = jax.random.split(key)
     return embed_key, jax.random.split(layers_key, num_layers)
+
+
+class DecoderModel(eqx.Module):
+    """Base of decoder-only stacks. A subclass provides `config`, `embed`, `stack`,
+    `final_norm`, `layer_windows` and `kv_shape`; this class runs them."""
+
+    def embed(
+        self, input_ids: Int[Array, " seq"], positions: Int[Array, " seq"], *, key: PRNGKeyArray | None
+    ) -> Float[Array, "seq hidden"]:
+        raise NotImplementedError  # pragma: no cover - every subclass defines it
+
+    @property
+    def stack(self) -> nn.Stacked:
+        raise NotImplementedError  # pragma: no cover
+
+    def final_norm(self, x: Float[Array, "seq hidden"]) -> Float[Array, "seq hidden"]:
+        raise NotImplementedError  # pragma: no cover
+
+    @property
+    def layer_windows(self) -> tuple[int, ...]:
+        """Sliding-window width of each layer; `nn.NO_WINDOW` for full causal attention."""
+        return (nn.NO_WINDOW,) * self.stack.num_layers
+
+    @property
+    def kv_shape(self) -> tuple[int, int]:
+        """`(kv_heads, head_dim)` of the cache."""
+        raise NotImplementedError  # pragma: no cover
+
+    def __call__(
+        self,
+        input_ids: Int[Array, " seq"],
+        *,
+        attention_mask: Int[Array, " seq"] | Bool[Array, " seq"] | None = None,
+        position_ids: Int[Array, " seq"] | None = None,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, "seq hidden"]:
+        """**Arguments:**
+
+        - `input_ids`: one sequence of token ids.
+        - `attention_mask`: 1 for real tokens, 0 for padding (left padding for batches).
+        - `position_ids`: default `0..seq-1`, as HF; pass `cumsum(mask) - 1` for left padding.
+        - `key`: enables dropout (the model must not be in inference mode).
+
+        **Returns:** final hidden states `[seq, hidden]`.
+        """
+        inputs = decoder_inputs(input_ids, attention_mask, position_ids, None)
+        hidden, _ = self._forward(input_ids, inputs, key)
+        return hidden
+
+    def decode(
+        self,
+        input_ids: Int[Array, " new"],
+        cache: nn.KVCache,
+        *,
+        attention_mask: Int[Array, " new"] | Bool[Array, " new"] | None = None,
+        position_ids: Int[Array, " new"] | None = None,
+    ) -> tuple[Float[Array, "new hidden"], nn.KVCache]:
+        """Runs `new` tokens against the cache (a prompt, or one token at a time).
+
+        **Returns:** hidden states `[new, hidden]` and the cache with them appended.
+        """
+        inputs = decoder_inputs(input_ids, attention_mask, position_ids, cache)
+        return self._forward(input_ids, inputs, None)
+
+    def init_cache(self, max_len: int, dtype: DTypeLike | None = None) -> nn.KVCache:
+        """An empty cache for `max_len` slots (prompt plus new tokens), in the parameters'
+        dtype unless `dtype` is given."""
+        if dtype is None:
+            dtype = jax.tree.leaves(eqx.filter(self.stack, eqx.is_inexact_array))[0].dtype
+        return nn.KVCache.empty(self.stack.num_layers, max_len, *self.kv_shape, dtype)
+
+    def _forward(self, input_ids: Int[Array, " seq"], inputs: DecoderInputs, key: PRNGKeyArray | None):
+        config = self.config
+        input_ids = check_token_ids(input_ids, config.vocab_size)
+        embed_key, layer_keys = split_layer_keys(key, self.stack.num_layers)
+        x = self.embed(input_ids, inputs.positions, key=embed_key)
+
+        def step(block, carry, per_layer):
+            x, write = carry
+            layer, window, layer_key = per_layer
+            mask = nn.causal_mask(inputs.slots, inputs.kv_slots, inputs.kv_valid, window)
+            x, write = block(x, LayerContext(mask, inputs.positions, write, layer), key=layer_key)
+            return (x, write), None
+
+        per_layer = (
+            jnp.arange(self.stack.num_layers, dtype=jnp.int32),
+            jnp.asarray(self.layer_windows, jnp.int32),
+            layer_keys,
+        )
+        (x, write), _ = self.stack.scan(
+            step, (x, inputs.write), per_layer, scan_layers=config.scan_layers, remat=config.remat
+        )
+        return self.final_norm(x), inputs.finish(write)
+
+
+class CausalLM(eqx.Module):
+    """Base of causal language models: a `DecoderModel` plus an output projection,
+    `lm_head`, which is `None` when tied to the input embeddings. A subclass provides
+    `base` (its base model, stored under HF's attribute name) and `input_embeddings`."""
+
+    @property
+    def base(self) -> DecoderModel:
+        raise NotImplementedError  # pragma: no cover
+
+    @property
+    def input_embeddings(self) -> nn.Embedding:
+        raise NotImplementedError  # pragma: no cover
+
+    @property
+    def config(self) -> Any:
+        return self.base.config
+
+    def __call__(
+        self,
+        input_ids: Int[Array, " seq"],
+        *,
+        attention_mask: Int[Array, " seq"] | Bool[Array, " seq"] | None = None,
+        position_ids: Int[Array, " seq"] | None = None,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, "seq vocab"]:
+        """Next-token logits `[seq, vocab]` in float32; arguments as the base model's."""
+        hidden = self.base(input_ids, attention_mask=attention_mask, position_ids=position_ids, key=key)
+        return self.logits(hidden)
+
+    def decode(
+        self,
+        input_ids: Int[Array, " new"],
+        cache: nn.KVCache,
+        *,
+        attention_mask: Int[Array, " new"] | Bool[Array, " new"] | None = None,
+        position_ids: Int[Array, " new"] | None = None,
+    ) -> tuple[Float[Array, "new vocab"], nn.KVCache]:
+        """Cached step: logits for the `new` tokens and the updated cache."""
+        hidden, cache = self.base.decode(input_ids, cache, attention_mask=attention_mask, position_ids=position_ids)
+        return self.logits(hidden), cache
+
+    def init_cache(self, max_len: int, dtype: DTypeLike | None = None) -> nn.KVCache:
+        return self.base.init_cache(max_len, dtype)
+
+    def logits(self, hidden: Float[Array, "seq hidden"]) -> Float[Array, "seq vocab"]:
+        head = self.input_embeddings.attend if self.lm_head is None else self.lm_head
+        return head(hidden).astype(jnp.float32)
+
+
+def make_lm_head(config: Any, hidden_size: int, init_std: float, dtype: DTypeLike, key: PRNGKeyArray):
+    """`None` when the head is tied to the input embeddings, else a bias-free `Linear`."""
+    if config.tie_word_embeddings:
+        return None
+    return nn.Linear(hidden_size, config.vocab_size, use_bias=False, init_std=init_std, dtype=dtype, key=key)

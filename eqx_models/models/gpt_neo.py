@@ -11,13 +11,13 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
-from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from .. import nn
 from ..checkpoint.keymap import KeyMap
 from ..errors import ConfigError
 from ._config import ModelConfig, require
-from ._decoder import DecoderInputs, check_token_ids, decoder_inputs, split_layer_keys
+from ._decoder import CausalLM, DecoderModel, LayerContext, make_lm_head
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -103,22 +103,16 @@ class GPTNeoSelfAttention(eqx.Module):
         self.num_heads = config.num_heads
 
     def __call__(
-        self,
-        x: Float[Array, "seq dim"],
-        mask: Bool[Array, "seq kv"],
-        write: nn.LayerWrite | None,
-        layer: Int[Array, ""],
-        *,
-        key: PRNGKeyArray | None = None,
+        self, x: Float[Array, "seq dim"], ctx: LayerContext, *, key: PRNGKeyArray | None = None
     ) -> tuple[Float[Array, "seq dim"], nn.LayerWrite | None]:
         seq, dim = x.shape
         q, k, v = nn.fused_projections(x, (self.q_proj, self.k_proj, self.v_proj))
         q, k, v = (t.reshape(seq, self.num_heads, -1) for t in (q, k, v))
-        write, k, v = nn.cached_kv(write, layer, k, v)
+        write, k, v = nn.cached_kv(ctx.write, ctx.layer, k, v)
         attn_key, resid_key = (None, None) if key is None else jax.random.split(key)
         # GPT-Neo does not scale scores by head_dim ** -0.5.
         out = nn.dot_product_attention(
-            q, k, v, mask, scale=1.0, dropout=self.attn_dropout, key=attn_key, causal=write is None
+            q, k, v, ctx.mask, scale=1.0, dropout=self.attn_dropout, key=attn_key, causal=ctx.causal
         )
         out = self.out_proj(out.reshape(seq, dim))
         return self.resid_dropout(out, key=resid_key), write
@@ -161,22 +155,17 @@ class GPTNeoBlock(eqx.Module):
         self.mlp = GPTNeoMLP(config, dtype=dtype, key=k2)
 
     def __call__(
-        self,
-        x: Float[Array, "seq dim"],
-        mask: Bool[Array, "seq kv"],
-        write: nn.LayerWrite | None,
-        layer: Int[Array, ""],
-        *,
-        key: PRNGKeyArray | None = None,
+        self, x: Float[Array, "seq dim"], ctx: LayerContext, *, key: PRNGKeyArray | None = None
     ) -> tuple[Float[Array, "seq dim"], nn.LayerWrite | None]:
         attn_key, mlp_key = (None, None) if key is None else jax.random.split(key)
-        h, write = self.attn(self.ln_1(x), mask, write, layer, key=attn_key)
+        h, write = self.attn(self.ln_1(x), ctx, key=attn_key)
         x = x + h
         return x + self.mlp(self.ln_2(x), key=mlp_key), write
 
 
-class GPTNeoModel(eqx.Module):
-    """The GPT-Neo decoder stack; returns the final hidden states `[seq, hidden]`."""
+class GPTNeoModel(DecoderModel):
+    """The GPT-Neo decoder stack; `model(input_ids)` returns hidden states `[seq, hidden]`
+    (see `DecoderModel` for the call, `decode` and `init_cache`)."""
 
     wte: nn.Embedding
     wpe: nn.Embedding
@@ -197,64 +186,25 @@ class GPTNeoModel(eqx.Module):
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon, dtype=dtype)
         self.config = config
 
-    def __call__(
-        self,
-        input_ids: Int[Array, " seq"],
-        *,
-        attention_mask: Int[Array, " seq"] | Bool[Array, " seq"] | None = None,
-        position_ids: Int[Array, " seq"] | None = None,
-        key: PRNGKeyArray | None = None,
+    def embed(
+        self, input_ids: Int[Array, " seq"], positions: Int[Array, " seq"], *, key: PRNGKeyArray | None
     ) -> Float[Array, "seq hidden"]:
-        """**Arguments:** `input_ids` one sequence; `attention_mask` 1 for real tokens and 0
-        for padding; `position_ids` default `0..seq-1` (as HF); `key` enables dropout.
+        return self.drop(self.wte(input_ids) + self.wpe(positions), key=key)
 
-        **Returns:** final hidden states `[seq, hidden]`.
-        """
-        inputs = decoder_inputs(input_ids, attention_mask, position_ids, None)
-        hidden, _ = self._forward(input_ids, inputs, key)
-        return hidden
+    @property
+    def stack(self) -> nn.Stacked:
+        return self.h
 
-    def decode(
-        self,
-        input_ids: Int[Array, " new"],
-        cache: nn.KVCache,
-        *,
-        attention_mask: Int[Array, " new"] | Bool[Array, " new"] | None = None,
-        position_ids: Int[Array, " new"] | None = None,
-    ) -> tuple[Float[Array, "new hidden"], nn.KVCache]:
-        """Runs `new` tokens against the cache (a prompt, or one token at a time).
+    def final_norm(self, x: Float[Array, "seq hidden"]) -> Float[Array, "seq hidden"]:
+        return self.ln_f(x)
 
-        **Returns:** hidden states `[new, hidden]` and the cache with them appended.
-        """
-        inputs = decoder_inputs(input_ids, attention_mask, position_ids, cache)
-        return self._forward(input_ids, inputs, None)
+    @property
+    def layer_windows(self) -> tuple[int, ...]:
+        return self.config.layer_windows
 
-    def init_cache(self, max_len: int, dtype: DTypeLike | None = None) -> nn.KVCache:
-        """An empty cache for `max_len` slots (prompt plus new tokens)."""
-        cfg = self.config
-        dtype = dtype or self.wte.weight.dtype
-        return nn.KVCache.empty(cfg.num_layers, max_len, cfg.num_heads, cfg.head_dim, dtype)
-
-    def _forward(self, input_ids, inputs: DecoderInputs, key):
-        cfg = self.config
-        input_ids = check_token_ids(input_ids, cfg.vocab_size)
-        embed_key, layer_keys = split_layer_keys(key, cfg.num_layers)
-        x = self.wte(input_ids) + self.wpe(inputs.positions)
-        x = self.drop(x, key=embed_key)
-        windows = jnp.asarray(cfg.layer_windows, jnp.int32)
-
-        def step(block: GPTNeoBlock, carry, per_layer):
-            x, write = carry
-            layer, window, layer_key = per_layer
-            mask = nn.causal_mask(inputs.slots, inputs.kv_slots, inputs.kv_valid, window)
-            x, write = block(x, mask, write, layer, key=layer_key)
-            return (x, write), None
-
-        layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-        (x, write), _ = self.h.scan(
-            step, (x, inputs.write), (layers, windows, layer_keys), scan_layers=cfg.scan_layers, remat=cfg.remat
-        )
-        return self.ln_f(x), inputs.finish(write)
+    @property
+    def kv_shape(self) -> tuple[int, int]:
+        return self.config.num_heads, self.config.head_dim
 
     @classmethod
     def key_map(cls, config: GPTNeoConfig) -> KeyMap:
@@ -269,8 +219,9 @@ class GPTNeoModel(eqx.Module):
         )
 
 
-class GPTNeoForCausalLM(eqx.Module):
-    """GPT-Neo with a language-model head (tied to `wte` unless `tie_word_embeddings=False`)."""
+class GPTNeoForCausalLM(CausalLM):
+    """GPT-Neo with a language-model head (tied to `wte` unless `tie_word_embeddings=False`);
+    `model(input_ids)` returns float32 logits `[seq, vocab]`."""
 
     transformer: GPTNeoModel
     lm_head: nn.Linear | None
@@ -278,55 +229,15 @@ class GPTNeoForCausalLM(eqx.Module):
     def __init__(self, config: GPTNeoConfig, *, dtype: DTypeLike = jnp.float32, key: PRNGKeyArray):
         k_model, k_head = jax.random.split(key)
         self.transformer = GPTNeoModel(config, dtype=dtype, key=k_model)
-        self.lm_head = (
-            None
-            if config.tie_word_embeddings
-            else nn.Linear(
-                config.hidden_size,
-                config.vocab_size,
-                use_bias=False,
-                init_std=config.initializer_range,
-                dtype=dtype,
-                key=k_head,
-            )
-        )
+        self.lm_head = make_lm_head(config, config.hidden_size, config.initializer_range, dtype, k_head)
 
     @property
-    def config(self) -> GPTNeoConfig:
-        return self.transformer.config
+    def base(self) -> GPTNeoModel:
+        return self.transformer
 
-    def __call__(
-        self,
-        input_ids: Int[Array, " seq"],
-        *,
-        attention_mask: Int[Array, " seq"] | Bool[Array, " seq"] | None = None,
-        position_ids: Int[Array, " seq"] | None = None,
-        key: PRNGKeyArray | None = None,
-    ) -> Float[Array, "seq vocab"]:
-        """Next-token logits `[seq, vocab]` in float32; arguments as `GPTNeoModel`."""
-        hidden = self.transformer(input_ids, attention_mask=attention_mask, position_ids=position_ids, key=key)
-        return self.logits(hidden)
-
-    def decode(
-        self,
-        input_ids: Int[Array, " new"],
-        cache: nn.KVCache,
-        *,
-        attention_mask: Int[Array, " new"] | Bool[Array, " new"] | None = None,
-        position_ids: Int[Array, " new"] | None = None,
-    ) -> tuple[Float[Array, "new vocab"], nn.KVCache]:
-        """Cached step: logits for the `new` tokens and the updated cache."""
-        hidden, cache = self.transformer.decode(
-            input_ids, cache, attention_mask=attention_mask, position_ids=position_ids
-        )
-        return self.logits(hidden), cache
-
-    def init_cache(self, max_len: int, dtype: DTypeLike | None = None) -> nn.KVCache:
-        return self.transformer.init_cache(max_len, dtype)
-
-    def logits(self, hidden: Float[Array, "seq hidden"]) -> Float[Array, "seq vocab"]:
-        head = self.transformer.wte.attend if self.lm_head is None else self.lm_head
-        return head(hidden).astype(jnp.float32)
+    @property
+    def input_embeddings(self) -> nn.Embedding:
+        return self.transformer.wte
 
     @classmethod
     def key_map(cls, config: GPTNeoConfig) -> KeyMap:
