@@ -44,7 +44,40 @@ def gpt_neo_125m(num_layers: int):
     )
 
 
-CASES = {"gpt_neo": Case("GPT-Neo-125M", gpt_neo_125m, "GPTNeoForCausalLM", "FlaxGPTNeoForCausalLM", 12, 24)}
+def gemma_2b_width(num_layers: int):
+    import transformers
+
+    return transformers.GemmaConfig(
+        vocab_size=256000,
+        hidden_size=2048,
+        intermediate_size=16384,
+        num_hidden_layers=num_layers,
+        num_attention_heads=8,
+        num_key_value_heads=1,
+        head_dim=256,
+        hidden_act="gelu_pytorch_tanh",
+    )
+
+
+def xglm_564m_width(num_layers: int):
+    import transformers
+
+    return transformers.XGLMConfig(
+        vocab_size=256008,
+        d_model=1024,
+        ffn_dim=4096,
+        num_layers=num_layers,
+        attention_heads=16,
+        dropout=0.0,
+        attention_dropout=0.0,
+    )
+
+
+CASES = {
+    "gpt_neo": Case("GPT-Neo-125M", gpt_neo_125m, "GPTNeoForCausalLM", "FlaxGPTNeoForCausalLM", 12, 24),
+    "gemma": Case("Gemma-2B-width (2 layers, MQA)", gemma_2b_width, "GemmaForCausalLM", "FlaxGemmaForCausalLM", 2, 8),
+    "xglm": Case("XGLM-564M-width (6 layers)", xglm_564m_width, "XGLMForCausalLM", "FlaxXGLMForCausalLM", 6, 24),
+}
 
 
 def interleaved(fns: dict[str, Callable[[], object]], runs: int) -> tuple[dict[str, float], dict[str, float]]:
@@ -136,7 +169,7 @@ def compile_seconds(case: Case, num_layers: int, seq: int, repeats: int = 3) -> 
 
 def run_case(case: Case, seq: int, runs: int, root: str) -> list[tuple[str, str]]:
     ids = np.random.default_rng(0).integers(0, 1000, (1, seq)).astype(np.int32)
-    shallow = os.path.join(root, case.name)
+    shallow = os.path.join(root, case.name.split()[0])
     write_checkpoint(case, case.layers, shallow)
     # The JAX contenders alternate run by run. PyTorch runs on its own afterwards: its
     # OpenMP threads keep spinning after each call and would slow whatever runs next.

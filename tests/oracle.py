@@ -5,13 +5,16 @@ import torch
 
 
 def randomise(model: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torch.nn.Module:
-    """Every parameter random, norm weights around 1, so nothing rests at its init value."""
+    """Every parameter random, so nothing rests at its init value. Norm weights are drawn
+    around their init value (1, or 0 where the model stores `weight` and scales by
+    `1 + weight`, as Gemma does)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             noise = torch.randn(param.shape, generator=generator) * std
             is_norm_weight = param.ndim == 1 and ("ln" in name or "norm" in name) and name.endswith("weight")
-            param.copy_(1.0 + noise if is_norm_weight else noise)
+            center = float(param.mean()) if is_norm_weight else 0.0  # a fresh norm weight is all 1s or all 0s
+            param.copy_(center + noise)
     return model.eval()
 
 

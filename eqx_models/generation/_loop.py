@@ -130,7 +130,7 @@ def generate(
         raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if ids.min() < 0 or ids.max() >= config.vocab_size:
         raise InputError(f"input_ids hold ids outside [0, {config.vocab_size}): min {ids.min()}, max {ids.max()}")
-    limit = getattr(config, "max_position_embeddings", None)
+    limit = config.position_limit
     if limit is not None and ids.shape[1] + max_new_tokens > limit:
         raise InputError(
             f"prompt of {ids.shape[1]} tokens plus max_new_tokens={max_new_tokens} exceeds the model's "

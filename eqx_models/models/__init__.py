@@ -5,7 +5,9 @@ from typing import Any
 
 from ..errors import ConfigError
 from ._config import ModelConfig
+from .gemma import GemmaConfig, GemmaForCausalLM, GemmaModel
 from .gpt_neo import GPTNeoConfig, GPTNeoForCausalLM, GPTNeoModel
+from .xglm import XGLMConfig, XGLMForCausalLM, XGLMModel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +24,8 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     "gpt_neo": Family(GPTNeoConfig, GPTNeoModel, (GPTNeoModel, GPTNeoForCausalLM)),
+    "gemma": Family(GemmaConfig, GemmaModel, (GemmaModel, GemmaForCausalLM)),
+    "xglm": Family(XGLMConfig, XGLMModel, (XGLMModel, XGLMForCausalLM)),
 }
 
 

@@ -66,6 +66,12 @@ class ModelConfig:
         out["model_type"] = self.model_type
         return out
 
+    @property
+    def position_limit(self) -> int | None:
+        """The longest sequence the model can place (a learned position table), or `None`
+        when positions are computed (rotary, sinusoidal) and any length works."""
+        return None
+
     def run_options(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self._RUN_OPTIONS}
 

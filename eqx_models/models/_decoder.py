@@ -6,7 +6,7 @@ A family subclasses `DecoderModel` (its embeddings, stacked blocks and final nor
 cached decoding and cache allocation are written once here.
 """
 
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import equinox as eqx
 import jax
@@ -15,6 +15,7 @@ from jax.typing import DTypeLike
 from jaxtyping import Array, Bool, Float, Int, Key, PRNGKeyArray
 
 from .. import nn
+from ..checkpoint.keymap import KeyMap
 from ..errors import InputError
 
 
@@ -191,7 +192,10 @@ class DecoderModel(eqx.Module):
 class CausalLM(eqx.Module):
     """Base of causal language models: a `DecoderModel` plus an output projection,
     `lm_head`, which is `None` when tied to the input embeddings. A subclass provides
-    `base` (its base model, stored under HF's attribute name) and `input_embeddings`."""
+    `base` (its base model, stored under HF's attribute name), `base_class` and
+    `input_embeddings`."""
+
+    base_class: ClassVar[type]
 
     @property
     def base(self) -> DecoderModel:
@@ -231,6 +235,13 @@ class CausalLM(eqx.Module):
 
     def init_cache(self, max_len: int, dtype: DTypeLike | None = None) -> nn.KVCache:
         return self.base.init_cache(max_len, dtype)
+
+    @classmethod
+    def key_map(cls, config: Any) -> KeyMap:
+        """The base model's map nested under its prefix, plus the head; a tied head's
+        `lm_head.weight` (written by some savers) is read and dropped."""
+        tied = ("lm_head.weight",) if config.tie_word_embeddings else ()
+        return cls.base_class.key_map(config).nested().extended(rules=(("lm_head.", "lm_head."),), ignore=tied)
 
     def logits(self, hidden: Float[Array, "seq hidden"]) -> Float[Array, "seq vocab"]:
         head = self.input_embeddings.attend if self.lm_head is None else self.lm_head

@@ -42,7 +42,7 @@ class GPTNeoConfig(ModelConfig):
     layer_norm_epsilon: float = 1e-5
     initializer_range: float = 0.02
     bos_token_id: int | None = 50256
-    eos_token_id: int | None = 50256
+    eos_token_id: int | tuple[int, ...] | None = 50256
     pad_token_id: int | None = None
     tie_word_embeddings: bool = True
 
@@ -75,6 +75,10 @@ class GPTNeoConfig(ModelConfig):
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def position_limit(self) -> int:
+        return self.max_position_embeddings
 
     @property
     def layer_windows(self) -> tuple[int, ...]:
@@ -225,6 +229,7 @@ class GPTNeoForCausalLM(CausalLM):
 
     transformer: GPTNeoModel
     lm_head: nn.Linear | None
+    base_class: ClassVar[type] = GPTNeoModel
 
     def __init__(self, config: GPTNeoConfig, *, dtype: DTypeLike = jnp.float32, key: PRNGKeyArray):
         k_model, k_head = jax.random.split(key)
@@ -238,8 +243,3 @@ class GPTNeoForCausalLM(CausalLM):
     @property
     def input_embeddings(self) -> nn.Embedding:
         return self.transformer.wte
-
-    @classmethod
-    def key_map(cls, config: GPTNeoConfig) -> KeyMap:
-        tied = ("lm_head.weight",) if config.tie_word_embeddings else ()
-        return GPTNeoModel.key_map(config).nested().extended(rules=(("lm_head.", "lm_head."),), ignore=tied)

@@ -4,7 +4,8 @@ from ._activations import activation
 from ._attention import NO_WINDOW, causal_mask, dot_product_attention, padding_mask
 from ._cache import KVCache, LayerWrite, cached_kv
 from ._linear import Embedding, Linear, fused_projections
-from ._norm import LayerNorm
+from ._norm import LayerNorm, RMSNorm
+from ._positions import apply_rotary, rotary_angles, sinusoidal_embedding
 from ._stack import Stacked
 
 __all__ = [
@@ -13,12 +14,16 @@ __all__ = [
     "KVCache",
     "LayerNorm",
     "LayerWrite",
+    "RMSNorm",
     "Linear",
     "Stacked",
     "activation",
+    "apply_rotary",
     "cached_kv",
     "causal_mask",
     "dot_product_attention",
     "fused_projections",
     "padding_mask",
+    "rotary_angles",
+    "sinusoidal_embedding",
 ]

@@ -1,0 +1,197 @@
+"""XGLM: sinusoidal positions offset by 2 (fairseq's padding convention), scaled token
+embeddings, pre-LayerNorm blocks with biased projections, a final LayerNorm and a tied
+LM head.
+
+Reference: HF `modeling_flax_xglm.py` and `modeling_xglm.py` (4.57.6).
+"""
+
+import dataclasses
+from typing import ClassVar
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax.typing import DTypeLike
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from .. import nn
+from ..checkpoint.keymap import KeyMap
+from ._config import ModelConfig, require
+from ._decoder import CausalLM, DecoderModel, LayerContext, make_lm_head
+
+# Position p reads row p + 2 of the sinusoid table; row `padding_idx` is all zeros.
+POSITION_OFFSET = 2
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class XGLMConfig(ModelConfig):
+    """HF's `XGLMConfig` fields (same names and defaults)."""
+
+    model_type: ClassVar[str] = "xglm"
+    vocab_size: int = 256008
+    max_position_embeddings: int = 2048  # sinusoids extend past it, as upstream
+    d_model: int = 1024
+    ffn_dim: int = 4096
+    num_layers: int = 24
+    attention_heads: int = 16
+    activation_function: str = "gelu"
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    activation_dropout: float = 0.0
+    layerdrop: float = 0.0  # training-time layer skipping; not applied (inference is unaffected)
+    init_std: float = 0.02
+    scale_embedding: bool = True
+    decoder_start_token_id: int | None = 2
+    pad_token_id: int | None = 1
+    bos_token_id: int | None = 0
+    eos_token_id: int | tuple[int, ...] | None = 2
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self):
+        require(
+            self.d_model % self.attention_heads == 0,
+            f"d_model {self.d_model} is not divisible by attention_heads {self.attention_heads}",
+        )
+        require(self.d_model >= 4, f"d_model must be at least 4 for sinusoidal positions, got {self.d_model}")
+        nn.activation(self.activation_function)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.attention_heads
+
+
+class XGLMAttention(eqx.Module):
+    q_proj: nn.Linear
+    k_proj: nn.Linear
+    v_proj: nn.Linear
+    out_proj: nn.Linear
+    dropout: eqx.nn.Dropout
+    num_heads: int = eqx.field(static=True)
+
+    def __init__(self, config: XGLMConfig, *, dtype: DTypeLike, key: PRNGKeyArray):
+        kq, kk, kv, ko = jax.random.split(key, 4)
+        dim, std = config.d_model, config.init_std
+        self.q_proj = nn.Linear(dim, dim, init_std=std, dtype=dtype, key=kq)
+        self.k_proj = nn.Linear(dim, dim, init_std=std, dtype=dtype, key=kk)
+        self.v_proj = nn.Linear(dim, dim, init_std=std, dtype=dtype, key=kv)
+        self.out_proj = nn.Linear(dim, dim, init_std=std, dtype=dtype, key=ko)
+        self.dropout = eqx.nn.Dropout(config.attention_dropout)
+        self.num_heads = config.attention_heads
+
+    def __call__(
+        self, x: Float[Array, "seq dim"], ctx: LayerContext, *, key: PRNGKeyArray | None = None
+    ) -> tuple[Float[Array, "seq dim"], nn.LayerWrite | None]:
+        seq, dim = x.shape
+        q, k, v = nn.fused_projections(x, (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (t.reshape(seq, self.num_heads, -1) for t in (q, k, v))
+        write, k, v = nn.cached_kv(ctx.write, ctx.layer, k, v)
+        out = nn.dot_product_attention(q, k, v, ctx.mask, dropout=self.dropout, key=key, causal=ctx.causal)
+        return self.out_proj(out.reshape(seq, dim)), write
+
+
+class XGLMDecoderLayer(eqx.Module):
+    """`x + attn(ln(x))`, then `x + fc2(act(fc1(ln(x))))`, with dropouts."""
+
+    self_attn_layer_norm: nn.LayerNorm
+    self_attn: XGLMAttention
+    final_layer_norm: nn.LayerNorm
+    fc1: nn.Linear
+    fc2: nn.Linear
+    dropout: eqx.nn.Dropout
+    activation_dropout: eqx.nn.Dropout
+    activation_function: str = eqx.field(static=True)
+
+    def __init__(self, config: XGLMConfig, *, dtype: DTypeLike, key: PRNGKeyArray):
+        k_attn, k1, k2 = jax.random.split(key, 3)
+        dim, std = config.d_model, config.init_std
+        self.self_attn_layer_norm = nn.LayerNorm(dim, dtype=dtype)
+        self.self_attn = XGLMAttention(config, dtype=dtype, key=k_attn)
+        self.final_layer_norm = nn.LayerNorm(dim, dtype=dtype)
+        self.fc1 = nn.Linear(dim, config.ffn_dim, init_std=std, dtype=dtype, key=k1)
+        self.fc2 = nn.Linear(config.ffn_dim, dim, init_std=std, dtype=dtype, key=k2)
+        self.dropout = eqx.nn.Dropout(config.dropout)
+        self.activation_dropout = eqx.nn.Dropout(config.activation_dropout)
+        self.activation_function = config.activation_function
+
+    def __call__(
+        self, x: Float[Array, "seq dim"], ctx: LayerContext, *, key: PRNGKeyArray | None = None
+    ) -> tuple[Float[Array, "seq dim"], nn.LayerWrite | None]:
+        k_attn, k_drop1, k_act, k_drop2 = (None,) * 4 if key is None else jax.random.split(key, 4)
+        h, write = self.self_attn(self.self_attn_layer_norm(x), ctx, key=k_attn)
+        x = x + self.dropout(h, key=k_drop1)
+        h = nn.activation(self.activation_function)(self.fc1(self.final_layer_norm(x)))
+        h = self.fc2(self.activation_dropout(h, key=k_act))
+        return x + self.dropout(h, key=k_drop2), write
+
+
+class XGLMModel(DecoderModel):
+    """The XGLM decoder stack; `model(input_ids)` returns hidden states `[seq, d_model]`."""
+
+    embed_tokens: nn.Embedding
+    dropout: eqx.nn.Dropout
+    layers: nn.Stacked[XGLMDecoderLayer]
+    layer_norm: nn.LayerNorm
+    config: XGLMConfig = eqx.field(static=True)
+
+    def __init__(self, config: XGLMConfig, *, dtype: DTypeLike = jnp.float32, key: PRNGKeyArray):
+        k_embed, k_layers = jax.random.split(key)
+        self.embed_tokens = nn.Embedding(
+            config.vocab_size, config.d_model, init_std=config.init_std, dtype=dtype, key=k_embed
+        )
+        self.dropout = eqx.nn.Dropout(config.dropout)
+        self.layers = nn.Stacked(
+            lambda k: XGLMDecoderLayer(config, dtype=dtype, key=k), config.num_layers, key=k_layers
+        )
+        self.layer_norm = nn.LayerNorm(config.d_model, dtype=dtype)
+        self.config = config
+
+    def embed(
+        self, input_ids: Int[Array, " seq"], positions: Int[Array, " seq"], *, key: PRNGKeyArray | None
+    ) -> Float[Array, "seq hidden"]:
+        cfg = self.config
+        x = self.embed_tokens(input_ids)
+        if cfg.scale_embedding:
+            x = x * jnp.asarray(cfg.d_model**0.5, x.dtype)
+        rows = positions + POSITION_OFFSET
+        sinusoids = nn.sinusoidal_embedding(rows, cfg.d_model, padding_idx=cfg.pad_token_id).astype(x.dtype)
+        return self.dropout(x + sinusoids, key=key)
+
+    @property
+    def stack(self) -> nn.Stacked:
+        return self.layers
+
+    def final_norm(self, x: Float[Array, "seq hidden"]) -> Float[Array, "seq hidden"]:
+        return self.layer_norm(x)
+
+    @property
+    def kv_shape(self) -> tuple[int, int]:
+        return self.config.attention_heads, self.config.head_dim
+
+    @classmethod
+    def key_map(cls, config: XGLMConfig) -> KeyMap:
+        return KeyMap(
+            rules=(("layers.{i}.", "layers.layers."), ("", "")),
+            ignore=(r"embed_positions\.(weights|_float_tensor)",),  # buffers some savers kept
+            prefix="model",
+        )
+
+
+class XGLMForCausalLM(CausalLM):
+    """XGLM with its language-model head (tied to `embed_tokens` by default)."""
+
+    model: XGLMModel
+    lm_head: nn.Linear | None
+    base_class: ClassVar[type] = XGLMModel
+
+    def __init__(self, config: XGLMConfig, *, dtype: DTypeLike = jnp.float32, key: PRNGKeyArray):
+        k_model, k_head = jax.random.split(key)
+        self.model = XGLMModel(config, dtype=dtype, key=k_model)
+        self.lm_head = make_lm_head(config, config.d_model, config.init_std, dtype, k_head)
+
+    @property
+    def base(self) -> XGLMModel:
+        return self.model
+
+    @property
+    def input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
