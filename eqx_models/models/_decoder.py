@@ -98,7 +98,8 @@ def split_layer_keys(
 
 class DecoderModel(eqx.Module):
     """Base of decoder-only stacks. A subclass provides `config`, `embed`, `stack`,
-    `final_norm`, `layer_windows` and `kv_shape`; this class runs them."""
+    `final_norm`, `kv_shape`, `input_embeddings` and, for sliding windows,
+    `layer_windows`; this class runs them."""
 
     def embed(
         self, input_ids: Int[Array, " seq"], positions: Int[Array, " seq"], *, key: PRNGKeyArray | None
@@ -120,6 +121,11 @@ class DecoderModel(eqx.Module):
     @property
     def kv_shape(self) -> tuple[int, int]:
         """`(kv_heads, head_dim)` of the cache."""
+        raise NotImplementedError  # pragma: no cover
+
+    @property
+    def input_embeddings(self) -> nn.Embedding:
+        """The token embedding table (what a tied LM head multiplies by)."""
         raise NotImplementedError  # pragma: no cover
 
     def __call__(
@@ -191,19 +197,19 @@ class DecoderModel(eqx.Module):
 
 class CausalLM(eqx.Module):
     """Base of causal language models: a `DecoderModel` plus an output projection,
-    `lm_head`, which is `None` when tied to the input embeddings. A subclass provides
-    `base` (its base model, stored under HF's attribute name), `base_class` and
-    `input_embeddings`."""
+    `lm_head`, which is `None` when tied to the input embeddings. A subclass declares the
+    base model's class (`base_class`) and HF's attribute name for it (`base_name`)."""
 
     base_class: ClassVar[type]
+    base_name: ClassVar[str]
 
     @property
     def base(self) -> DecoderModel:
-        raise NotImplementedError  # pragma: no cover
+        return getattr(self, self.base_name)
 
     @property
     def input_embeddings(self) -> nn.Embedding:
-        raise NotImplementedError  # pragma: no cover
+        return self.base.input_embeddings
 
     @property
     def config(self) -> Any:

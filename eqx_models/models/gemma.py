@@ -182,6 +182,10 @@ class GemmaModel(DecoderModel):
     def kv_shape(self) -> tuple[int, int]:
         return self.config.num_key_value_heads, self.config.head_dim
 
+    @property
+    def input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
     @classmethod
     def key_map(cls, config: GemmaConfig) -> KeyMap:
         return KeyMap(
@@ -196,17 +200,10 @@ class GemmaForCausalLM(CausalLM):
 
     model: GemmaModel
     lm_head: nn.Linear | None
+    base_name: ClassVar[str] = "model"
     base_class: ClassVar[type] = GemmaModel
 
     def __init__(self, config: GemmaConfig, *, dtype: DTypeLike = jnp.float32, key: PRNGKeyArray):
         k_model, k_head = jax.random.split(key)
         self.model = GemmaModel(config, dtype=dtype, key=k_model)
         self.lm_head = make_lm_head(config, config.hidden_size, config.initializer_range, dtype, k_head)
-
-    @property
-    def base(self) -> GemmaModel:
-        return self.model
-
-    @property
-    def input_embeddings(self) -> nn.Embedding:
-        return self.model.embed_tokens

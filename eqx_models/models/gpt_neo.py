@@ -210,6 +210,10 @@ class GPTNeoModel(DecoderModel):
     def kv_shape(self) -> tuple[int, int]:
         return self.config.num_heads, self.config.head_dim
 
+    @property
+    def input_embeddings(self) -> nn.Embedding:
+        return self.wte
+
     @classmethod
     def key_map(cls, config: GPTNeoConfig) -> KeyMap:
         return KeyMap(
@@ -229,17 +233,10 @@ class GPTNeoForCausalLM(CausalLM):
 
     transformer: GPTNeoModel
     lm_head: nn.Linear | None
+    base_name: ClassVar[str] = "transformer"
     base_class: ClassVar[type] = GPTNeoModel
 
     def __init__(self, config: GPTNeoConfig, *, dtype: DTypeLike = jnp.float32, key: PRNGKeyArray):
         k_model, k_head = jax.random.split(key)
         self.transformer = GPTNeoModel(config, dtype=dtype, key=k_model)
         self.lm_head = make_lm_head(config, config.hidden_size, config.initializer_range, dtype, k_head)
-
-    @property
-    def base(self) -> GPTNeoModel:
-        return self.transformer
-
-    @property
-    def input_embeddings(self) -> nn.Embedding:
-        return self.transformer.wte

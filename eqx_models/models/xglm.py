@@ -167,6 +167,10 @@ class XGLMModel(DecoderModel):
     def kv_shape(self) -> tuple[int, int]:
         return self.config.attention_heads, self.config.head_dim
 
+    @property
+    def input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
     @classmethod
     def key_map(cls, config: XGLMConfig) -> KeyMap:
         return KeyMap(
@@ -181,17 +185,10 @@ class XGLMForCausalLM(CausalLM):
 
     model: XGLMModel
     lm_head: nn.Linear | None
+    base_name: ClassVar[str] = "model"
     base_class: ClassVar[type] = XGLMModel
 
     def __init__(self, config: XGLMConfig, *, dtype: DTypeLike = jnp.float32, key: PRNGKeyArray):
         k_model, k_head = jax.random.split(key)
         self.model = XGLMModel(config, dtype=dtype, key=k_model)
         self.lm_head = make_lm_head(config, config.d_model, config.init_std, dtype, k_head)
-
-    @property
-    def base(self) -> XGLMModel:
-        return self.model
-
-    @property
-    def input_embeddings(self) -> nn.Embedding:
-        return self.model.embed_tokens
