@@ -195,6 +195,50 @@ class DecoderModel(eqx.Module):
         return self.final_norm(x), inputs.finish(write)
 
 
+class SelfAttention(eqx.Module):
+    """Multi-head causal self-attention with HF's `q_proj`/`k_proj`/`v_proj`/`out_proj`
+    names (GPT-Neo, XGLM), writing its keys and values to the cache when decoding."""
+
+    q_proj: nn.Linear
+    k_proj: nn.Linear
+    v_proj: nn.Linear
+    out_proj: nn.Linear
+    dropout: eqx.nn.Dropout
+    num_heads: int = eqx.field(static=True)
+    scale: float | None = eqx.field(static=True)
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        qkv_bias: bool,
+        scale: float | None,
+        dropout: float,
+        init_std: float,
+        dtype: DTypeLike,
+        key: PRNGKeyArray,
+    ):
+        kq, kk, kv, ko = jax.random.split(key, 4)
+        linear = lambda bias, k: nn.Linear(dim, dim, use_bias=bias, init_std=init_std, dtype=dtype, key=k)  # noqa: E731
+        self.q_proj, self.k_proj, self.v_proj = linear(qkv_bias, kq), linear(qkv_bias, kk), linear(qkv_bias, kv)
+        self.out_proj = linear(True, ko)
+        self.dropout = eqx.nn.Dropout(dropout)
+        self.num_heads, self.scale = num_heads, scale
+
+    def __call__(
+        self, x: Float[Array, "seq dim"], ctx: LayerContext, *, key: PRNGKeyArray | None = None
+    ) -> tuple[Float[Array, "seq dim"], nn.LayerWrite | None]:
+        seq, dim = x.shape
+        q, k, v = nn.fused_projections(x, (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (t.reshape(seq, self.num_heads, -1) for t in (q, k, v))
+        write, k, v = nn.cached_kv(ctx.write, ctx.layer, k, v)
+        out = nn.dot_product_attention(
+            q, k, v, ctx.mask, scale=self.scale, dropout=self.dropout, key=key, causal=ctx.causal
+        )
+        return self.out_proj(out.reshape(seq, dim)), write
+
+
 class CausalLM(eqx.Module):
     """Base of causal language models: a `DecoderModel` plus an output projection,
     `lm_head`, which is `None` when tied to the input embeddings. A subclass declares the

@@ -17,7 +17,7 @@ from .. import nn
 from ..checkpoint.keymap import KeyMap
 from ..errors import ConfigError
 from ._config import ModelConfig, require
-from ._decoder import CausalLM, DecoderModel, LayerContext, make_lm_head
+from ._decoder import CausalLM, DecoderModel, LayerContext, SelfAttention, make_lm_head
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -86,42 +86,6 @@ class GPTNeoConfig(ModelConfig):
         return tuple(self.window_size if t == "local" else nn.NO_WINDOW for t in self.attention_layers)
 
 
-class GPTNeoSelfAttention(eqx.Module):
-    q_proj: nn.Linear
-    k_proj: nn.Linear
-    v_proj: nn.Linear
-    out_proj: nn.Linear
-    attn_dropout: eqx.nn.Dropout
-    resid_dropout: eqx.nn.Dropout
-    num_heads: int = eqx.field(static=True)
-
-    def __init__(self, config: GPTNeoConfig, *, dtype: DTypeLike, key: PRNGKeyArray):
-        kq, kk, kv, ko = jax.random.split(key, 4)
-        dim, std = config.hidden_size, config.initializer_range
-        self.q_proj = nn.Linear(dim, dim, use_bias=False, init_std=std, dtype=dtype, key=kq)
-        self.k_proj = nn.Linear(dim, dim, use_bias=False, init_std=std, dtype=dtype, key=kk)
-        self.v_proj = nn.Linear(dim, dim, use_bias=False, init_std=std, dtype=dtype, key=kv)
-        self.out_proj = nn.Linear(dim, dim, init_std=std, dtype=dtype, key=ko)
-        self.attn_dropout = eqx.nn.Dropout(config.attention_dropout)
-        self.resid_dropout = eqx.nn.Dropout(config.resid_dropout)
-        self.num_heads = config.num_heads
-
-    def __call__(
-        self, x: Float[Array, "seq dim"], ctx: LayerContext, *, key: PRNGKeyArray | None = None
-    ) -> tuple[Float[Array, "seq dim"], nn.LayerWrite | None]:
-        seq, dim = x.shape
-        q, k, v = nn.fused_projections(x, (self.q_proj, self.k_proj, self.v_proj))
-        q, k, v = (t.reshape(seq, self.num_heads, -1) for t in (q, k, v))
-        write, k, v = nn.cached_kv(ctx.write, ctx.layer, k, v)
-        attn_key, resid_key = (None, None) if key is None else jax.random.split(key)
-        # GPT-Neo does not scale scores by head_dim ** -0.5.
-        out = nn.dot_product_attention(
-            q, k, v, ctx.mask, scale=1.0, dropout=self.attn_dropout, key=attn_key, causal=ctx.causal
-        )
-        out = self.out_proj(out.reshape(seq, dim))
-        return self.resid_dropout(out, key=resid_key), write
-
-
 class GPTNeoMLP(eqx.Module):
     c_fc: nn.Linear
     c_proj: nn.Linear
@@ -146,7 +110,8 @@ class GPTNeoBlock(eqx.Module):
     """Pre-LayerNorm block: `x + attn(ln_1(x))`, then `x + mlp(ln_2(x))`."""
 
     ln_1: nn.LayerNorm
-    attn: GPTNeoSelfAttention
+    attn: SelfAttention
+    resid_dropout: eqx.nn.Dropout
     ln_2: nn.LayerNorm
     mlp: GPTNeoMLP
 
@@ -154,16 +119,27 @@ class GPTNeoBlock(eqx.Module):
         k1, k2 = jax.random.split(key)
         eps = config.layer_norm_epsilon
         self.ln_1 = nn.LayerNorm(config.hidden_size, eps=eps, dtype=dtype)
-        self.attn = GPTNeoSelfAttention(config, dtype=dtype, key=k1)
+        # GPT-Neo does not scale attention scores by head_dim ** -0.5.
+        self.attn = SelfAttention(
+            config.hidden_size,
+            config.num_heads,
+            qkv_bias=False,
+            scale=1.0,
+            dropout=config.attention_dropout,
+            init_std=config.initializer_range,
+            dtype=dtype,
+            key=k1,
+        )
+        self.resid_dropout = eqx.nn.Dropout(config.resid_dropout)
         self.ln_2 = nn.LayerNorm(config.hidden_size, eps=eps, dtype=dtype)
         self.mlp = GPTNeoMLP(config, dtype=dtype, key=k2)
 
     def __call__(
         self, x: Float[Array, "seq dim"], ctx: LayerContext, *, key: PRNGKeyArray | None = None
     ) -> tuple[Float[Array, "seq dim"], nn.LayerWrite | None]:
-        attn_key, mlp_key = (None, None) if key is None else jax.random.split(key)
+        attn_key, resid_key, mlp_key = (None,) * 3 if key is None else jax.random.split(key, 3)
         h, write = self.attn(self.ln_1(x), ctx, key=attn_key)
-        x = x + h
+        x = x + self.resid_dropout(h, key=resid_key)
         return x + self.mlp(self.ln_2(x), key=mlp_key), write
 
 

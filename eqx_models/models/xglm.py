@@ -17,7 +17,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 from .. import nn
 from ..checkpoint.keymap import KeyMap
 from ._config import ModelConfig, require
-from ._decoder import CausalLM, DecoderModel, LayerContext, make_lm_head
+from ._decoder import CausalLM, DecoderModel, LayerContext, SelfAttention, make_lm_head
 
 # Position p reads row p + 2 of the sinusoid table; row `padding_idx` is all zeros.
 POSITION_OFFSET = 2
@@ -60,40 +60,11 @@ class XGLMConfig(ModelConfig):
         return self.d_model // self.attention_heads
 
 
-class XGLMAttention(eqx.Module):
-    q_proj: nn.Linear
-    k_proj: nn.Linear
-    v_proj: nn.Linear
-    out_proj: nn.Linear
-    dropout: eqx.nn.Dropout
-    num_heads: int = eqx.field(static=True)
-
-    def __init__(self, config: XGLMConfig, *, dtype: DTypeLike, key: PRNGKeyArray):
-        kq, kk, kv, ko = jax.random.split(key, 4)
-        dim, std = config.d_model, config.init_std
-        self.q_proj = nn.Linear(dim, dim, init_std=std, dtype=dtype, key=kq)
-        self.k_proj = nn.Linear(dim, dim, init_std=std, dtype=dtype, key=kk)
-        self.v_proj = nn.Linear(dim, dim, init_std=std, dtype=dtype, key=kv)
-        self.out_proj = nn.Linear(dim, dim, init_std=std, dtype=dtype, key=ko)
-        self.dropout = eqx.nn.Dropout(config.attention_dropout)
-        self.num_heads = config.attention_heads
-
-    def __call__(
-        self, x: Float[Array, "seq dim"], ctx: LayerContext, *, key: PRNGKeyArray | None = None
-    ) -> tuple[Float[Array, "seq dim"], nn.LayerWrite | None]:
-        seq, dim = x.shape
-        q, k, v = nn.fused_projections(x, (self.q_proj, self.k_proj, self.v_proj))
-        q, k, v = (t.reshape(seq, self.num_heads, -1) for t in (q, k, v))
-        write, k, v = nn.cached_kv(ctx.write, ctx.layer, k, v)
-        out = nn.dot_product_attention(q, k, v, ctx.mask, dropout=self.dropout, key=key, causal=ctx.causal)
-        return self.out_proj(out.reshape(seq, dim)), write
-
-
 class XGLMDecoderLayer(eqx.Module):
     """`x + attn(ln(x))`, then `x + fc2(act(fc1(ln(x))))`, with dropouts."""
 
     self_attn_layer_norm: nn.LayerNorm
-    self_attn: XGLMAttention
+    self_attn: SelfAttention
     final_layer_norm: nn.LayerNorm
     fc1: nn.Linear
     fc2: nn.Linear
@@ -105,7 +76,16 @@ class XGLMDecoderLayer(eqx.Module):
         k_attn, k1, k2 = jax.random.split(key, 3)
         dim, std = config.d_model, config.init_std
         self.self_attn_layer_norm = nn.LayerNorm(dim, dtype=dtype)
-        self.self_attn = XGLMAttention(config, dtype=dtype, key=k_attn)
+        self.self_attn = SelfAttention(
+            dim,
+            config.attention_heads,
+            qkv_bias=True,
+            scale=None,
+            dropout=config.attention_dropout,
+            init_std=std,
+            dtype=dtype,
+            key=k_attn,
+        )
         self.final_layer_norm = nn.LayerNorm(dim, dtype=dtype)
         self.fc1 = nn.Linear(dim, config.ffn_dim, init_std=std, dtype=dtype, key=k1)
         self.fc2 = nn.Linear(config.ffn_dim, dim, init_std=std, dtype=dtype, key=k2)
