@@ -5,6 +5,16 @@ from typing import Any
 
 from ..errors import ConfigError
 from ._config import ModelConfig
+from .big_bird import (
+    BigBirdConfig,
+    BigBirdForMaskedLM,
+    BigBirdForMultipleChoice,
+    BigBirdForPreTraining,
+    BigBirdForQuestionAnswering,
+    BigBirdForSequenceClassification,
+    BigBirdForTokenClassification,
+    BigBirdModel,
+)
 from .gemma import GemmaConfig, GemmaForCausalLM, GemmaModel
 from .gpt_neo import GPTNeoConfig, GPTNeoForCausalLM, GPTNeoModel
 from .xglm import XGLMConfig, XGLMForCausalLM, XGLMModel
@@ -26,6 +36,19 @@ FAMILIES: dict[str, Family] = {
     "gpt_neo": Family(GPTNeoConfig, GPTNeoModel, (GPTNeoModel, GPTNeoForCausalLM)),
     "gemma": Family(GemmaConfig, GemmaModel, (GemmaModel, GemmaForCausalLM)),
     "xglm": Family(XGLMConfig, XGLMModel, (XGLMModel, XGLMForCausalLM)),
+    "big_bird": Family(
+        BigBirdConfig,
+        BigBirdModel,
+        (
+            BigBirdModel,
+            BigBirdForPreTraining,
+            BigBirdForMaskedLM,
+            BigBirdForSequenceClassification,
+            BigBirdForMultipleChoice,
+            BigBirdForTokenClassification,
+            BigBirdForQuestionAnswering,
+        ),
+    ),
 }
 
 

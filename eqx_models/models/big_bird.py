@@ -1,0 +1,637 @@
+"""BigBird: a BERT-style post-LayerNorm encoder with `original_full` attention, and the
+eight HF heads.
+
+Reference: HF `modeling_flax_big_bird.py` and `modeling_big_bird.py` (4.57.6). Parameter
+and attribute names are HF's (`bert`, `cls`, `classifier`, `qa_classifier`), except that a
+layer's `attention.self` is stored as `attention.self_attn` (`self` cannot name a field).
+
+Status: `original_full` attention, and `block_sparse` configs on inputs short enough that
+upstream falls back to full attention (at most `(5 + 2 * num_random_blocks) * block_size`
+tokens). The sparse kernel for longer inputs and `BigBirdForCausalLM` are issue 4's
+remaining work: a longer input under `block_sparse` raises an `InputError` saying so.
+"""
+
+import dataclasses
+from typing import Any, ClassVar, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax.typing import DTypeLike
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+
+from .. import nn
+from ..checkpoint.keymap import KeyMap
+from ..errors import InputError
+from ._config import ModelConfig, require
+from ._decoder import check_token_ids, split_layer_keys
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BigBirdConfig(ModelConfig):
+    """HF's `BigBirdConfig` fields (same names and defaults), plus `num_labels` (HF derives
+    it from `id2label`)."""
+
+    model_type: ClassVar[str] = "big_bird"
+    vocab_size: int = 50358
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu_new"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 4096
+    type_vocab_size: int = 2
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 1
+    eos_token_id: int | tuple[int, ...] | None = 2
+    sep_token_id: int | None = 66
+    attention_type: str = "block_sparse"
+    use_bias: bool = True
+    rescale_embeddings: bool = False
+    block_size: int = 64
+    num_random_blocks: int = 3
+    classifier_dropout: float | None = None
+    num_labels: int = 2
+    is_decoder: bool = False
+    add_cross_attention: bool = False
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self):
+        require(
+            self.hidden_size % self.num_attention_heads == 0,
+            f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}",
+        )
+        require(
+            self.attention_type in ("original_full", "block_sparse"),
+            f"attention_type must be 'original_full' or 'block_sparse', got {self.attention_type!r}",
+        )
+        require(self.block_size >= 1, f"block_size must be positive, got {self.block_size}")
+        require(not self.add_cross_attention, "add_cross_attention=True is not supported for BigBird")
+        require(self.num_labels >= 1, f"num_labels must be at least 1, got {self.num_labels}")
+        nn.activation(self.hidden_act)
+
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any], **overrides: Any):
+        if "id2label" in hf and "num_labels" not in overrides:
+            overrides = {**overrides, "num_labels": len(hf["id2label"])}
+        return super().from_hf_config(hf, **overrides)
+
+    def to_hf_config(self) -> dict[str, Any]:
+        out = super().to_hf_config()
+        if len(out.get("id2label") or {}) != self.num_labels:
+            out["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
+            out["label2id"] = {f"LABEL_{i}": i for i in range(self.num_labels)}
+        out.pop("num_labels")
+        return out
+
+    @property
+    def position_limit(self) -> int:
+        return self.max_position_embeddings
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def max_full_attention_tokens(self) -> int:
+        """Up to this length `block_sparse` falls back to full attention, as upstream."""
+        return (5 + 2 * self.num_random_blocks) * self.block_size
+
+    @property
+    def classifier_dropout_rate(self) -> float:
+        return self.hidden_dropout_prob if self.classifier_dropout is None else self.classifier_dropout
+
+
+def _linear(config: BigBirdConfig, d_in: int, d_out: int, dtype: DTypeLike, key: PRNGKeyArray, bias: bool = True):
+    return nn.Linear(d_in, d_out, use_bias=bias, init_std=config.initializer_range, dtype=dtype, key=key)
+
+
+class BigBirdEmbeddings(eqx.Module):
+    """Word + token-type + position embeddings, dropout, then LayerNorm (HF's order)."""
+
+    word_embeddings: nn.Embedding
+    position_embeddings: nn.Embedding
+    token_type_embeddings: nn.Embedding
+    LayerNorm: nn.LayerNorm
+    dropout: eqx.nn.Dropout
+    rescale: float = eqx.field(static=True)
+
+    def __init__(self, config: BigBirdConfig, *, dtype: DTypeLike, key: PRNGKeyArray):
+        kw, kp, kt = jax.random.split(key, 3)
+        dim, std = config.hidden_size, config.initializer_range
+        self.word_embeddings = nn.Embedding(config.vocab_size, dim, init_std=std, dtype=dtype, key=kw)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, dim, init_std=std, dtype=dtype, key=kp)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, dim, init_std=std, dtype=dtype, key=kt)
+        self.LayerNorm = nn.LayerNorm(dim, eps=config.layer_norm_eps, dtype=dtype)
+        self.dropout = eqx.nn.Dropout(config.hidden_dropout_prob)
+        self.rescale = config.hidden_size**0.5 if config.rescale_embeddings else 1.0
+
+    def __call__(
+        self,
+        input_ids: Int[Array, " seq"],
+        token_type_ids: Int[Array, " seq"],
+        position_ids: Int[Array, " seq"],
+        *,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, "seq hidden"]:
+        x = self.word_embeddings(input_ids)
+        if self.rescale != 1.0:
+            x = x * self.rescale
+        x = x + self.token_type_embeddings(token_type_ids) + self.position_embeddings(position_ids)
+        return self.LayerNorm(self.dropout(x, key=key))
+
+
+class BigBirdSelfAttention(eqx.Module):
+    query: nn.Linear
+    key: nn.Linear
+    value: nn.Linear
+    dropout: eqx.nn.Dropout
+    num_heads: int = eqx.field(static=True)
+
+    def __init__(self, config: BigBirdConfig, *, dtype: DTypeLike, key: PRNGKeyArray):
+        kq, kk, kv = jax.random.split(key, 3)
+        dim = config.hidden_size
+        self.query = _linear(config, dim, dim, dtype, kq, config.use_bias)
+        self.key = _linear(config, dim, dim, dtype, kk, config.use_bias)
+        self.value = _linear(config, dim, dim, dtype, kv, config.use_bias)
+        self.dropout = eqx.nn.Dropout(config.attention_probs_dropout_prob)
+        self.num_heads = config.num_attention_heads
+
+    def __call__(
+        self, x: Float[Array, "seq hidden"], mask: Bool[Array, "seq seq"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "seq hidden"]:
+        seq, dim = x.shape
+        q, k, v = nn.fused_projections(x, (self.query, self.key, self.value))
+        q, k, v = (t.reshape(seq, self.num_heads, -1) for t in (q, k, v))
+        return nn.dot_product_attention(q, k, v, mask, dropout=self.dropout, key=key).reshape(seq, dim)
+
+
+class BigBirdResidualOutput(eqx.Module):
+    """`LayerNorm(x + dropout(dense(h)))`: HF's `BigBirdSelfOutput` and `BigBirdOutput`."""
+
+    dense: nn.Linear
+    LayerNorm: nn.LayerNorm
+    dropout: eqx.nn.Dropout
+
+    def __init__(self, config: BigBirdConfig, d_in: int, *, dtype: DTypeLike, key: PRNGKeyArray):
+        self.dense = _linear(config, d_in, config.hidden_size, dtype, key)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, dtype=dtype)
+        self.dropout = eqx.nn.Dropout(config.hidden_dropout_prob)
+
+    def __call__(
+        self, h: Float[Array, "seq d_in"], x: Float[Array, "seq hidden"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "seq hidden"]:
+        return self.LayerNorm(x + self.dropout(self.dense(h), key=key))
+
+
+class BigBirdAttention(eqx.Module):
+    self_attn: BigBirdSelfAttention
+    output: BigBirdResidualOutput
+
+    def __init__(self, config: BigBirdConfig, *, dtype: DTypeLike, key: PRNGKeyArray):
+        k1, k2 = jax.random.split(key)
+        self.self_attn = BigBirdSelfAttention(config, dtype=dtype, key=k1)
+        self.output = BigBirdResidualOutput(config, config.hidden_size, dtype=dtype, key=k2)
+
+    def __call__(
+        self, x: Float[Array, "seq hidden"], mask: Bool[Array, "seq seq"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "seq hidden"]:
+        k1, k2 = (None, None) if key is None else jax.random.split(key)
+        return self.output(self.self_attn(x, mask, key=k1), x, key=k2)
+
+
+class BigBirdIntermediate(eqx.Module):
+    dense: nn.Linear
+    hidden_act: str = eqx.field(static=True)
+
+    def __init__(self, config: BigBirdConfig, *, dtype: DTypeLike, key: PRNGKeyArray):
+        self.dense = _linear(config, config.hidden_size, config.intermediate_size, dtype, key)
+        self.hidden_act = config.hidden_act
+
+    def __call__(self, x: Float[Array, "seq hidden"]) -> Float[Array, "seq inner"]:
+        return nn.activation(self.hidden_act)(self.dense(x))
+
+
+class BigBirdLayer(eqx.Module):
+    """Post-LayerNorm: `x = LN(x + attn(x))`, then `LN(x + out(act(inter(x))))`."""
+
+    attention: BigBirdAttention
+    intermediate: BigBirdIntermediate
+    output: BigBirdResidualOutput
+
+    def __init__(self, config: BigBirdConfig, *, dtype: DTypeLike, key: PRNGKeyArray):
+        k1, k2, k3 = jax.random.split(key, 3)
+        self.attention = BigBirdAttention(config, dtype=dtype, key=k1)
+        self.intermediate = BigBirdIntermediate(config, dtype=dtype, key=k2)
+        self.output = BigBirdResidualOutput(config, config.intermediate_size, dtype=dtype, key=k3)
+
+    def __call__(
+        self, x: Float[Array, "seq hidden"], mask: Bool[Array, "seq seq"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "seq hidden"]:
+        k1, k2 = (None, None) if key is None else jax.random.split(key)
+        x = self.attention(x, mask, key=k1)
+        return self.output(self.intermediate(x), x, key=k2)
+
+
+class BigBirdOutput(NamedTuple):
+    """The base model's outputs: per-token hidden states and the pooled first token."""
+
+    last_hidden_state: Float[Array, "seq hidden"]
+    pooler_output: Float[Array, " hidden"] | None
+
+
+class BigBirdModel(eqx.Module):
+    """The BigBird encoder (with its pooler unless built with `add_pooling_layer=False`).
+
+    `model(input_ids, *, attention_mask, token_type_ids, position_ids, key)` returns a
+    `BigBirdOutput(last_hidden_state [seq, hidden], pooler_output [hidden] | None)`.
+    """
+
+    embeddings: BigBirdEmbeddings
+    encoder: nn.Stacked[BigBirdLayer]
+    pooler: nn.Linear | None
+    config: BigBirdConfig = eqx.field(static=True)
+
+    def __init__(
+        self,
+        config: BigBirdConfig,
+        *,
+        add_pooling_layer: bool = True,
+        dtype: DTypeLike = jnp.float32,
+        key: PRNGKeyArray,
+    ):
+        k_emb, k_enc, k_pool = jax.random.split(key, 3)
+        self.embeddings = BigBirdEmbeddings(config, dtype=dtype, key=k_emb)
+        self.encoder = nn.Stacked(
+            lambda k: BigBirdLayer(config, dtype=dtype, key=k), config.num_hidden_layers, key=k_enc
+        )
+        dim = config.hidden_size
+        self.pooler = _linear(config, dim, dim, dtype, k_pool) if add_pooling_layer else None
+        self.config = config
+
+    def __call__(
+        self,
+        input_ids: Int[Array, " seq"],
+        *,
+        attention_mask: Int[Array, " seq"] | Bool[Array, " seq"] | None = None,
+        token_type_ids: Int[Array, " seq"] | None = None,
+        position_ids: Int[Array, " seq"] | None = None,
+        key: PRNGKeyArray | None = None,
+    ) -> BigBirdOutput:
+        cfg = self.config
+        seq = input_ids.shape[0]
+        if cfg.attention_type == "block_sparse" and seq > cfg.max_full_attention_tokens:
+            raise InputError(
+                f"block_sparse attention over {seq} tokens is not implemented yet (issue 4); up to "
+                f"{cfg.max_full_attention_tokens} tokens it falls back to full attention as upstream, or load "
+                "with attention_type='original_full'"
+            )
+        input_ids = check_token_ids(input_ids, cfg.vocab_size)
+        valid = jnp.ones((seq,), bool) if attention_mask is None else attention_mask.astype(bool)
+        token_type_ids = jnp.zeros((seq,), jnp.int32) if token_type_ids is None else token_type_ids
+        position_ids = jnp.arange(seq, dtype=jnp.int32) if position_ids is None else position_ids
+        embed_key, layer_keys = split_layer_keys(key, cfg.num_hidden_layers)
+        x = self.embeddings(input_ids, token_type_ids, position_ids, key=embed_key)
+        slots = jnp.arange(seq, dtype=jnp.int32)
+        mask = nn.causal_mask(slots, slots, valid) if cfg.is_decoder else nn.padding_mask(seq, valid)
+
+        def step(layer: BigBirdLayer, x, layer_key):
+            return layer(x, mask, key=layer_key), None
+
+        x, _ = self.encoder.scan(step, x, layer_keys, scan_layers=cfg.scan_layers, remat=cfg.remat)
+        pooled = None if self.pooler is None else jnp.tanh(self.pooler(x[0]))
+        return BigBirdOutput(x, pooled)
+
+    @property
+    def input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.word_embeddings
+
+    @classmethod
+    def key_map(cls, config: BigBirdConfig) -> KeyMap:
+        return KeyMap(
+            rules=(
+                ("encoder.layer.{i}.attention.self.", "encoder.layers.attention.self_attn."),
+                ("encoder.layer.{i}.", "encoder.layers."),
+                ("", ""),
+            ),
+            ignore=(r"embeddings\.(position_ids|token_type_ids)",),  # buffers some savers kept
+            prefix="bert",
+        )
+
+
+class BigBirdPredictionHeadTransform(eqx.Module):
+    dense: nn.Linear
+    LayerNorm: nn.LayerNorm
+    hidden_act: str = eqx.field(static=True)
+
+    def __init__(self, config: BigBirdConfig, *, dtype: DTypeLike, key: PRNGKeyArray):
+        self.dense = _linear(config, config.hidden_size, config.hidden_size, dtype, key)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, dtype=dtype)
+        self.hidden_act = config.hidden_act
+
+    def __call__(self, x: Float[Array, "seq hidden"]) -> Float[Array, "seq hidden"]:
+        return self.LayerNorm(nn.activation(self.hidden_act)(self.dense(x)))
+
+
+class BigBirdLMPredictionHead(eqx.Module):
+    """Transform, then logits against the word embeddings (tied) or `decoder`, plus `bias`."""
+
+    transform: BigBirdPredictionHeadTransform
+    bias: Float[Array, " vocab"]
+    decoder: nn.Linear | None
+
+    def __init__(self, config: BigBirdConfig, *, dtype: DTypeLike, key: PRNGKeyArray):
+        k1, k2 = jax.random.split(key)
+        self.transform = BigBirdPredictionHeadTransform(config, dtype=dtype, key=k1)
+        self.bias = jnp.zeros((config.vocab_size,), dtype)
+        tied = config.tie_word_embeddings
+        self.decoder = None if tied else _linear(config, config.hidden_size, config.vocab_size, dtype, k2, False)
+
+    def __call__(self, x: Float[Array, "seq hidden"], embeddings: nn.Embedding) -> Float[Array, "seq vocab"]:
+        h = self.transform(x)
+        logits = embeddings.attend(h) if self.decoder is None else self.decoder(h)
+        return (logits + self.bias).astype(jnp.float32)
+
+
+class BigBirdOnlyMLMHead(eqx.Module):
+    predictions: BigBirdLMPredictionHead
+
+    def __init__(self, config: BigBirdConfig, *, dtype: DTypeLike, key: PRNGKeyArray):
+        self.predictions = BigBirdLMPredictionHead(config, dtype=dtype, key=key)
+
+
+class BigBirdPreTrainingHeads(eqx.Module):
+    predictions: BigBirdLMPredictionHead
+    seq_relationship: nn.Linear
+
+    def __init__(self, config: BigBirdConfig, *, dtype: DTypeLike, key: PRNGKeyArray):
+        k1, k2 = jax.random.split(key)
+        self.predictions = BigBirdLMPredictionHead(config, dtype=dtype, key=k1)
+        self.seq_relationship = _linear(config, config.hidden_size, 2, dtype, k2)
+
+
+class BigBirdClassificationHead(eqx.Module):
+    """On the first token: dropout, dense, activation, dropout, `out_proj`."""
+
+    dense: nn.Linear
+    dropout: eqx.nn.Dropout
+    out_proj: nn.Linear
+    hidden_act: str = eqx.field(static=True)
+
+    def __init__(self, config: BigBirdConfig, *, dtype: DTypeLike, key: PRNGKeyArray):
+        k1, k2 = jax.random.split(key)
+        self.dense = _linear(config, config.hidden_size, config.hidden_size, dtype, k1)
+        self.dropout = eqx.nn.Dropout(config.classifier_dropout_rate)
+        self.out_proj = _linear(config, config.hidden_size, config.num_labels, dtype, k2)
+        self.hidden_act = config.hidden_act
+
+    def __call__(self, x: Float[Array, "seq hidden"], *, key: PRNGKeyArray | None = None) -> Float[Array, " labels"]:
+        k1, k2 = (None, None) if key is None else jax.random.split(key)
+        h = nn.activation(self.hidden_act)(self.dense(self.dropout(x[0], key=k1)))
+        return self.out_proj(self.dropout(h, key=k2))
+
+
+class BigBirdForQuestionAnsweringHead(eqx.Module):
+    dropout: eqx.nn.Dropout
+    intermediate: BigBirdIntermediate
+    output: BigBirdResidualOutput
+    qa_outputs: nn.Linear
+
+    def __init__(self, config: BigBirdConfig, *, dtype: DTypeLike, key: PRNGKeyArray):
+        k1, k2, k3 = jax.random.split(key, 3)
+        self.dropout = eqx.nn.Dropout(config.hidden_dropout_prob)
+        self.intermediate = BigBirdIntermediate(config, dtype=dtype, key=k1)
+        self.output = BigBirdResidualOutput(config, config.intermediate_size, dtype=dtype, key=k2)
+        self.qa_outputs = _linear(config, config.hidden_size, config.num_labels, dtype, k3)
+
+    def __call__(self, x: Float[Array, "seq hidden"], *, key: PRNGKeyArray | None = None) -> Float[Array, "seq labels"]:
+        k1, k2 = (None, None) if key is None else jax.random.split(key)
+        h = self.output(self.intermediate(self.dropout(x, key=k1)), x, key=k2)
+        return self.qa_outputs(h)
+
+
+class _BigBirdHead(eqx.Module):
+    """What every head shares: the `bert` base model, its inputs and its key map."""
+
+    bert: BigBirdModel
+    head_rules: ClassVar[tuple[tuple[str, str], ...]]
+    with_pooler: ClassVar[bool] = True
+
+    @property
+    def config(self) -> BigBirdConfig:
+        return self.bert.config
+
+    def _encode(self, input_ids, attention_mask, token_type_ids, position_ids, key) -> BigBirdOutput:
+        return self.bert(
+            input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, position_ids=position_ids, key=key
+        )
+
+    @classmethod
+    def key_map(cls, config: BigBirdConfig) -> KeyMap:
+        tied = (r"cls\.predictions\.decoder\.weight",) if config.tie_word_embeddings else ()
+        # HF ties `cls.predictions.decoder.bias` to `cls.predictions.bias`; savers keep either or both
+        return (
+            BigBirdModel.key_map(config)
+            .nested()
+            .extended(rules=cls.head_rules, ignore=tied + (r"cls\.predictions\.decoder\.bias",))
+        )
+
+
+def _two_keys(key: PRNGKeyArray | None) -> tuple[PRNGKeyArray | None, PRNGKeyArray | None]:
+    return (None, None) if key is None else tuple(jax.random.split(key))
+
+
+class BigBirdForPreTrainingOutput(NamedTuple):
+    prediction_logits: Float[Array, "seq vocab"]
+    seq_relationship_logits: Float[Array, " 2"]
+
+
+class BigBirdForPreTraining(_BigBirdHead):
+    """Masked-LM and next-sentence heads; returns `BigBirdForPreTrainingOutput`."""
+
+    cls: BigBirdPreTrainingHeads
+    head_rules: ClassVar = (("cls.", "cls."),)
+
+    def __init__(self, config: BigBirdConfig, *, dtype: DTypeLike = jnp.float32, key: PRNGKeyArray):
+        k1, k2 = jax.random.split(key)
+        self.bert = BigBirdModel(config, dtype=dtype, key=k1)
+        self.cls = BigBirdPreTrainingHeads(config, dtype=dtype, key=k2)
+
+    def __call__(
+        self,
+        input_ids: Int[Array, " seq"],
+        *,
+        attention_mask: Int[Array, " seq"] | Bool[Array, " seq"] | None = None,
+        token_type_ids: Int[Array, " seq"] | None = None,
+        position_ids: Int[Array, " seq"] | None = None,
+        key: PRNGKeyArray | None = None,
+    ) -> BigBirdForPreTrainingOutput:
+        out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, key)
+        mlm = self.cls.predictions(out.last_hidden_state, self.bert.input_embeddings)
+        return BigBirdForPreTrainingOutput(mlm, self.cls.seq_relationship(out.pooler_output).astype(jnp.float32))
+
+
+class BigBirdForMaskedLM(_BigBirdHead):
+    """Masked-LM logits `[seq, vocab]`."""
+
+    cls: BigBirdOnlyMLMHead
+    head_rules: ClassVar = (("cls.", "cls."),)
+
+    def __init__(self, config: BigBirdConfig, *, dtype: DTypeLike = jnp.float32, key: PRNGKeyArray):
+        k1, k2 = jax.random.split(key)
+        self.bert = BigBirdModel(config, dtype=dtype, key=k1)
+        self.cls = BigBirdOnlyMLMHead(config, dtype=dtype, key=k2)
+
+    def __call__(
+        self,
+        input_ids: Int[Array, " seq"],
+        *,
+        attention_mask: Int[Array, " seq"] | Bool[Array, " seq"] | None = None,
+        token_type_ids: Int[Array, " seq"] | None = None,
+        position_ids: Int[Array, " seq"] | None = None,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, "seq vocab"]:
+        out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, key)
+        return self.cls.predictions(out.last_hidden_state, self.bert.input_embeddings)
+
+
+class BigBirdForSequenceClassification(_BigBirdHead):
+    """Logits `[num_labels]` from the first token (regression when `num_labels == 1`)."""
+
+    classifier: BigBirdClassificationHead
+    head_rules: ClassVar = (("classifier.", "classifier."),)
+
+    def __init__(self, config: BigBirdConfig, *, dtype: DTypeLike = jnp.float32, key: PRNGKeyArray):
+        k1, k2 = jax.random.split(key)
+        self.bert = BigBirdModel(config, dtype=dtype, key=k1)
+        self.classifier = BigBirdClassificationHead(config, dtype=dtype, key=k2)
+
+    def __call__(
+        self,
+        input_ids: Int[Array, " seq"],
+        *,
+        attention_mask: Int[Array, " seq"] | Bool[Array, " seq"] | None = None,
+        token_type_ids: Int[Array, " seq"] | None = None,
+        position_ids: Int[Array, " seq"] | None = None,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, " labels"]:
+        k1, k2 = _two_keys(key)
+        out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, k1)
+        return self.classifier(out.last_hidden_state, key=k2).astype(jnp.float32)
+
+
+class BigBirdForMultipleChoice(_BigBirdHead):
+    """One score per choice: `input_ids [choices, seq]` -> `[choices]`."""
+
+    dropout: eqx.nn.Dropout
+    classifier: nn.Linear
+    head_rules: ClassVar = (("classifier.", "classifier."),)
+
+    def __init__(self, config: BigBirdConfig, *, dtype: DTypeLike = jnp.float32, key: PRNGKeyArray):
+        k1, k2 = jax.random.split(key)
+        self.bert = BigBirdModel(config, dtype=dtype, key=k1)
+        self.dropout = eqx.nn.Dropout(config.hidden_dropout_prob)
+        self.classifier = _linear(config, config.hidden_size, 1, dtype, k2)
+
+    def __call__(
+        self,
+        input_ids: Int[Array, "choices seq"],
+        *,
+        attention_mask: Int[Array, "choices seq"] | Bool[Array, "choices seq"] | None = None,
+        token_type_ids: Int[Array, "choices seq"] | None = None,
+        position_ids: Int[Array, "choices seq"] | None = None,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, " choices"]:
+        choices = input_ids.shape[0]
+        k1, k2 = _two_keys(key)
+        keys = None if k1 is None else jax.random.split(k1, choices)
+
+        def score(ids, mask, types, positions, choice_key, drop_key):
+            pooled = self._encode(ids, mask, types, positions, choice_key).pooler_output
+            return self.classifier(self.dropout(pooled, key=drop_key))[0]
+
+        drop_keys = None if k2 is None else jax.random.split(k2, choices)
+        return jax.vmap(score)(input_ids, attention_mask, token_type_ids, position_ids, keys, drop_keys).astype(
+            jnp.float32
+        )
+
+
+class BigBirdForTokenClassification(_BigBirdHead):
+    """Per-token logits `[seq, num_labels]`."""
+
+    dropout: eqx.nn.Dropout
+    classifier: nn.Linear
+    head_rules: ClassVar = (("classifier.", "classifier."),)
+
+    def __init__(self, config: BigBirdConfig, *, dtype: DTypeLike = jnp.float32, key: PRNGKeyArray):
+        k1, k2 = jax.random.split(key)
+        self.bert = BigBirdModel(config, dtype=dtype, key=k1)
+        self.dropout = eqx.nn.Dropout(config.classifier_dropout_rate)
+        self.classifier = _linear(config, config.hidden_size, config.num_labels, dtype, k2)
+
+    def __call__(
+        self,
+        input_ids: Int[Array, " seq"],
+        *,
+        attention_mask: Int[Array, " seq"] | Bool[Array, " seq"] | None = None,
+        token_type_ids: Int[Array, " seq"] | None = None,
+        position_ids: Int[Array, " seq"] | None = None,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, "seq labels"]:
+        k1, k2 = _two_keys(key)
+        out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, k1)
+        return self.classifier(self.dropout(out.last_hidden_state, key=k2)).astype(jnp.float32)
+
+
+class BigBirdForQuestionAnsweringOutput(NamedTuple):
+    start_logits: Float[Array, " seq"]
+    end_logits: Float[Array, " seq"]
+
+
+class BigBirdForQuestionAnswering(_BigBirdHead):
+    """Span start and end logits. As upstream, tokens up to the first `sep_token_id` are the
+    question: unless `question_lengths` is given, its length comes from there, question
+    tokens get `token_type_ids` 0 and the rest 1 (when not given), and question positions
+    after the first are pushed down by 1e6 in both logits."""
+
+    qa_classifier: BigBirdForQuestionAnsweringHead
+    head_rules: ClassVar = (("qa_classifier.", "qa_classifier."),)
+
+    def __init__(
+        self,
+        config: BigBirdConfig,
+        *,
+        add_pooling_layer: bool = False,
+        dtype: DTypeLike = jnp.float32,
+        key: PRNGKeyArray,
+    ):
+        k1, k2 = jax.random.split(key)
+        self.bert = BigBirdModel(config, add_pooling_layer=add_pooling_layer, dtype=dtype, key=k1)
+        self.qa_classifier = BigBirdForQuestionAnsweringHead(config, dtype=dtype, key=k2)
+
+    def __call__(
+        self,
+        input_ids: Int[Array, " seq"],
+        *,
+        attention_mask: Int[Array, " seq"] | Bool[Array, " seq"] | None = None,
+        token_type_ids: Int[Array, " seq"] | None = None,
+        position_ids: Int[Array, " seq"] | None = None,
+        question_lengths: Int[Array, ""] | None = None,
+        key: PRNGKeyArray | None = None,
+    ) -> BigBirdForQuestionAnsweringOutput:
+        seq = input_ids.shape[0]
+        if question_lengths is None:
+            question_lengths = jnp.argmax(input_ids == self.config.sep_token_id) + 1
+        in_question = jnp.arange(seq) < question_lengths
+        if token_type_ids is None:
+            token_type_ids = (~in_question).astype(jnp.int32)
+        k1, k2 = _two_keys(key)
+        out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, k1)
+        logits = self.qa_classifier(out.last_hidden_state, key=k2).astype(jnp.float32)
+        penalty = in_question.at[0].set(False).astype(jnp.float32) * 1e6
+        logits = logits - penalty[:, None]
+        return BigBirdForQuestionAnsweringOutput(logits[:, 0], logits[:, 1])

@@ -1,0 +1,172 @@
+"""BigBird heads with `original_full` attention against transformers 4.57.6 PyTorch."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from oracle import max_diff_valid, randomise
+from test_conversion import assert_same_tree
+
+import eqx_models
+from eqx_models.models import BigBirdConfig
+
+CONFIG = dict(
+    vocab_size=91,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=40,
+    max_position_embeddings=96,
+    type_vocab_size=3,
+    attention_type="original_full",
+    hidden_act="gelu_new",
+    sep_token_id=5,
+    num_labels=3,
+    hidden_dropout_prob=0.1,
+    attention_probs_dropout_prob=0.1,
+)
+
+
+def hf_bird(folder, head, seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = randomise(getattr(transformers, head)(transformers.BigBirdConfig(**{**CONFIG, **overrides})), seed)
+    model.save_pretrained(folder)
+    return model
+
+
+def right_padded(rng, lengths, seq=None):
+    seq = seq or max(lengths)
+    ids = rng.integers(6, CONFIG["vocab_size"], (len(lengths), seq))
+    mask = (np.arange(seq)[None, :] < np.array(lengths)[:, None]).astype(np.int64)
+    types = rng.integers(0, CONFIG["type_vocab_size"], ids.shape)
+    return np.where(mask, ids, 0), mask, types
+
+
+def run_torch(model, **inputs):
+    with torch.no_grad():
+        return model(**{k: torch.tensor(v) for k, v in inputs.items()})
+
+
+def run_ours(model, ids, mask, types):
+    return jax.vmap(lambda i, m, t: model(i, attention_mask=m, token_type_ids=t))(ids, mask, types)
+
+
+LENGTHS = [13, 9, 4]
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_base_model_hidden_states_and_pooler_match_hf(tmp_path, scan_layers):
+    reference = hf_bird(tmp_path, "BigBirdModel", rescale_embeddings=True)
+    model = eqx_models.from_pretrained(tmp_path, scan_layers=scan_layers)
+    ids, mask, types = right_padded(np.random.default_rng(0), LENGTHS)
+    expected = run_torch(reference, input_ids=ids, attention_mask=mask, token_type_ids=types)
+    ours = run_ours(model, ids, mask, types)
+    diff = max_diff_valid(ours.last_hidden_state, expected.last_hidden_state.numpy(), mask)
+    pooled = float(np.abs(np.asarray(ours.pooler_output) - expected.pooler_output.numpy()).max())
+    print(f"BigBird base scan={scan_layers}: hidden {diff:.2e}, pooler {pooled:.2e}")
+    assert diff < 2e-5 and pooled < 2e-5
+
+
+def test_masked_lm_and_pretraining_match_hf(tmp_path):
+    ids, mask, types = right_padded(np.random.default_rng(1), LENGTHS)
+    reference = hf_bird(tmp_path / "mlm", "BigBirdForMaskedLM")
+    model = eqx_models.from_pretrained(tmp_path / "mlm")
+    expected = run_torch(reference, input_ids=ids, attention_mask=mask, token_type_ids=types).logits.numpy()
+    mlm_diff = max_diff_valid(run_ours(model, ids, mask, types), expected, mask)
+    reference = hf_bird(tmp_path / "pre", "BigBirdForPreTraining", seed=1)
+    model = eqx_models.from_pretrained(tmp_path / "pre")
+    expected = run_torch(reference, input_ids=ids, attention_mask=mask, token_type_ids=types)
+    ours = run_ours(model, ids, mask, types)
+    pre_diff = max_diff_valid(ours.prediction_logits, expected.prediction_logits.numpy(), mask)
+    nsp_diff = float(np.abs(np.asarray(ours.seq_relationship_logits) - expected.seq_relationship_logits.numpy()).max())
+    print(f"BigBird MLM {mlm_diff:.2e}, pretraining MLM {pre_diff:.2e}, NSP {nsp_diff:.2e}")
+    assert max(mlm_diff, pre_diff, nsp_diff) < 2e-5
+
+
+@pytest.mark.parametrize("head", ["BigBirdForSequenceClassification", "BigBirdForTokenClassification"])
+def test_classification_heads_match_hf(tmp_path, head):
+    reference = hf_bird(tmp_path, head, seed=2)
+    model = eqx_models.from_pretrained(tmp_path)
+    assert model.config.num_labels == 3
+    ids, mask, types = right_padded(np.random.default_rng(2), LENGTHS)
+    expected = run_torch(reference, input_ids=ids, attention_mask=mask, token_type_ids=types).logits.numpy()
+    ours = np.asarray(run_ours(model, ids, mask, types))
+    diff = max_diff_valid(ours, expected, mask) if ours.ndim == 3 else float(np.abs(ours - expected).max())
+    print(f"{head}: {diff:.2e}")
+    assert diff < 2e-5
+
+
+def test_multiple_choice_takes_choices_by_seq(tmp_path):
+    reference = hf_bird(tmp_path, "BigBirdForMultipleChoice", seed=3)
+    model = eqx_models.from_pretrained(tmp_path)
+    rng = np.random.default_rng(3)
+    batch = [right_padded(rng, [11, 7, 9, 3]) for _ in range(2)]  # 2 questions x 4 choices
+    ids, mask, types = (np.stack([b[i] for b in batch]) for i in range(3))
+    expected = run_torch(reference, input_ids=ids, attention_mask=mask, token_type_ids=types).logits.numpy()
+    ours = np.asarray(run_ours(model, ids, mask, types))
+    assert ours.shape == (2, 4)
+    assert float(np.abs(ours - expected).max()) < 2e-5
+
+
+def test_question_answering_masks_the_question_as_upstream(tmp_path):
+    reference = hf_bird(tmp_path, "BigBirdForQuestionAnswering", seed=4, num_labels=2)
+    model = eqx_models.from_pretrained(tmp_path)
+    rng = np.random.default_rng(4)
+    ids, mask, _ = right_padded(rng, LENGTHS)
+    ids[0, 4], ids[1, 2], ids[2, 1] = 5, 5, 5  # the [SEP] ending each question
+    expected = run_torch(reference, input_ids=ids, attention_mask=mask)
+    ours = jax.vmap(lambda i, m: model(i, attention_mask=m))(ids, mask)
+    for name in ("start_logits", "end_logits"):
+        diff = max_diff_valid(getattr(ours, name), getattr(expected, name).numpy(), mask)
+        assert diff < 2e-5, (name, diff)
+    assert np.asarray(ours.start_logits)[0, 1:5].max() < -1e5  # question tokens are masked
+
+
+def test_base_checkpoint_loads_into_heads_with_new_weights_reported(tmp_path):
+    hf_bird(tmp_path, "BigBirdModel")
+    model, report = eqx_models.load_with_report(tmp_path, architecture="BigBirdForSequenceClassification")
+    assert set(report.initialised) == {
+        "classifier.dense.weight",
+        "classifier.dense.bias",
+        "classifier.out_proj.weight",
+        "classifier.out_proj.bias",
+    }
+    base = eqx_models.from_pretrained(tmp_path)
+    assert_same_tree(model.bert, base)
+
+
+@pytest.mark.parametrize("head", ["BigBirdForPreTraining", "BigBirdForQuestionAnswering"])
+def test_formats_and_export_round_trip(tmp_path, head):
+    reference = hf_bird(tmp_path / "hf", head, seed=5, num_labels=2)
+    reference.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    model = eqx_models.from_pretrained(tmp_path / "hf")
+    assert_same_tree(eqx_models.from_pretrained(tmp_path / "bin"), model)
+    eqx_models.export_hf(model, tmp_path / "export")
+    reloaded = getattr(transformers, head).from_pretrained(tmp_path / "export")
+    ours, theirs = reloaded.state_dict(), reference.state_dict()
+    assert ours.keys() == theirs.keys()
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=0, msg=name)
+
+
+def test_block_sparse_falls_back_to_full_attention_on_short_inputs_as_upstream(tmp_path):
+    config = dict(attention_type="block_sparse", block_size=2, num_random_blocks=1)  # full up to 14 tokens
+    reference = hf_bird(tmp_path, "BigBirdForMaskedLM", seed=6, **config)
+    model = eqx_models.from_pretrained(tmp_path)
+    assert model.config.attention_type == "block_sparse"
+    ids, mask, types = right_padded(np.random.default_rng(6), [13, 14, 5])
+    expected = run_torch(reference, input_ids=ids, attention_mask=mask, token_type_ids=types).logits.numpy()
+    assert max_diff_valid(run_ours(model, ids, mask, types), expected, mask) < 2e-5
+    long_ids = jax.numpy.ones((15,), jax.numpy.int32)
+    with pytest.raises(eqx_models.InputError, match="block_sparse attention over 15 tokens is not implemented"):
+        model(long_ids)
+    full = eqx_models.from_pretrained(tmp_path, attention_type="original_full")
+    assert full(long_ids).shape == (15, CONFIG["vocab_size"])
+
+
+def test_bad_config_values_are_named():
+    with pytest.raises(eqx_models.ConfigError, match="attention_type must be"):
+        BigBirdConfig.from_hf_config({"model_type": "big_bird", **CONFIG, "attention_type": "sparse"})
+    with pytest.raises(eqx_models.ConfigError, match="not a multiple of num_attention_heads"):
+        BigBirdConfig.from_hf_config({"model_type": "big_bird", **CONFIG, "num_attention_heads": 5})
