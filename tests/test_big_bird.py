@@ -170,3 +170,42 @@ def test_bad_config_values_are_named():
         BigBirdConfig.from_hf_config({"model_type": "big_bird", **CONFIG, "attention_type": "sparse"})
     with pytest.raises(eqx_models.ConfigError, match="not a multiple of num_attention_heads"):
         BigBirdConfig.from_hf_config({"model_type": "big_bird", **CONFIG, "num_attention_heads": 5})
+
+
+def test_causal_lm_logits_cache_and_greedy_generation_match_hf(tmp_path):
+    from oracle import hf_positions, left_padded
+
+    from eqx_models.generation._loop import batched_decode, init_batched_cache
+
+    reference = hf_bird(tmp_path, "BigBirdForCausalLM", seed=7, is_decoder=True, eos_token_id=2, pad_token_id=0)
+    model = eqx_models.from_pretrained(tmp_path)
+    assert type(model).__name__ == "BigBirdForCausalLM"
+    ids, mask = left_padded(np.random.default_rng(7), CONFIG["vocab_size"], [9, 5, 7])
+    positions = hf_positions(mask)
+    expected = run_torch(reference, input_ids=ids, attention_mask=mask, position_ids=positions).logits.numpy()
+    full = jax.vmap(lambda i, m, p: model(i, attention_mask=m, position_ids=p))(ids, mask, positions)
+    diff = max_diff_valid(full, expected, mask)
+    cache = init_batched_cache(model, 3, 12)
+    pieces = []
+    for start, stop in [(0, 4), (4, 5), (5, 9)]:
+        logits, cache = batched_decode(model, jax.numpy.asarray(ids[:, start:stop]), cache,
+                                       jax.numpy.asarray(mask[:, start:stop], bool),
+                                       jax.numpy.asarray(positions[:, start:stop]))
+        pieces.append(np.asarray(logits))
+    cached = max_diff_valid(np.concatenate(pieces, 1), np.asarray(full), mask)
+    print(f"BigBird causal LM: logits {diff:.2e}, cached vs full {cached:.2e}")
+    assert diff < 2e-5 and cached < 1e-5
+    first = np.asarray(eqx_models.generate(model, ids, mask, max_new_tokens=3, eos_token_id=None))
+    eos = int(first[1, ids.shape[1] + 1])
+    ours = np.asarray(eqx_models.generate(model, ids, mask, max_new_tokens=8, eos_token_id=eos, pad_token_id=0))
+    with torch.no_grad():
+        theirs = reference.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=8,
+                                    do_sample=False, eos_token_id=eos, pad_token_id=0).numpy()
+    np.testing.assert_array_equal(ours, theirs)
+
+
+def test_causal_lm_decode_needs_a_decoder_config(tmp_path):
+    hf_bird(tmp_path, "BigBirdForCausalLM", seed=8)
+    model = eqx_models.from_pretrained(tmp_path)
+    with pytest.raises(eqx_models.InputError, match="is_decoder=True"):
+        model.decode(jax.numpy.array([1, 2]), model.init_cache(4))

@@ -7,6 +7,7 @@ from ..errors import ConfigError
 from ._config import ModelConfig
 from .big_bird import (
     BigBirdConfig,
+    BigBirdForCausalLM,
     BigBirdForMaskedLM,
     BigBirdForMultipleChoice,
     BigBirdForPreTraining,
@@ -43,6 +44,7 @@ FAMILIES: dict[str, Family] = {
             BigBirdModel,
             BigBirdForPreTraining,
             BigBirdForMaskedLM,
+            BigBirdForCausalLM,
             BigBirdForSequenceClassification,
             BigBirdForMultipleChoice,
             BigBirdForTokenClassification,

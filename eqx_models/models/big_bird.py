@@ -5,10 +5,11 @@ Reference: HF `modeling_flax_big_bird.py` and `modeling_big_bird.py` (4.57.6). P
 and attribute names are HF's (`bert`, `cls`, `classifier`, `qa_classifier`), except that a
 layer's `attention.self` is stored as `attention.self_attn` (`self` cannot name a field).
 
-Status: `original_full` attention, and `block_sparse` configs on inputs short enough that
-upstream falls back to full attention (at most `(5 + 2 * num_random_blocks) * block_size`
-tokens). The sparse kernel for longer inputs and `BigBirdForCausalLM` are issue 4's
-remaining work: a longer input under `block_sparse` raises an `InputError` saying so.
+Status: all eight classes with `original_full` attention (the causal LM with a KV cache),
+and `block_sparse` configs on inputs short enough that upstream falls back to full
+attention (at most `(5 + 2 * num_random_blocks) * block_size` tokens). The sparse kernel
+for longer inputs is issue 4's remaining work: a longer input under `block_sparse` raises
+an `InputError` saying so.
 """
 
 import dataclasses
@@ -24,7 +25,7 @@ from .. import nn
 from ..checkpoint.keymap import KeyMap
 from ..errors import InputError
 from ._config import ModelConfig, require
-from ._decoder import check_token_ids, split_layer_keys
+from ._decoder import DecoderInputs, LayerContext, check_token_ids, decoder_inputs, split_layer_keys
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -162,12 +163,14 @@ class BigBirdSelfAttention(eqx.Module):
         self.num_heads = config.num_attention_heads
 
     def __call__(
-        self, x: Float[Array, "seq hidden"], mask: Bool[Array, "seq seq"], *, key: PRNGKeyArray | None = None
-    ) -> Float[Array, "seq hidden"]:
+        self, x: Float[Array, "seq hidden"], ctx: LayerContext, *, key: PRNGKeyArray | None = None
+    ) -> tuple[Float[Array, "seq hidden"], nn.LayerWrite | None]:
         seq, dim = x.shape
         q, k, v = nn.fused_projections(x, (self.query, self.key, self.value))
         q, k, v = (t.reshape(seq, self.num_heads, -1) for t in (q, k, v))
-        return nn.dot_product_attention(q, k, v, mask, dropout=self.dropout, key=key).reshape(seq, dim)
+        write, k, v = nn.cached_kv(ctx.write, ctx.layer, k, v)
+        out = nn.dot_product_attention(q, k, v, ctx.mask, dropout=self.dropout, key=key)
+        return out.reshape(seq, dim), write
 
 
 class BigBirdResidualOutput(eqx.Module):
@@ -198,10 +201,11 @@ class BigBirdAttention(eqx.Module):
         self.output = BigBirdResidualOutput(config, config.hidden_size, dtype=dtype, key=k2)
 
     def __call__(
-        self, x: Float[Array, "seq hidden"], mask: Bool[Array, "seq seq"], *, key: PRNGKeyArray | None = None
-    ) -> Float[Array, "seq hidden"]:
+        self, x: Float[Array, "seq hidden"], ctx: LayerContext, *, key: PRNGKeyArray | None = None
+    ) -> tuple[Float[Array, "seq hidden"], nn.LayerWrite | None]:
         k1, k2 = (None, None) if key is None else jax.random.split(key)
-        return self.output(self.self_attn(x, mask, key=k1), x, key=k2)
+        h, write = self.self_attn(x, ctx, key=k1)
+        return self.output(h, x, key=k2), write
 
 
 class BigBirdIntermediate(eqx.Module):
@@ -230,11 +234,11 @@ class BigBirdLayer(eqx.Module):
         self.output = BigBirdResidualOutput(config, config.intermediate_size, dtype=dtype, key=k3)
 
     def __call__(
-        self, x: Float[Array, "seq hidden"], mask: Bool[Array, "seq seq"], *, key: PRNGKeyArray | None = None
-    ) -> Float[Array, "seq hidden"]:
+        self, x: Float[Array, "seq hidden"], ctx: LayerContext, *, key: PRNGKeyArray | None = None
+    ) -> tuple[Float[Array, "seq hidden"], nn.LayerWrite | None]:
         k1, k2 = (None, None) if key is None else jax.random.split(key)
-        x = self.attention(x, mask, key=k1)
-        return self.output(self.intermediate(x), x, key=k2)
+        x, write = self.attention(x, ctx, key=k1)
+        return self.output(self.intermediate(x), x, key=k2), write
 
 
 class BigBirdOutput(NamedTuple):
@@ -282,6 +286,33 @@ class BigBirdModel(eqx.Module):
         position_ids: Int[Array, " seq"] | None = None,
         key: PRNGKeyArray | None = None,
     ) -> BigBirdOutput:
+        inputs = decoder_inputs(input_ids, attention_mask, position_ids, None)
+        x, _ = self._forward(input_ids, inputs, token_type_ids, key)
+        pooled = None if self.pooler is None else jnp.tanh(self.pooler(x[0]))
+        return BigBirdOutput(x, pooled)
+
+    def decode(
+        self,
+        input_ids: Int[Array, " new"],
+        cache: nn.KVCache,
+        *,
+        attention_mask: Int[Array, " new"] | Bool[Array, " new"] | None = None,
+        position_ids: Int[Array, " new"] | None = None,
+        token_type_ids: Int[Array, " new"] | None = None,
+    ) -> tuple[Float[Array, "new hidden"], nn.KVCache]:
+        """Cached decoding (`is_decoder=True` configs): hidden states of the `new` tokens
+        and the cache with them appended."""
+        if not self.config.is_decoder:
+            raise InputError("cached decoding needs a decoder config (is_decoder=True), as HF's BigBirdForCausalLM")
+        inputs = decoder_inputs(input_ids, attention_mask, position_ids, cache)
+        return self._forward(input_ids, inputs, token_type_ids, None)
+
+    def init_cache(self, max_len: int, dtype: DTypeLike | None = None) -> nn.KVCache:
+        cfg = self.config
+        dtype = dtype or self.embeddings.word_embeddings.weight.dtype
+        return nn.KVCache.empty(cfg.num_hidden_layers, max_len, cfg.num_attention_heads, cfg.head_dim, dtype)
+
+    def _forward(self, input_ids, inputs: DecoderInputs, token_type_ids, key):
         cfg = self.config
         seq = input_ids.shape[0]
         if cfg.attention_type == "block_sparse" and seq > cfg.max_full_attention_tokens:
@@ -291,20 +322,25 @@ class BigBirdModel(eqx.Module):
                 "with attention_type='original_full'"
             )
         input_ids = check_token_ids(input_ids, cfg.vocab_size)
-        valid = jnp.ones((seq,), bool) if attention_mask is None else attention_mask.astype(bool)
         token_type_ids = jnp.zeros((seq,), jnp.int32) if token_type_ids is None else token_type_ids
-        position_ids = jnp.arange(seq, dtype=jnp.int32) if position_ids is None else position_ids
         embed_key, layer_keys = split_layer_keys(key, cfg.num_hidden_layers)
-        x = self.embeddings(input_ids, token_type_ids, position_ids, key=embed_key)
-        slots = jnp.arange(seq, dtype=jnp.int32)
-        mask = nn.causal_mask(slots, slots, valid) if cfg.is_decoder else nn.padding_mask(seq, valid)
+        x = self.embeddings(input_ids, token_type_ids, inputs.positions, key=embed_key)
+        if cfg.is_decoder:
+            mask = nn.causal_mask(inputs.slots, inputs.kv_slots, inputs.kv_valid)
+        else:
+            mask = nn.padding_mask(seq, inputs.kv_valid)
 
-        def step(layer: BigBirdLayer, x, layer_key):
-            return layer(x, mask, key=layer_key), None
+        def step(layer: BigBirdLayer, carry, per_layer):
+            x, write = carry
+            index, layer_key = per_layer
+            x, write = layer(x, LayerContext(mask, inputs.positions, write, index), key=layer_key)
+            return (x, write), None
 
-        x, _ = self.encoder.scan(step, x, layer_keys, scan_layers=cfg.scan_layers, remat=cfg.remat)
-        pooled = None if self.pooler is None else jnp.tanh(self.pooler(x[0]))
-        return BigBirdOutput(x, pooled)
+        per_layer = (jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32), layer_keys)
+        (x, write), _ = self.encoder.scan(
+            step, (x, inputs.write), per_layer, scan_layers=cfg.scan_layers, remat=cfg.remat
+        )
+        return x, inputs.finish(write)
 
     @property
     def input_embeddings(self) -> nn.Embedding:
@@ -497,6 +533,46 @@ class BigBirdForMaskedLM(_BigBirdHead):
     ) -> Float[Array, "seq vocab"]:
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, key)
         return self.cls.predictions(out.last_hidden_state, self.bert.input_embeddings)
+
+
+class BigBirdForCausalLM(_BigBirdHead):
+    """Next-token logits `[seq, vocab]` from the MLM head. With `is_decoder=True` (as HF
+    expects for this class) attention is causal and `decode`/`init_cache` give cached
+    generation through `eqx_models.generate`."""
+
+    cls: BigBirdOnlyMLMHead
+    head_rules: ClassVar = (("cls.", "cls."),)
+
+    def __init__(self, config: BigBirdConfig, *, dtype: DTypeLike = jnp.float32, key: PRNGKeyArray):
+        k1, k2 = jax.random.split(key)
+        self.bert = BigBirdModel(config, dtype=dtype, key=k1)
+        self.cls = BigBirdOnlyMLMHead(config, dtype=dtype, key=k2)
+
+    def __call__(
+        self,
+        input_ids: Int[Array, " seq"],
+        *,
+        attention_mask: Int[Array, " seq"] | Bool[Array, " seq"] | None = None,
+        token_type_ids: Int[Array, " seq"] | None = None,
+        position_ids: Int[Array, " seq"] | None = None,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, "seq vocab"]:
+        out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, key)
+        return self.cls.predictions(out.last_hidden_state, self.bert.input_embeddings)
+
+    def decode(
+        self,
+        input_ids: Int[Array, " new"],
+        cache: nn.KVCache,
+        *,
+        attention_mask: Int[Array, " new"] | Bool[Array, " new"] | None = None,
+        position_ids: Int[Array, " new"] | None = None,
+    ) -> tuple[Float[Array, "new vocab"], nn.KVCache]:
+        hidden, cache = self.bert.decode(input_ids, cache, attention_mask=attention_mask, position_ids=position_ids)
+        return self.cls.predictions(hidden, self.bert.input_embeddings), cache
+
+    def init_cache(self, max_len: int, dtype: DTypeLike | None = None) -> nn.KVCache:
+        return self.bert.init_cache(max_len, dtype)
 
 
 class BigBirdForSequenceClassification(_BigBirdHead):
