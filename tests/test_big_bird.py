@@ -158,11 +158,133 @@ def test_block_sparse_falls_back_to_full_attention_on_short_inputs_as_upstream(t
     ids, mask, types = right_padded(np.random.default_rng(6), [13, 14, 5])
     expected = run_torch(reference, input_ids=ids, attention_mask=mask, token_type_ids=types).logits.numpy()
     assert max_diff_valid(run_ours(model, ids, mask, types), expected, mask) < 2e-5
-    long_ids = jax.numpy.ones((15,), jax.numpy.int32)
-    with pytest.raises(eqx_models.InputError, match="block_sparse attention over 15 tokens is not implemented"):
-        model(long_ids)
-    full = eqx_models.from_pretrained(tmp_path, attention_type="original_full")
-    assert full(long_ids).shape == (15, CONFIG["vocab_size"])
+
+
+SPARSE = [  # block size, random blocks, right-padded lengths (none a multiple of the block size)
+    (2, 1, [23, 17, 21]),
+    (4, 2, [45, 39, 41]),
+    (3, 1, [40, 33, 28]),
+]
+
+
+@pytest.mark.parametrize("block_size,num_random_blocks,lengths", SPARSE)
+def test_block_sparse_masked_lm_matches_hf(tmp_path, block_size, num_random_blocks, lengths):
+    config = dict(attention_type="block_sparse", block_size=block_size, num_random_blocks=num_random_blocks)
+    reference = hf_bird(tmp_path, "BigBirdForMaskedLM", seed=block_size, **config)
+    model = eqx_models.from_pretrained(tmp_path)
+    ids, mask, types = right_padded(np.random.default_rng(block_size), lengths)
+    assert ids.shape[1] > model.config.max_full_attention_tokens  # really sparse
+    expected = run_torch(reference, input_ids=ids, attention_mask=mask, token_type_ids=types).logits.numpy()
+    diff = max_diff_valid(run_ours(model, ids, mask, types), expected, mask)
+    print(f"block_sparse b={block_size} r={num_random_blocks} len={ids.shape[1]}: {diff:.2e}")
+    assert diff < 2e-5
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        "BigBirdModel",
+        "BigBirdForPreTraining",
+        "BigBirdForCausalLM",
+        "BigBirdForSequenceClassification",
+        "BigBirdForTokenClassification",
+        "BigBirdForQuestionAnswering",
+    ],
+)
+def test_block_sparse_heads_match_hf(tmp_path, head):
+    config = dict(attention_type="block_sparse", block_size=2, num_random_blocks=1)
+    if head == "BigBirdForQuestionAnswering":
+        config["num_labels"] = 2
+    reference = hf_bird(tmp_path, head, seed=9, **config)
+    model = eqx_models.from_pretrained(tmp_path)
+    ids, mask, types = right_padded(np.random.default_rng(9), [23, 19, 16])
+    ids[:, 3] = CONFIG["sep_token_id"]
+    expected = run_torch(reference, input_ids=ids, attention_mask=mask, token_type_ids=types)
+    ours = run_ours(model, ids, mask, types)
+    fields = {
+        "BigBirdModel": ("last_hidden_state", "pooler_output"),
+        "BigBirdForPreTraining": ("prediction_logits", "seq_relationship_logits"),
+        "BigBirdForQuestionAnswering": ("start_logits", "end_logits"),
+    }
+    if head in fields:
+        pairs = [(getattr(ours, name), getattr(expected, name)) for name in fields[head]]
+    else:
+        pairs = [(ours, expected.logits)]
+    for mine, theirs in pairs:
+        mine, theirs = np.asarray(mine), theirs.numpy()
+        diff = (
+            max_diff_valid(mine, theirs, mask)
+            if mine.ndim >= 2 and mine.shape[1] == ids.shape[1]
+            else float(np.abs(mine - theirs).max())
+        )
+        assert diff < 2e-5, (head, diff)
+
+
+def test_block_sparse_multiple_choice_matches_hf(tmp_path):
+    config = dict(attention_type="block_sparse", block_size=2, num_random_blocks=1)
+    reference = hf_bird(tmp_path, "BigBirdForMultipleChoice", seed=10, **config)
+    model = eqx_models.from_pretrained(tmp_path)
+    rng = np.random.default_rng(10)
+    batch = [right_padded(rng, [21, 17, 19]) for _ in range(2)]
+    ids, mask, types = (np.stack([b[i] for b in batch]) for i in range(3))
+    expected = run_torch(reference, input_ids=ids, attention_mask=mask, token_type_ids=types).logits.numpy()
+    assert float(np.abs(np.asarray(run_ours(model, ids, mask, types)) - expected).max()) < 2e-5
+
+
+@pytest.mark.parametrize("block_size,num_random_blocks,num_blocks", [(2, 1, 9), (3, 2, 11), (4, 3, 12)])
+def test_block_sparse_equals_dense_attention_under_the_plans_mask(getkey, block_size, num_random_blocks, num_blocks):
+    """Our own reference for the sparse kernel: with a valid random plan (random blocks
+    distinct and not already seen), it is dense attention restricted to the plan's mask."""
+    from eqx_models import nn
+    from eqx_models.models._block_sparse import SparsePlan, block_sparse_attention, random_plan, sparse_plan_mask
+
+    heads, n = 3, num_blocks * block_size
+    q, k, v = (jax.random.normal(getkey(), (n, heads, 8)) for _ in range(3))
+    valid = jax.numpy.arange(n) < n - 3
+    plan = SparsePlan(valid, random_plan(getkey(), heads, num_blocks, num_random_blocks), block_size)
+    sparse = block_sparse_attention(q, k, v, plan)
+    dense_mask = sparse_plan_mask(plan)
+    dense = jax.vmap(
+        lambda qh, kh, vh, mh: nn.dot_product_attention(qh[:, None], kh[:, None], vh[:, None], mh),
+        in_axes=(1, 1, 1, 0),
+        out_axes=1,
+    )(q, k, v, dense_mask)[:, :, 0]
+    np.testing.assert_allclose(np.asarray(sparse)[: n - 3], np.asarray(dense)[: n - 3], atol=1e-5)
+    assert not np.asarray(sparse)[n - 3 :].any()  # padded queries output zeros, as upstream
+
+
+def test_random_plan_is_valid_keyed_and_reproducible(getkey):
+    from eqx_models.models._block_sparse import random_plan
+
+    key = getkey()
+    plan = np.asarray(random_plan(key, 4, 12, 3))
+    assert plan.shape == (4, 10, 3)
+    for head in plan:
+        for row, blocks in enumerate(head, start=1):
+            assert len(set(blocks)) == 3
+            assert not {0, 11, row - 1, row, row + 1} & set(blocks.tolist())
+    np.testing.assert_array_equal(plan, random_plan(key, 4, 12, 3))
+    assert not np.array_equal(plan, np.asarray(random_plan(getkey(), 4, 12, 3)))
+
+
+def test_block_sparse_training_draws_a_new_plan_per_key(tmp_path):
+    import equinox as eqx
+
+    hf_bird(
+        tmp_path,
+        "BigBirdForMaskedLM",
+        attention_type="block_sparse",
+        block_size=2,
+        num_random_blocks=1,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    model = eqx.nn.inference_mode(eqx_models.from_pretrained(tmp_path), False)
+    ids = jax.numpy.arange(6, 30) % CONFIG["vocab_size"]
+    a, b = model(ids, key=jax.random.key(1)), model(ids, key=jax.random.key(2))
+    assert not np.allclose(a, b)  # dropout is off: only the random blocks differ
+    np.testing.assert_array_equal(a, model(ids, key=jax.random.key(1)))
+    np.testing.assert_array_equal(model(ids), model(ids))
 
 
 def test_bad_config_values_are_named():
@@ -188,9 +310,13 @@ def test_causal_lm_logits_cache_and_greedy_generation_match_hf(tmp_path):
     cache = init_batched_cache(model, 3, 12)
     pieces = []
     for start, stop in [(0, 4), (4, 5), (5, 9)]:
-        logits, cache = batched_decode(model, jax.numpy.asarray(ids[:, start:stop]), cache,
-                                       jax.numpy.asarray(mask[:, start:stop], bool),
-                                       jax.numpy.asarray(positions[:, start:stop]))
+        logits, cache = batched_decode(
+            model,
+            jax.numpy.asarray(ids[:, start:stop]),
+            cache,
+            jax.numpy.asarray(mask[:, start:stop], bool),
+            jax.numpy.asarray(positions[:, start:stop]),
+        )
         pieces.append(np.asarray(logits))
     cached = max_diff_valid(np.concatenate(pieces, 1), np.asarray(full), mask)
     print(f"BigBird causal LM: logits {diff:.2e}, cached vs full {cached:.2e}")
@@ -199,8 +325,14 @@ def test_causal_lm_logits_cache_and_greedy_generation_match_hf(tmp_path):
     eos = int(first[1, ids.shape[1] + 1])
     ours = np.asarray(eqx_models.generate(model, ids, mask, max_new_tokens=8, eos_token_id=eos, pad_token_id=0))
     with torch.no_grad():
-        theirs = reference.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=8,
-                                    do_sample=False, eos_token_id=eos, pad_token_id=0).numpy()
+        theirs = reference.generate(
+            torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            max_new_tokens=8,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=0,
+        ).numpy()
     np.testing.assert_array_equal(ours, theirs)
 
 

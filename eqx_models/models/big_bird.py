@@ -5,11 +5,10 @@ Reference: HF `modeling_flax_big_bird.py` and `modeling_big_bird.py` (4.57.6). P
 and attribute names are HF's (`bert`, `cls`, `classifier`, `qa_classifier`), except that a
 layer's `attention.self` is stored as `attention.self_attn` (`self` cannot name a field).
 
-Status: all eight classes with `original_full` attention (the causal LM with a KV cache),
-and `block_sparse` configs on inputs short enough that upstream falls back to full
-attention (at most `(5 + 2 * num_random_blocks) * block_size` tokens). The sparse kernel
-for longer inputs is issue 4's remaining work: a longer input under `block_sparse` raises
-an `InputError` saying so.
+Attention: `original_full`, or `block_sparse` (see `_block_sparse.py`), which like upstream
+pads inputs to whole blocks and falls back to full attention on inputs of at most
+`(5 + 2 * num_random_blocks) * block_size` tokens. Cached decoding (the causal LM) always
+uses full attention.
 """
 
 import dataclasses
@@ -24,6 +23,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 from .. import nn
 from ..checkpoint.keymap import KeyMap
 from ..errors import InputError
+from ._block_sparse import SparsePlan, block_sparse_attention, inference_plan, random_plan
 from ._config import ModelConfig, require
 from ._decoder import DecoderInputs, LayerContext, check_token_ids, decoder_inputs, split_layer_keys
 
@@ -163,11 +163,18 @@ class BigBirdSelfAttention(eqx.Module):
         self.num_heads = config.num_attention_heads
 
     def __call__(
-        self, x: Float[Array, "seq hidden"], ctx: LayerContext, *, key: PRNGKeyArray | None = None
+        self,
+        x: Float[Array, "seq hidden"],
+        ctx: LayerContext,
+        *,
+        key: PRNGKeyArray | None = None,
+        sparse: SparsePlan | None = None,
     ) -> tuple[Float[Array, "seq hidden"], nn.LayerWrite | None]:
         seq, dim = x.shape
         q, k, v = nn.fused_projections(x, (self.query, self.key, self.value))
         q, k, v = (t.reshape(seq, self.num_heads, -1) for t in (q, k, v))
+        if sparse is not None:  # upstream applies no attention dropout on this path
+            return block_sparse_attention(q, k, v, sparse).reshape(seq, dim), ctx.write
         write, k, v = nn.cached_kv(ctx.write, ctx.layer, k, v)
         out = nn.dot_product_attention(q, k, v, ctx.mask, dropout=self.dropout, key=key)
         return out.reshape(seq, dim), write
@@ -201,10 +208,15 @@ class BigBirdAttention(eqx.Module):
         self.output = BigBirdResidualOutput(config, config.hidden_size, dtype=dtype, key=k2)
 
     def __call__(
-        self, x: Float[Array, "seq hidden"], ctx: LayerContext, *, key: PRNGKeyArray | None = None
+        self,
+        x: Float[Array, "seq hidden"],
+        ctx: LayerContext,
+        *,
+        key: PRNGKeyArray | None = None,
+        sparse: SparsePlan | None = None,
     ) -> tuple[Float[Array, "seq hidden"], nn.LayerWrite | None]:
         k1, k2 = (None, None) if key is None else jax.random.split(key)
-        h, write = self.self_attn(x, ctx, key=k1)
+        h, write = self.self_attn(x, ctx, key=k1, sparse=sparse)
         return self.output(h, x, key=k2), write
 
 
@@ -234,10 +246,15 @@ class BigBirdLayer(eqx.Module):
         self.output = BigBirdResidualOutput(config, config.intermediate_size, dtype=dtype, key=k3)
 
     def __call__(
-        self, x: Float[Array, "seq hidden"], ctx: LayerContext, *, key: PRNGKeyArray | None = None
+        self,
+        x: Float[Array, "seq hidden"],
+        ctx: LayerContext,
+        *,
+        key: PRNGKeyArray | None = None,
+        sparse: SparsePlan | None = None,
     ) -> tuple[Float[Array, "seq hidden"], nn.LayerWrite | None]:
         k1, k2 = (None, None) if key is None else jax.random.split(key)
-        x, write = self.attention(x, ctx, key=k1)
+        x, write = self.attention(x, ctx, key=k1, sparse=sparse)
         return self.output(self.intermediate(x), x, key=k2), write
 
 
@@ -286,10 +303,22 @@ class BigBirdModel(eqx.Module):
         position_ids: Int[Array, " seq"] | None = None,
         key: PRNGKeyArray | None = None,
     ) -> BigBirdOutput:
+        cfg = self.config
+        seq = input_ids.shape[0]
+        sparse = cfg.attention_type == "block_sparse" and seq > cfg.max_full_attention_tokens
+        if sparse:  # pad to whole blocks as upstream; the padding is masked and cut off after
+            pad = -seq % cfg.block_size
+            valid = jnp.ones((seq,), bool) if attention_mask is None else attention_mask.astype(bool)
+            input_ids = jnp.pad(input_ids, (0, pad), constant_values=cfg.pad_token_id or 0)
+            attention_mask = jnp.pad(valid, (0, pad))
+            if token_type_ids is not None:
+                token_type_ids = jnp.pad(token_type_ids, (0, pad))
+            if position_ids is not None:
+                position_ids = jnp.pad(position_ids, (0, pad), constant_values=cfg.pad_token_id or 0)
         inputs = decoder_inputs(input_ids, attention_mask, position_ids, None)
-        x, _ = self._forward(input_ids, inputs, token_type_ids, key)
+        x, _ = self._forward(input_ids, inputs, token_type_ids, key, sparse=sparse)
         pooled = None if self.pooler is None else jnp.tanh(self.pooler(x[0]))
-        return BigBirdOutput(x, pooled)
+        return BigBirdOutput(x[:seq], pooled)
 
     def decode(
         self,
@@ -312,15 +341,9 @@ class BigBirdModel(eqx.Module):
         dtype = dtype or self.embeddings.word_embeddings.weight.dtype
         return nn.KVCache.empty(cfg.num_hidden_layers, max_len, cfg.num_attention_heads, cfg.head_dim, dtype)
 
-    def _forward(self, input_ids, inputs: DecoderInputs, token_type_ids, key):
+    def _forward(self, input_ids, inputs: DecoderInputs, token_type_ids, key, *, sparse: bool = False):
         cfg = self.config
         seq = input_ids.shape[0]
-        if cfg.attention_type == "block_sparse" and seq > cfg.max_full_attention_tokens:
-            raise InputError(
-                f"block_sparse attention over {seq} tokens is not implemented yet (issue 4); up to "
-                f"{cfg.max_full_attention_tokens} tokens it falls back to full attention as upstream, or load "
-                "with attention_type='original_full'"
-            )
         input_ids = check_token_ids(input_ids, cfg.vocab_size)
         token_type_ids = jnp.zeros((seq,), jnp.int32) if token_type_ids is None else token_type_ids
         embed_key, layer_keys = split_layer_keys(key, cfg.num_hidden_layers)
@@ -330,10 +353,22 @@ class BigBirdModel(eqx.Module):
         else:
             mask = nn.padding_mask(seq, inputs.kv_valid)
 
+        num_blocks = seq // cfg.block_size
+        heads, rand = cfg.num_attention_heads, cfg.num_random_blocks
+
         def step(layer: BigBirdLayer, carry, per_layer):
             x, write = carry
             index, layer_key = per_layer
-            x, write = layer(x, LayerContext(mask, inputs.positions, write, index), key=layer_key)
+            plan = None
+            if sparse:  # HF's fixed plan at inference; a fresh random one per layer and step in training
+                if layer_key is None:
+                    rand_blocks = inference_plan(heads, num_blocks, rand)
+                else:
+                    layer_key, plan_key = jax.random.split(layer_key)
+                    rand_blocks = random_plan(plan_key, heads, num_blocks, rand)
+                plan = SparsePlan(inputs.kv_valid, rand_blocks, cfg.block_size)
+            ctx = LayerContext(mask, inputs.positions, write, index)
+            x, write = layer(x, ctx, key=layer_key, sparse=plan)
             return (x, write), None
 
         per_layer = (jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32), layer_keys)
