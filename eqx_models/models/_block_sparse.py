@@ -15,8 +15,7 @@ in the softmax); `random_plan` draws a fresh one from a PRNG key for training. M
 HF's additive -10000 penalty; padded queries output zeros.
 """
 
-from typing import NamedTuple
-
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
@@ -24,13 +23,13 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 PENALTY = -10000.0
 
 
-class SparsePlan(NamedTuple):
+class SparsePlan(eqx.Module):
     """What block-sparse attention needs besides Q/K/V: which tokens are real and, per head
     and non-global query block, the random key blocks."""
 
     valid: Bool[Array, " seq"]
     rand_blocks: Int[Array, "heads rows rand"]
-    block_size: int
+    block_size: int = eqx.field(static=True)
 
 
 def inference_plan(num_heads: int, num_blocks: int, num_rand: int) -> Int[Array, "heads rows rand"]:
@@ -103,25 +102,41 @@ def block_sparse_attention(
         qb[:, jnp.array([1, nb - 2])], jnp.stack([k1, k2], 1), jnp.stack([v1, v2], 1), jnp.stack([ok1, ok2], 1)
     )
 
-    # middle blocks 2..nb-3: first block, sliding window of three, random blocks, last block
+    # middle blocks 2..nb-3: first block, sliding window of three, random blocks, last block.
+    # Scores are computed per key group and joined, and the context summed per group, so the
+    # keys and values are never copied into one [h, m, (5 + r) b, d] tensor.
     m = nb - 4
-    window_k = jnp.concatenate([kb[:, 1:-3], kb[:, 2:-2], kb[:, 3:-1]], axis=2)  # [h, m, 3b, d]
-    window_v = jnp.concatenate([vb[:, 1:-3], vb[:, 2:-2], vb[:, 3:-1]], axis=2)
-    window_ok = jnp.concatenate([blocked_ok[1:-3], blocked_ok[2:-2], blocked_ok[3:-1]], axis=1)  # [m, 3b]
-    first_k, last_k = (jnp.broadcast_to(kb[:, i : i + 1], (h, m, b, d)) for i in (0, nb - 1))
-    first_v, last_v = (jnp.broadcast_to(vb[:, i : i + 1], (h, m, b, d)) for i in (0, nb - 1))
-    mid_k = jnp.concatenate([first_k, window_k, rand_k[:, 1:-1], last_k], axis=2)
-    mid_v = jnp.concatenate([first_v, window_v, rand_v[:, 1:-1], last_v], axis=2)
+    mid_q = qb[:, 2:-2]  # [h, m, b, d]
+    windows = [slice(1, nb - 3), slice(2, nb - 2), slice(3, nb - 1)]  # blocks i - 1, i, i + 1
+    fixed = lambda t, i: jnp.einsum("hmqd,hkd->hmqk", mid_q, t[:, i], preferred_element_type=jnp.float32)  # noqa: E731
+    banded = lambda t, w: jnp.einsum("hmqd,hmkd->hmqk", mid_q, t[:, w], preferred_element_type=jnp.float32)  # noqa: E731
+    scores = (
+        jnp.concatenate(
+            [
+                fixed(kb, 0),
+                *(banded(kb, w) for w in windows),
+                jnp.einsum("hmqd,hmkd->hmqk", mid_q, rand_k[:, 1:-1], preferred_element_type=jnp.float32),
+                fixed(kb, nb - 1),
+            ],
+            axis=-1,
+        )
+        * scale
+    )  # [h, m, b, (5 + r) b]
     mid_ok = jnp.concatenate(
         [
             jnp.broadcast_to(blocked_ok[0], (h, m, b)),
-            jnp.broadcast_to(window_ok, (h, m, 3 * b)),
+            jnp.broadcast_to(jnp.concatenate([blocked_ok[w] for w in windows], axis=1), (h, m, 3 * b)),
             rand_ok[:, 1:-1],
             jnp.broadcast_to(blocked_ok[nb - 1], (h, m, b)),
         ],
         axis=2,
     )
-    mid_ctx = attend(qb[:, 2:-2], mid_k, mid_v, mid_ok)
+    probs = jax.nn.softmax(scores + (1.0 - mid_ok)[:, :, None, :] * PENALTY, axis=-1).astype(v.dtype)
+    first_p, window_p, rand_p, last_p = jnp.split(probs, [b, 4 * b, (4 + r) * b], axis=-1)
+    mid_ctx = jnp.einsum("hmqk,hkd->hmqd", first_p, vb[:, 0]) + jnp.einsum("hmqk,hkd->hmqd", last_p, vb[:, nb - 1])
+    for j, w in enumerate(windows):
+        mid_ctx = mid_ctx + jnp.einsum("hmqk,hmkd->hmqd", window_p[..., j * b : (j + 1) * b], vb[:, w])
+    mid_ctx = mid_ctx + jnp.einsum("hmqk,hmkd->hmqd", rand_p, rand_v[:, 1:-1])
 
     ctx = jnp.concatenate([global_ctx[:, :1], edge_ctx[:, :1], mid_ctx, edge_ctx[:, 1:], global_ctx[:, 1:]], axis=1)
     out = ctx.reshape(h, n, d).transpose(1, 0, 2)
