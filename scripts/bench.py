@@ -198,9 +198,73 @@ def run_case(case: Case, seq: int, runs: int, root: str) -> list[tuple[str, str]
     ]
 
 
+def big_bird_rows(root: str, runs: int) -> list[tuple[str, str]]:
+    """Base-width BigBird encoder (hidden 768, 12 heads, 2 layers, block 64, 3 random blocks):
+    ours block-sparse and full attention, and HF Flax block-sparse, at 1024 and 4096 tokens.
+    Memory is XLA's temporary buffer size for the compiled forward."""
+    import equinox as eqx
+    import torch
+    import transformers
+
+    import eqx_models
+
+    folder = os.path.join(root, "big_bird")
+    config = transformers.BigBirdConfig(
+        vocab_size=50358,
+        hidden_size=768,
+        num_hidden_layers=2,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        attention_type="block_sparse",
+        block_size=64,
+        num_random_blocks=3,
+        max_position_embeddings=4096,
+    )
+    torch.manual_seed(0)
+    transformers.BigBirdModel(config).save_pretrained(folder)
+    with jax.numpy_dtype_promotion("standard"):
+        flax_model = transformers.FlaxBigBirdModel.from_pretrained(folder, from_pt=True)
+    contenders = {}
+    for attention in ("block_sparse", "original_full"):
+        model = eqx_models.from_pretrained(folder, attention_type=attention)
+        params, static = eqx.partition(model, eqx.is_array)
+        contenders[f"ours {attention}"] = (
+            jax.jit(lambda p, i, s=static: jax.vmap(lambda x: eqx.combine(p, s)(x).last_hidden_state)(i)),
+            params,
+        )
+    contenders["HF Flax block_sparse"] = (
+        jax.jit(lambda p, i: flax_model(i, params=p).last_hidden_state),
+        flax_model.params,
+    )
+    rows, times = [], {}
+    for length in (1024, 4096):
+        ids = jax.numpy.asarray(np.random.default_rng(0).integers(5, 1000, (1, length)), jax.numpy.int32)
+        calls = {}
+        for name, (fn, params) in contenders.items():
+            with jax.numpy_dtype_promotion("standard"):
+                compiled = fn.lower(params, ids).compile()
+            memory = compiled.memory_analysis().temp_size_in_bytes / 2**20
+            rows.append((f"BigBird-base 2 layers {length} tokens: {name} temporary memory", f"{memory:.0f} MiB"))
+            calls[name] = lambda c=compiled, p=params: c(p, ids).block_until_ready()
+        _, median = interleaved(calls, runs)
+        for name, seconds in median.items():
+            times[name, length] = seconds
+            rows.append((f"BigBird-base 2 layers {length} tokens: {name}", f"{seconds * 1e3:.0f} ms"))
+    sparse, full, flax = (times[n, 4096] for n in ("ours block_sparse", "ours original_full", "HF Flax block_sparse"))
+    rows += [
+        ("BigBird 4096: full / block-sparse (target >= 3)", f"{full / sparse:.2f}"),
+        ("BigBird 4096: ours block-sparse / HF Flax block-sparse (target <= 1.0)", f"{sparse / flax:.2f}"),
+        (
+            "BigBird block-sparse time 4096 / 1024 tokens (target <= ~4.5)",
+            f"{sparse / times['ours block_sparse', 1024]:.2f}",
+        ),
+    ]
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--models", nargs="+", default=[*CASES, "big_bird"], choices=[*CASES, "big_bird"])
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
@@ -209,7 +273,11 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="eqx-bench-") as root:
         for name in args.models:
-            rows += run_case(CASES[name], args.seq, args.runs, root)
+            rows += (
+                big_bird_rows(root, args.runs)
+                if name == "big_bird"
+                else run_case(CASES[name], args.seq, args.runs, root)
+            )
     print(f"machine: {os.cpu_count()} CPU cores, jax {jax.__version__}, backend {jax.default_backend()}")
     if args.markdown:
         print("| measurement | value |\n|---|---|")
