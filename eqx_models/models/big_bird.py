@@ -496,6 +496,22 @@ class _BigBirdHead(eqx.Module):
     def config(self) -> BigBirdConfig:
         return self.bert.config
 
+    def __call__(
+        self,
+        input_ids: Int[Array, " seq"],
+        *,
+        attention_mask: Int[Array, " seq"] | Bool[Array, " seq"] | None = None,
+        token_type_ids: Int[Array, " seq"] | None = None,
+        position_ids: Int[Array, " seq"] | None = None,
+        key: PRNGKeyArray | None = None,
+    ) -> Any:
+        """Runs `bert` on one sequence, then the head (`head`, typed with its output shape)."""
+        k1, k2 = _two_keys(key)
+        return self.head(self._encode(input_ids, attention_mask, token_type_ids, position_ids, k1), key=k2)
+
+    def head(self, out: BigBirdOutput, *, key: PRNGKeyArray | None = None) -> Any:
+        raise NotImplementedError  # pragma: no cover - heads with their own __call__ skip it
+
     def _encode(self, input_ids, attention_mask, token_type_ids, position_ids, key) -> BigBirdOutput:
         return self.bert(
             input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, position_ids=position_ids, key=key
@@ -532,16 +548,7 @@ class BigBirdForPreTraining(_BigBirdHead):
         self.bert = BigBirdModel(config, dtype=dtype, key=k1)
         self.cls = BigBirdPreTrainingHeads(config, dtype=dtype, key=k2)
 
-    def __call__(
-        self,
-        input_ids: Int[Array, " seq"],
-        *,
-        attention_mask: Int[Array, " seq"] | Bool[Array, " seq"] | None = None,
-        token_type_ids: Int[Array, " seq"] | None = None,
-        position_ids: Int[Array, " seq"] | None = None,
-        key: PRNGKeyArray | None = None,
-    ) -> BigBirdForPreTrainingOutput:
-        out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, key)
+    def head(self, out: BigBirdOutput, *, key: PRNGKeyArray | None = None) -> BigBirdForPreTrainingOutput:
         mlm = self.cls.predictions(out.last_hidden_state, self.bert.input_embeddings)
         return BigBirdForPreTrainingOutput(mlm, self.cls.seq_relationship(out.pooler_output).astype(jnp.float32))
 
@@ -557,16 +564,7 @@ class BigBirdForMaskedLM(_BigBirdHead):
         self.bert = BigBirdModel(config, dtype=dtype, key=k1)
         self.cls = BigBirdOnlyMLMHead(config, dtype=dtype, key=k2)
 
-    def __call__(
-        self,
-        input_ids: Int[Array, " seq"],
-        *,
-        attention_mask: Int[Array, " seq"] | Bool[Array, " seq"] | None = None,
-        token_type_ids: Int[Array, " seq"] | None = None,
-        position_ids: Int[Array, " seq"] | None = None,
-        key: PRNGKeyArray | None = None,
-    ) -> Float[Array, "seq vocab"]:
-        out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, key)
+    def head(self, out: BigBirdOutput, *, key: PRNGKeyArray | None = None) -> Float[Array, "seq vocab"]:
         return self.cls.predictions(out.last_hidden_state, self.bert.input_embeddings)
 
 
@@ -583,16 +581,7 @@ class BigBirdForCausalLM(_BigBirdHead):
         self.bert = BigBirdModel(config, dtype=dtype, key=k1)
         self.cls = BigBirdOnlyMLMHead(config, dtype=dtype, key=k2)
 
-    def __call__(
-        self,
-        input_ids: Int[Array, " seq"],
-        *,
-        attention_mask: Int[Array, " seq"] | Bool[Array, " seq"] | None = None,
-        token_type_ids: Int[Array, " seq"] | None = None,
-        position_ids: Int[Array, " seq"] | None = None,
-        key: PRNGKeyArray | None = None,
-    ) -> Float[Array, "seq vocab"]:
-        out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, key)
+    def head(self, out: BigBirdOutput, *, key: PRNGKeyArray | None = None) -> Float[Array, "seq vocab"]:
         return self.cls.predictions(out.last_hidden_state, self.bert.input_embeddings)
 
     def decode(
@@ -604,7 +593,7 @@ class BigBirdForCausalLM(_BigBirdHead):
         position_ids: Int[Array, " new"] | None = None,
     ) -> tuple[Float[Array, "new vocab"], nn.KVCache]:
         hidden, cache = self.bert.decode(input_ids, cache, attention_mask=attention_mask, position_ids=position_ids)
-        return self.cls.predictions(hidden, self.bert.input_embeddings), cache
+        return self.head(BigBirdOutput(hidden, None)), cache
 
     def init_cache(self, max_len: int, dtype: DTypeLike | None = None) -> nn.KVCache:
         return self.bert.init_cache(max_len, dtype)
@@ -621,18 +610,8 @@ class BigBirdForSequenceClassification(_BigBirdHead):
         self.bert = BigBirdModel(config, dtype=dtype, key=k1)
         self.classifier = BigBirdClassificationHead(config, dtype=dtype, key=k2)
 
-    def __call__(
-        self,
-        input_ids: Int[Array, " seq"],
-        *,
-        attention_mask: Int[Array, " seq"] | Bool[Array, " seq"] | None = None,
-        token_type_ids: Int[Array, " seq"] | None = None,
-        position_ids: Int[Array, " seq"] | None = None,
-        key: PRNGKeyArray | None = None,
-    ) -> Float[Array, " labels"]:
-        k1, k2 = _two_keys(key)
-        out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, k1)
-        return self.classifier(out.last_hidden_state, key=k2).astype(jnp.float32)
+    def head(self, out: BigBirdOutput, *, key: PRNGKeyArray | None = None) -> Float[Array, " labels"]:
+        return self.classifier(out.last_hidden_state, key=key).astype(jnp.float32)
 
 
 class BigBirdForMultipleChoice(_BigBirdHead):
@@ -684,18 +663,8 @@ class BigBirdForTokenClassification(_BigBirdHead):
         self.dropout = eqx.nn.Dropout(config.classifier_dropout_rate)
         self.classifier = _linear(config, config.hidden_size, config.num_labels, dtype, k2)
 
-    def __call__(
-        self,
-        input_ids: Int[Array, " seq"],
-        *,
-        attention_mask: Int[Array, " seq"] | Bool[Array, " seq"] | None = None,
-        token_type_ids: Int[Array, " seq"] | None = None,
-        position_ids: Int[Array, " seq"] | None = None,
-        key: PRNGKeyArray | None = None,
-    ) -> Float[Array, "seq labels"]:
-        k1, k2 = _two_keys(key)
-        out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, k1)
-        return self.classifier(self.dropout(out.last_hidden_state, key=k2)).astype(jnp.float32)
+    def head(self, out: BigBirdOutput, *, key: PRNGKeyArray | None = None) -> Float[Array, "seq labels"]:
+        return self.classifier(self.dropout(out.last_hidden_state, key=key)).astype(jnp.float32)
 
 
 class BigBirdForQuestionAnsweringOutput(NamedTuple):
