@@ -1,6 +1,7 @@
 """Numerical check of a converted model against transformers' PyTorch classes."""
 
 import os
+import tempfile
 
 import jax
 import numpy as np
@@ -8,9 +9,39 @@ import numpy as np
 from .errors import EqxModelsError
 
 
+def _inputs(model, seq_len: int, seed: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Two random rows, the second padded by a third: on the left for causal LMs (with HF's
+    generation positions), on the right for encoders. Multiple choice gets one example with
+    the two rows as its choices."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, model.config.vocab_size, (2, seq_len))
+    mask = np.ones_like(ids)
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if type(model).__name__.endswith("CausalLM"):
+        mask[1, : seq_len // 3] = 0
+        inputs["position_ids"] = np.where(mask, np.cumsum(mask, -1) - 1, 1)
+    else:
+        mask[1, seq_len - seq_len // 3 :] = 0
+    if type(model).__name__.endswith("MultipleChoice"):
+        inputs = {name: value[None] for name, value in inputs.items()}
+    return inputs, mask.astype(bool)
+
+
+def _pairs(ours, theirs) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Our outputs with HF's of the same name (NamedTuples) or HF's logits / first output."""
+    if hasattr(ours, "_fields"):
+        return [
+            (np.asarray(getattr(ours, f)), getattr(theirs, f).numpy())
+            for f in ours._fields
+            if getattr(ours, f) is not None
+        ]
+    reference = theirs.logits if getattr(theirs, "logits", None) is not None else theirs[0]
+    return [(np.asarray(ours), reference.numpy())]
+
+
 def verify(path: str | os.PathLike, *, seq_len: int = 16, seed: int = 0) -> float:
-    """Max absolute difference between our float32 outputs and the HF PyTorch model's
-    on random token ids (two rows, the second left-padded)."""
+    """Max absolute difference between our float32 outputs and the HF PyTorch model's on
+    random token ids with padding (only real tokens count)."""
     try:
         import torch
         import transformers
@@ -21,20 +52,18 @@ def verify(path: str | os.PathLike, *, seq_len: int = 16, seed: int = 0) -> floa
     model = from_pretrained(path, dtype="float32")
     hf_dir = path
     if "eqx_models" in read_config(path):  # our own folder: let transformers read an export
-        import tempfile
-
         hf_dir = tempfile.mkdtemp(prefix="eqx-verify-")
         export_hf(model, hf_dir)
-    architecture = type(model).__name__
-    reference = getattr(transformers, architecture).from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, model.config.vocab_size, (2, seq_len))
-    mask = np.ones_like(ids)
-    mask[1, : seq_len // 3] = 0
-    positions = np.where(mask, np.cumsum(mask, -1) - 1, 1)
+    reference = getattr(transformers, type(model).__name__).from_pretrained(hf_dir, dtype=torch.float32).eval()
+    inputs, valid = _inputs(model, seq_len, seed)
     with torch.no_grad():
-        out = reference(torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions))
-    expected = (out.logits if hasattr(out, "logits") else out.last_hidden_state).numpy()
-    ours = jax.vmap(lambda i, m, p: model(i, attention_mask=m, position_ids=p))(ids, mask, positions)
-    valid = mask.astype(bool)
-    return float(np.abs(np.asarray(ours) - expected)[valid].max())
+        theirs = reference(**{name: torch.tensor(value) for name, value in inputs.items()})
+    names = list(inputs)
+    ours = jax.vmap(lambda *args: model(args[0], **dict(zip(names[1:], args[1:]))))(*inputs.values())
+    worst = 0.0
+    for mine, expected in _pairs(ours, theirs):
+        diff = np.abs(mine.astype(np.float64) - expected)
+        if diff.ndim >= 2 and diff.shape[:2] == valid.shape:  # per-token outputs: real tokens only
+            diff = diff[valid]
+        worst = max(worst, float(diff.max()))
+    return worst

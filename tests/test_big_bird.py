@@ -341,3 +341,14 @@ def test_causal_lm_decode_needs_a_decoder_config(tmp_path):
     model = eqx_models.from_pretrained(tmp_path)
     with pytest.raises(eqx_models.InputError, match="is_decoder=True"):
         model.decode(jax.numpy.array([1, 2]), model.init_cache(4))
+
+
+@pytest.mark.parametrize(
+    "head", ["BigBirdForPreTraining", "BigBirdForQuestionAnswering", "BigBirdForMultipleChoice", "BigBirdForCausalLM"]
+)
+def test_cli_verify_works_for_every_kind_of_head(tmp_path, capsys, head):
+    from eqx_models.cli import main as cli
+
+    hf_bird(tmp_path, head, seed=11, num_labels=2, is_decoder=head.endswith("CausalLM"))
+    assert cli(["verify", str(tmp_path)]) == 0
+    assert float(capsys.readouterr().out.split(":")[-1]) < 1e-4
