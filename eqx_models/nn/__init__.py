@@ -5,7 +5,7 @@ from ._attention import NO_WINDOW, causal_mask, dot_product_attention, padding_m
 from ._cache import KVCache, LayerWrite, cached_kv
 from ._linear import Embedding, Linear, fused_projections
 from ._norm import LayerNorm, RMSNorm
-from ._positions import apply_rotary, rotary_angles, sinusoidal_embedding
+from ._positions import apply_rotary, relative_position_bucket, rotary_angles, sinusoidal_embedding
 from ._stack import Stacked
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "dot_product_attention",
     "fused_projections",
     "padding_mask",
+    "relative_position_bucket",
     "rotary_angles",
     "sinusoidal_embedding",
 ]

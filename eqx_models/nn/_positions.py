@@ -44,3 +44,23 @@ def sinusoidal_embedding(
     if padding_idx is not None:
         emb = jnp.where((positions == padding_idx)[:, None], 0.0, emb)
     return emb
+
+
+def relative_position_bucket(
+    relative_position: Int[Array, "*shape"], *, bidirectional: bool, num_buckets: int, max_distance: int
+) -> Int[Array, "*shape"]:
+    """T5's bucket of each relative position (key minus query): exact buckets for small
+    distances, logarithmic ones up to `max_distance`, the last bucket beyond; half the
+    buckets for each direction when `bidirectional`."""
+    buckets = jnp.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (relative_position > 0).astype(relative_position.dtype) * num_buckets
+        distance = jnp.abs(relative_position)
+    else:
+        distance = -jnp.minimum(relative_position, 0)
+    max_exact = num_buckets // 2
+    log_ratio = jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / max_exact) / math.log(max_distance / max_exact)
+    large = max_exact + (log_ratio * (num_buckets - max_exact)).astype(relative_position.dtype)
+    large = jnp.minimum(large, num_buckets - 1)
+    return buckets + jnp.where(distance < max_exact, distance, large)

@@ -1,0 +1,327 @@
+"""LongT5 (in progress, issue 5): T5 blocks whose encoder self-attention is local, that is
+blockwise with a three-block window and a relative bias per block, so time and memory grow
+linearly with input length.
+
+Reference: HF `modeling_flax_longt5.py` and `modeling_longt5.py` (4.57.6). Attribute names
+are HF's (`shared`, `encoder.block.{i}.layer.0.LocalSelfAttention.q`, `...layer.1.DenseReluDense`,
+`final_layer_norm`). The relative attention bias, which HF stores in block 0, lives once per
+stack (`encoder.relative_attention_bias`) so that the blocks can be scanned.
+
+Written so far: `LongT5EncoderModel` with `local` attention. Transient-global attention, the
+decoder, `LongT5Model` and `LongT5ForConditionalGeneration` are still to come; a config asking
+for transient-global attention is refused with a `ConfigError`.
+"""
+
+import dataclasses
+from typing import ClassVar
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax.typing import DTypeLike
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, Shaped
+
+from .. import nn
+from ..checkpoint.keymap import KeyMap
+from ..errors import ConfigError
+from ._config import ModelConfig, require
+from ._decoder import check_token_ids, split_layer_keys
+
+MASKED = -1e10  # HF's additive mask value for LongT5
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LongT5Config(ModelConfig):
+    """HF's `LongT5Config` fields (same names and defaults)."""
+
+    model_type: ClassVar[str] = "longt5"
+    vocab_size: int = 32128
+    d_model: int = 512
+    d_kv: int = 64
+    d_ff: int = 2048
+    num_layers: int = 6
+    num_decoder_layers: int | None = None
+    num_heads: int = 8
+    local_radius: int = 127
+    global_block_size: int = 16
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    dropout_rate: float = 0.1
+    layer_norm_epsilon: float = 1e-6
+    initializer_factor: float = 1.0
+    feed_forward_proj: str = "relu"
+    is_encoder_decoder: bool = True
+    encoder_attention_type: str = "local"
+    pad_token_id: int | None = 0
+    eos_token_id: int | tuple[int, ...] | None = 1
+    decoder_start_token_id: int | None = 0
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self):
+        require(
+            self.encoder_attention_type in ("local", "transient-global"),
+            f"encoder_attention_type must be 'local' or 'transient-global', got {self.encoder_attention_type!r}",
+        )
+        require(
+            self.encoder_attention_type == "local",
+            "encoder_attention_type 'transient-global' is not implemented yet in eqx_models (issue 5)",
+        )
+        require(self.local_radius >= 0, f"local_radius must be >= 0, got {self.local_radius}")
+        self.activation  # validates feed_forward_proj
+
+    @property
+    def activation(self) -> tuple[str, bool]:
+        """`(activation name, gated)` parsed from `feed_forward_proj` as HF does:
+        `"relu"`, `"gelu"`, `"gated-gelu"` (which means tanh GELU), `"gated-silu"`..."""
+        parts = self.feed_forward_proj.split("-")
+        if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
+            raise ConfigError(f"feed_forward_proj {self.feed_forward_proj!r} is not of the form 'ACT' or 'gated-ACT'")
+        name = "gelu_new" if self.feed_forward_proj == "gated-gelu" else parts[-1]
+        nn.activation(name)
+        return name, parts[0] == "gated"
+
+    @property
+    def block_len(self) -> int:
+        return self.local_radius + 1
+
+    @property
+    def position_limit(self) -> None:
+        return None
+
+
+def _linear(config: LongT5Config, d_in: int, d_out: int, dtype: DTypeLike, key: PRNGKeyArray) -> nn.Linear:
+    std = config.initializer_factor * d_in**-0.5
+    return nn.Linear(d_in, d_out, use_bias=False, init_std=std, dtype=dtype, key=key)
+
+
+def _t5_norm(config: LongT5Config, dtype: DTypeLike) -> nn.RMSNorm:
+    return nn.RMSNorm(config.d_model, eps=config.layer_norm_epsilon, dtype=dtype)
+
+
+class LongT5LocalAttention(eqx.Module):
+    """Each block of `block_len` queries attends to its own and the two neighbouring blocks,
+    keys within `local_radius`, with a relative bias shared by all blocks. No score scaling."""
+
+    q: nn.Linear
+    k: nn.Linear
+    v: nn.Linear
+    o: nn.Linear
+    dropout: eqx.nn.Dropout
+    num_heads: int = eqx.field(static=True)
+    block_len: int = eqx.field(static=True)
+
+    def __init__(self, config: LongT5Config, *, dtype: DTypeLike, key: PRNGKeyArray):
+        kq, kk, kv, ko = jax.random.split(key, 4)
+        inner = config.num_heads * config.d_kv
+        self.q, self.k = (
+            _linear(config, config.d_model, inner, dtype, kq),
+            _linear(config, config.d_model, inner, dtype, kk),
+        )
+        self.v, self.o = (
+            _linear(config, config.d_model, inner, dtype, kv),
+            _linear(config, inner, config.d_model, dtype, ko),
+        )
+        self.dropout = eqx.nn.Dropout(config.dropout_rate)
+        self.num_heads, self.block_len = config.num_heads, config.block_len
+
+    def __call__(
+        self,
+        x: Float[Array, "seq dim"],
+        bias: Float[Array, "blocks heads block window"],
+        *,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, "seq dim"]:
+        seq = x.shape[0]
+        blocks, length = bias.shape[0], self.block_len
+        pad = blocks * length - seq
+        q, k, v = nn.fused_projections(x, (self.q, self.k, self.v))
+        # [seq, h * d] -> [blocks, block, h, d]; keys/values see blocks i - 1, i, i + 1
+        q, k, v = (jnp.pad(t, ((0, pad), (0, 0))).reshape(blocks, length, self.num_heads, -1) for t in (q, k, v))
+        k3, v3 = (_three_blocks(t) for t in (k, v))
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k3, preferred_element_type=jnp.float32) + bias
+        probs = self.dropout(jax.nn.softmax(scores, axis=-1), key=key).astype(v.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v3).reshape(blocks * length, -1)[:seq]
+        return self.o(out)
+
+
+def _three_blocks(x: Shaped[Array, "blocks block *rest"]) -> Shaped[Array, "blocks window *rest"]:
+    """Concatenates each block with its neighbours (zero blocks at the edges)."""
+    padded = jnp.pad(x, ((1, 1),) + ((0, 0),) * (x.ndim - 1))
+    return jnp.concatenate([padded[:-2], padded[1:-1], padded[2:]], axis=1)
+
+
+def local_bias(
+    relative_bias: nn.Embedding, valid: Bool[Array, " seq"], config: LongT5Config
+) -> Float[Array, "blocks heads block window"]:
+    """The bias every local-attention layer adds: relative position buckets within the
+    three-block window, and -1e10 where a key is padding or farther than `local_radius`."""
+    length = config.block_len
+    blocks = -(-valid.shape[0] // length)
+    positions = jnp.arange(3 * length)
+    relative = positions[None, :] - positions[length:-length, None]  # [block, window]
+    buckets = nn.relative_position_bucket(
+        relative,
+        bidirectional=True,
+        num_buckets=config.relative_attention_num_buckets,
+        max_distance=config.relative_attention_max_distance,
+    )
+    position_bias = jnp.moveaxis(relative_bias(buckets), -1, 0).astype(jnp.float32)  # [heads, block, window]
+    blocked = jnp.pad(valid, (0, blocks * length - valid.shape[0])).reshape(blocks, length)
+    allowed = blocked[:, :, None] & _three_blocks(blocked)[:, None, :] & (jnp.abs(relative) < length)[None]
+    return position_bias[None] + jnp.where(allowed, 0.0, MASKED)[:, None]
+
+
+class LongT5LayerLocalSelfAttention(eqx.Module):
+    LocalSelfAttention: LongT5LocalAttention
+    layer_norm: nn.RMSNorm
+    dropout: eqx.nn.Dropout
+
+    def __init__(self, config: LongT5Config, *, dtype: DTypeLike, key: PRNGKeyArray):
+        self.LocalSelfAttention = LongT5LocalAttention(config, dtype=dtype, key=key)
+        self.layer_norm = _t5_norm(config, dtype)
+        self.dropout = eqx.nn.Dropout(config.dropout_rate)
+
+    def __call__(
+        self, x: Float[Array, "seq dim"], bias: Float[Array, "blocks heads block window"], *, key: PRNGKeyArray | None
+    ) -> Float[Array, "seq dim"]:
+        k1, k2 = (None, None) if key is None else jax.random.split(key)
+        return x + self.dropout(self.LocalSelfAttention(self.layer_norm(x), bias, key=k1), key=k2)
+
+
+class LongT5DenseReluDense(eqx.Module):
+    """`wo(act(wi(x)))`, or gated: `wo(act(wi_0(x)) * wi_1(x))`."""
+
+    wi: nn.Linear | None
+    wi_0: nn.Linear | None
+    wi_1: nn.Linear | None
+    wo: nn.Linear
+    dropout: eqx.nn.Dropout
+    act: str = eqx.field(static=True)
+
+    def __init__(self, config: LongT5Config, *, dtype: DTypeLike, key: PRNGKeyArray):
+        k0, k1, k2 = jax.random.split(key, 3)
+        self.act, gated = config.activation
+        self.wi = None if gated else _linear(config, config.d_model, config.d_ff, dtype, k0)
+        self.wi_0 = _linear(config, config.d_model, config.d_ff, dtype, k0) if gated else None
+        self.wi_1 = _linear(config, config.d_model, config.d_ff, dtype, k1) if gated else None
+        self.wo = _linear(config, config.d_ff, config.d_model, dtype, k2)
+        self.dropout = eqx.nn.Dropout(config.dropout_rate)
+
+    def __call__(self, x: Float[Array, "seq dim"], *, key: PRNGKeyArray | None = None) -> Float[Array, "seq dim"]:
+        act = nn.activation(self.act)
+        h = act(self.wi(x)) if self.wi is not None else act(self.wi_0(x)) * self.wi_1(x)
+        return self.wo(self.dropout(h, key=key))
+
+
+class LongT5LayerFF(eqx.Module):
+    DenseReluDense: LongT5DenseReluDense
+    layer_norm: nn.RMSNorm
+    dropout: eqx.nn.Dropout
+
+    def __init__(self, config: LongT5Config, *, dtype: DTypeLike, key: PRNGKeyArray):
+        self.DenseReluDense = LongT5DenseReluDense(config, dtype=dtype, key=key)
+        self.layer_norm = _t5_norm(config, dtype)
+        self.dropout = eqx.nn.Dropout(config.dropout_rate)
+
+    def __call__(self, x: Float[Array, "seq dim"], *, key: PRNGKeyArray | None = None) -> Float[Array, "seq dim"]:
+        k1, k2 = (None, None) if key is None else jax.random.split(key)
+        return x + self.dropout(self.DenseReluDense(self.layer_norm(x), key=k1), key=k2)
+
+
+class LongT5EncoderBlock(eqx.Module):
+    layer: tuple[LongT5LayerLocalSelfAttention, LongT5LayerFF]
+
+    def __init__(self, config: LongT5Config, *, dtype: DTypeLike, key: PRNGKeyArray):
+        k1, k2 = jax.random.split(key)
+        self.layer = (
+            LongT5LayerLocalSelfAttention(config, dtype=dtype, key=k1),
+            LongT5LayerFF(config, dtype=dtype, key=k2),
+        )
+
+    def __call__(
+        self, x: Float[Array, "seq dim"], bias: Float[Array, "blocks heads block window"], *, key: PRNGKeyArray | None
+    ) -> Float[Array, "seq dim"]:
+        k1, k2 = (None, None) if key is None else jax.random.split(key)
+        return self.layer[1](self.layer[0](x, bias, key=k1), key=k2)
+
+
+class LongT5Encoder(eqx.Module):
+    """The encoder stack: embedding dropout, scanned blocks, final norm and dropout."""
+
+    relative_attention_bias: nn.Embedding
+    block: nn.Stacked[LongT5EncoderBlock]
+    final_layer_norm: nn.RMSNorm
+    dropout: eqx.nn.Dropout
+
+    def __init__(self, config: LongT5Config, *, dtype: DTypeLike, key: PRNGKeyArray):
+        k_bias, k_blocks = jax.random.split(key)
+        std = config.initializer_factor * config.d_model**-0.5
+        self.relative_attention_bias = nn.Embedding(
+            config.relative_attention_num_buckets, config.num_heads, init_std=std, dtype=dtype, key=k_bias
+        )
+        self.block = nn.Stacked(
+            lambda k: LongT5EncoderBlock(config, dtype=dtype, key=k), config.num_layers, key=k_blocks
+        )
+        self.final_layer_norm = _t5_norm(config, dtype)
+        self.dropout = eqx.nn.Dropout(config.dropout_rate)
+
+    def __call__(
+        self,
+        x: Float[Array, "seq dim"],
+        valid: Bool[Array, " seq"],
+        config: LongT5Config,
+        *,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, "seq dim"]:
+        embed_key, layer_keys = split_layer_keys(key, config.num_layers)
+        k_in, k_out = (None, None) if embed_key is None else jax.random.split(embed_key)
+        bias = local_bias(self.relative_attention_bias, valid, config)
+
+        def step(block: LongT5EncoderBlock, x, layer_key):
+            return block(x, bias, key=layer_key), None
+
+        x, _ = self.block.scan(
+            step, self.dropout(x, key=k_in), layer_keys, scan_layers=config.scan_layers, remat=config.remat
+        )
+        return self.dropout(self.final_layer_norm(x), key=k_out)
+
+
+class LongT5EncoderModel(eqx.Module):
+    """The LongT5 encoder alone; `model(input_ids)` returns hidden states `[seq, d_model]`."""
+
+    shared: nn.Embedding
+    encoder: LongT5Encoder
+    config: LongT5Config = eqx.field(static=True)
+
+    def __init__(self, config: LongT5Config, *, dtype: DTypeLike = jnp.float32, key: PRNGKeyArray):
+        k1, k2 = jax.random.split(key)
+        self.shared = nn.Embedding(
+            config.vocab_size, config.d_model, init_std=config.initializer_factor, dtype=dtype, key=k1
+        )
+        self.encoder = LongT5Encoder(config, dtype=dtype, key=k2)
+        self.config = config
+
+    def __call__(
+        self,
+        input_ids: Int[Array, " seq"],
+        *,
+        attention_mask: Int[Array, " seq"] | Bool[Array, " seq"] | None = None,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, "seq d_model"]:
+        """**Arguments:** one sequence of ids, `attention_mask` (1 real, 0 padding), `key`
+        for dropout. **Returns:** the encoder's hidden states."""
+        input_ids = check_token_ids(input_ids, self.config.vocab_size)
+        valid = jnp.ones(input_ids.shape, bool) if attention_mask is None else attention_mask.astype(bool)
+        return self.encoder(self.shared(input_ids), valid, self.config, key=key)
+
+    @classmethod
+    def key_map(cls, config: LongT5Config) -> KeyMap:
+        attention = "LocalSelfAttention"
+        return KeyMap(
+            rules=(
+                (f"encoder.block.0.layer.0.{attention}.relative_attention_bias.", "encoder.relative_attention_bias."),
+                ("encoder.block.{i}.", "encoder.block.layers."),
+                ("", ""),
+            ),
+            ignore=(r"encoder\.embed_tokens\.weight",),  # a tied copy of `shared.weight`
+        )

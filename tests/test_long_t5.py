@@ -1,0 +1,95 @@
+"""LongT5 (so far: the encoder with local attention) against transformers 4.57.6 PyTorch."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from oracle import max_diff_valid, randomise
+from test_conversion import assert_same_tree
+
+import eqx_models
+from eqx_models import nn
+from eqx_models.models import LongT5Config
+
+CONFIG = dict(vocab_size=73, d_model=24, d_kv=6, d_ff=40, num_layers=3, num_heads=4, local_radius=2,
+              relative_attention_num_buckets=8, relative_attention_max_distance=20, global_block_size=4)
+
+
+def hf_encoder(folder, seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = randomise(transformers.LongT5EncoderModel(transformers.LongT5Config(**{**CONFIG, **overrides})), seed)
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.mark.parametrize("feed_forward_proj", ["relu", "gated-gelu"])
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_local_encoder_matches_hf_on_right_padded_batch(tmp_path, feed_forward_proj, scan_layers):
+    reference = hf_encoder(tmp_path, feed_forward_proj=feed_forward_proj)
+    model = eqx_models.from_pretrained(tmp_path, scan_layers=scan_layers)
+    rng = np.random.default_rng(0)
+    lengths = [17, 11, 4]  # not multiples of the block length 3
+    ids = rng.integers(2, CONFIG["vocab_size"], (3, 17))
+    mask = (np.arange(17)[None] < np.array(lengths)[:, None]).astype(np.int64)
+    with torch.no_grad():
+        expected = reference(torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state.numpy()
+    ours = jax.vmap(lambda i, m: model(i, attention_mask=m))(ids, mask)
+    diff = max_diff_valid(ours, expected, mask)
+    print(f"LongT5 local encoder {feed_forward_proj} scan={scan_layers}: {diff:.2e}")
+    assert diff < 2e-5
+
+
+def test_local_attention_cost_is_linear_in_length(tmp_path):
+    """The bias (and so the attention) is [blocks, heads, block, 3 * block]: linear in length."""
+    hf_encoder(tmp_path)
+    model = eqx_models.from_pretrained(tmp_path)
+    from eqx_models.models.long_t5 import local_bias
+
+    for length in (30, 3000):
+        bias = local_bias(model.encoder.relative_attention_bias, jnp.ones((length,), bool), model.config)
+        assert bias.shape == (-(-length // 3), CONFIG["num_heads"], 3, 9)
+
+
+def test_formats_export_and_our_folder(tmp_path):
+    reference = hf_encoder(tmp_path / "hf", seed=1)
+    reference.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    model = eqx_models.from_pretrained(tmp_path / "hf")
+    assert_same_tree(eqx_models.from_pretrained(tmp_path / "bin"), model)
+    eqx_models.export_hf(model, tmp_path / "export")
+    reloaded = transformers.LongT5EncoderModel.from_pretrained(tmp_path / "export")
+    ours, theirs = reloaded.state_dict(), reference.state_dict()
+    assert ours.keys() == theirs.keys()
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=0, msg=name)
+    eqx_models.save_pretrained(model, tmp_path / "ours")
+    assert_same_tree(eqx_models.from_pretrained(tmp_path / "ours"), model)
+
+
+def test_relative_position_buckets_match_hf():
+    from transformers.models.longt5.modeling_longt5 import LongT5Attention
+
+    relative = np.arange(-300, 301)
+    for bidirectional in (True, False):
+        for buckets, distance in [(32, 128), (16, 40), (8, 20)]:
+            theirs = LongT5Attention._relative_position_bucket(
+                torch.tensor(relative), bidirectional=bidirectional, num_buckets=buckets, max_distance=distance
+            ).numpy()
+            ours = nn.relative_position_bucket(
+                jnp.asarray(relative), bidirectional=bidirectional, num_buckets=buckets, max_distance=distance
+            )
+            np.testing.assert_array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (dict(feed_forward_proj="gated-gelu-fast"), "not of the form"),
+        (dict(feed_forward_proj="swiglu"), "unsupported activation"),
+        (dict(encoder_attention_type="sparse"), "must be 'local' or 'transient-global'"),
+    ],
+)
+def test_bad_config_values_are_named(overrides, match):
+    with pytest.raises(eqx_models.ConfigError, match=match):
+        LongT5Config.from_hf_config({"model_type": "longt5", **CONFIG, **overrides})
