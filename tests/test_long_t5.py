@@ -13,8 +13,18 @@ import eqx_models
 from eqx_models import nn
 from eqx_models.models import LongT5Config
 
-CONFIG = dict(vocab_size=73, d_model=24, d_kv=6, d_ff=40, num_layers=3, num_heads=4, local_radius=2,
-              relative_attention_num_buckets=8, relative_attention_max_distance=20, global_block_size=4)
+CONFIG = dict(
+    vocab_size=73,
+    d_model=24,
+    d_kv=6,
+    d_ff=40,
+    num_layers=3,
+    num_heads=4,
+    local_radius=2,
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=20,
+    global_block_size=4,
+)
 
 
 def hf_encoder(folder, seed=0, **overrides):
