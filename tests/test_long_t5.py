@@ -34,10 +34,25 @@ def hf_encoder(folder, seed=0, **overrides):
     return model
 
 
-@pytest.mark.parametrize("feed_forward_proj", ["relu", "gated-gelu"])
-@pytest.mark.parametrize("scan_layers", [True, False])
-def test_local_encoder_matches_hf_on_right_padded_batch(tmp_path, feed_forward_proj, scan_layers):
-    reference = hf_encoder(tmp_path, feed_forward_proj=feed_forward_proj)
+ENCODERS = [  # attention type, feed-forward, global block size, scan
+    ("local", "relu", 4, True),
+    ("local", "gated-gelu", 4, False),
+    ("transient-global", "relu", 4, True),
+    ("transient-global", "gated-gelu", 3, True),
+    ("transient-global", "gated-gelu", 5, False),
+]
+
+
+@pytest.mark.parametrize("attention,feed_forward_proj,global_block_size,scan_layers", ENCODERS)
+def test_encoder_matches_hf_on_right_padded_batch(
+    tmp_path, attention, feed_forward_proj, global_block_size, scan_layers
+):
+    reference = hf_encoder(
+        tmp_path,
+        feed_forward_proj=feed_forward_proj,
+        encoder_attention_type=attention,
+        global_block_size=global_block_size,
+    )
     model = eqx_models.from_pretrained(tmp_path, scan_layers=scan_layers)
     rng = np.random.default_rng(0)
     lengths = [17, 11, 4]  # not multiples of the block length 3
@@ -47,7 +62,7 @@ def test_local_encoder_matches_hf_on_right_padded_batch(tmp_path, feed_forward_p
         expected = reference(torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state.numpy()
     ours = jax.vmap(lambda i, m: model(i, attention_mask=m))(ids, mask)
     diff = max_diff_valid(ours, expected, mask)
-    print(f"LongT5 local encoder {feed_forward_proj} scan={scan_layers}: {diff:.2e}")
+    print(f"LongT5 {attention} encoder {feed_forward_proj} global block {global_block_size}: {diff:.2e}")
     assert diff < 2e-5
 
 
@@ -75,6 +90,20 @@ def test_formats_export_and_our_folder(tmp_path):
         torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=0, msg=name)
     eqx_models.save_pretrained(model, tmp_path / "ours")
     assert_same_tree(eqx_models.from_pretrained(tmp_path / "ours"), model)
+
+
+@pytest.mark.parametrize("global_block_size", [2, 3, 4, 7, 16])
+def test_global_block_ids_match_hf_including_orphans_and_padding(global_block_size):
+    from transformers.models.longt5.modeling_longt5 import _make_global_fixed_block_ids
+
+    from eqx_models.models.long_t5 import global_block_ids
+
+    for length, real in [(50, 50), (50, 37), (200, 131), (16, 3)]:
+        mask = (np.arange(length) < real).astype(np.float32)
+        ids, segments = _make_global_fixed_block_ids(torch.tensor(mask[None]), global_block_size)
+        ours = global_block_ids(jnp.asarray(mask.astype(bool)), global_block_size)
+        np.testing.assert_array_equal(ours[0], ids[0].numpy())
+        np.testing.assert_array_equal(ours[1], segments[0].numpy())
 
 
 def test_relative_position_buckets_match_hf():

@@ -7,9 +7,8 @@ are HF's (`shared`, `encoder.block.{i}.layer.0.LocalSelfAttention.q`, `...layer.
 `final_layer_norm`). The relative attention bias, which HF stores in block 0, lives once per
 stack (`encoder.relative_attention_bias`) so that the blocks can be scanned.
 
-Written so far: `LongT5EncoderModel` with `local` attention. Transient-global attention, the
-decoder, `LongT5Model` and `LongT5ForConditionalGeneration` are still to come; a config asking
-for transient-global attention is refused with a `ConfigError`.
+Written so far: `LongT5EncoderModel` with `local` and `transient-global` attention. The
+decoder, `LongT5Model` and `LongT5ForConditionalGeneration` are still to come.
 """
 
 import dataclasses
@@ -62,10 +61,7 @@ class LongT5Config(ModelConfig):
             self.encoder_attention_type in ("local", "transient-global"),
             f"encoder_attention_type must be 'local' or 'transient-global', got {self.encoder_attention_type!r}",
         )
-        require(
-            self.encoder_attention_type == "local",
-            "encoder_attention_type 'transient-global' is not implemented yet in eqx_models (issue 5)",
-        )
+        require(self.global_block_size >= 1, f"global_block_size must be >= 1, got {self.global_block_size}")
         require(self.local_radius >= 0, f"local_radius must be >= 0, got {self.local_radius}")
         self.activation  # validates feed_forward_proj
 
@@ -171,6 +167,128 @@ def local_bias(
     return position_bias[None] + jnp.where(allowed, 0.0, MASKED)[:, None]
 
 
+def global_block_ids(
+    valid: Bool[Array, " seq"], global_block_size: int
+) -> tuple[Int[Array, " seq"], Int[Array, " globals"]]:
+    """HF's fixed global blocks: each real token's block (`i // global_block_size`, orphan
+    tokens of a last incomplete block joining the block before), -1 for padding; and per
+    global block, 1 if any real token belongs to it or to a later block."""
+    seq = valid.shape[0]
+    step = jnp.float32(1.0 / global_block_size)
+    # i / global_block_size exactly as upstream rounds it: torch's cumsum of float32 steps
+    # accumulates in double and rounds once, which is (i + 1) * step rounded to float32
+    # (jnp.cumsum rounds differently, and the rounding moves block boundaries)
+    fixed = jnp.arange(1, seq + 1, dtype=jnp.float32) * step - step
+    offset = jnp.where(valid, 1.0, -1000.0)
+    ids = jnp.maximum(jnp.floor(offset + fixed - 1.0), -1.0)
+    ids = jnp.where(valid, ids, -1.0).astype(jnp.int32)
+    block_ends = (jnp.arange(seq) % global_block_size) == global_block_size - 1
+    full_blocks = jnp.sum(block_ends & (ids >= 0)).astype(jnp.int32) - 1
+    ids = jnp.where(ids < full_blocks, ids, full_blocks)
+    num_globals = seq // global_block_size
+    segments = (jnp.arange(num_globals) <= jnp.max(ids)).astype(jnp.int32)
+    return ids, segments
+
+
+def side_bias(
+    global_relative_bias: nn.Embedding, valid: Bool[Array, " seq"], config: LongT5Config
+) -> Float[Array, "blocks heads block globals"]:
+    """Bias of every token towards every global block: relative buckets of `global - block`
+    and -1e10 where the token's validity differs from the global block's."""
+    ids, segments = global_block_ids(valid, config.global_block_size)
+    length = config.block_len
+    blocks = -(-valid.shape[0] // length)
+    relative = jnp.arange(segments.shape[0])[None, :] - ids[:, None]  # [seq, globals]
+    buckets = nn.relative_position_bucket(
+        relative,
+        bidirectional=True,
+        num_buckets=config.relative_attention_num_buckets,
+        max_distance=config.relative_attention_max_distance,
+    )
+    bias = jnp.where(valid.astype(jnp.int32)[:, None] == segments[None, :], 0.0, MASKED)
+    bias = bias + global_relative_bias(buckets).astype(jnp.float32).transpose(2, 0, 1)  # [heads, seq, globals]
+    bias = jnp.pad(bias, ((0, 0), (0, blocks * length - valid.shape[0]), (0, 0)))
+    return bias.reshape(bias.shape[0], blocks, length, -1).transpose(1, 0, 2, 3)
+
+
+class LongT5TransientGlobalAttention(eqx.Module):
+    """Local attention plus attention to one summary per fixed block of `global_block_size`
+    tokens (their normalised sum), computed afresh in every layer."""
+
+    q: nn.Linear
+    k: nn.Linear
+    v: nn.Linear
+    o: nn.Linear
+    global_input_layer_norm: nn.RMSNorm
+    dropout: eqx.nn.Dropout
+    num_heads: int = eqx.field(static=True)
+    block_len: int = eqx.field(static=True)
+
+    def __init__(self, config: LongT5Config, *, dtype: DTypeLike, key: PRNGKeyArray):
+        kq, kk, kv, ko = jax.random.split(key, 4)
+        inner = config.num_heads * config.d_kv
+        self.q, self.k = (
+            _linear(config, config.d_model, inner, dtype, kq),
+            _linear(config, config.d_model, inner, dtype, kk),
+        )
+        self.v, self.o = (
+            _linear(config, config.d_model, inner, dtype, kv),
+            _linear(config, inner, config.d_model, dtype, ko),
+        )
+        self.global_input_layer_norm = _t5_norm(config, dtype)
+        self.dropout = eqx.nn.Dropout(config.dropout_rate)
+        self.num_heads, self.block_len = config.num_heads, config.block_len
+
+    def __call__(
+        self,
+        x: Float[Array, "seq dim"],
+        bias: tuple[Float[Array, "blocks heads block window"], Float[Array, "blocks heads block globals"]],
+        block_ids: Int[Array, " seq"],
+        *,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, "seq dim"]:
+        local, side = bias
+        seq, num_globals = x.shape[0], side.shape[-1]
+        blocks, length = local.shape[0], self.block_len
+        # each global input sums its block's tokens ([seq] -> [globals] one-hot, padding dropped)
+        members = jax.nn.one_hot(block_ids, num_globals, dtype=x.dtype)
+        global_inputs = self.global_input_layer_norm(jnp.einsum("nd,ng->gd", x, members))
+        q, k, v = nn.fused_projections(x, (self.q, self.k, self.v))
+        q, k, v = (
+            jnp.pad(t, ((0, blocks * length - seq), (0, 0))).reshape(blocks, length, self.num_heads, -1)
+            for t in (q, k, v)
+        )
+        side_k, side_v = (
+            t.reshape(num_globals, self.num_heads, -1) for t in (self.k(global_inputs), self.v(global_inputs))
+        )
+        k3, v3 = _three_blocks(k), _three_blocks(v)
+        local_scores = jnp.einsum("bqhd,bkhd->bhqk", q, k3, preferred_element_type=jnp.float32) + local
+        side_scores = jnp.einsum("bqhd,ghd->bhqg", q, side_k, preferred_element_type=jnp.float32) + side
+        probs = jax.nn.softmax(jnp.concatenate([local_scores, side_scores], axis=-1), axis=-1)
+        probs = self.dropout(probs, key=key).astype(v.dtype)
+        local_p, side_p = probs[..., : 3 * length], probs[..., 3 * length :]
+        out = jnp.einsum("bhqk,bkhd->bqhd", local_p, v3) + jnp.einsum("bhqg,ghd->bqhd", side_p, side_v)
+        return self.o(out.reshape(blocks * length, -1)[:seq])
+
+
+class LongT5LayerTransientGlobalSelfAttention(eqx.Module):
+    TransientGlobalSelfAttention: LongT5TransientGlobalAttention
+    layer_norm: nn.RMSNorm
+    dropout: eqx.nn.Dropout
+
+    def __init__(self, config: LongT5Config, *, dtype: DTypeLike, key: PRNGKeyArray):
+        self.TransientGlobalSelfAttention = LongT5TransientGlobalAttention(config, dtype=dtype, key=key)
+        self.layer_norm = _t5_norm(config, dtype)
+        self.dropout = eqx.nn.Dropout(config.dropout_rate)
+
+    def __call__(
+        self, x: Float[Array, "seq dim"], bias: tuple, block_ids: Int[Array, " seq"], *, key
+    ) -> Float[Array, "seq dim"]:
+        k1, k2 = (None, None) if key is None else jax.random.split(key)
+        attention = self.TransientGlobalSelfAttention(self.layer_norm(x), bias, block_ids, key=k1)
+        return x + self.dropout(attention, key=k2)
+
+
 class LongT5LayerLocalSelfAttention(eqx.Module):
     LocalSelfAttention: LongT5LocalAttention
     layer_norm: nn.RMSNorm
@@ -181,11 +299,9 @@ class LongT5LayerLocalSelfAttention(eqx.Module):
         self.layer_norm = _t5_norm(config, dtype)
         self.dropout = eqx.nn.Dropout(config.dropout_rate)
 
-    def __call__(
-        self, x: Float[Array, "seq dim"], bias: Float[Array, "blocks heads block window"], *, key: PRNGKeyArray | None
-    ) -> Float[Array, "seq dim"]:
+    def __call__(self, x: Float[Array, "seq dim"], bias: tuple, block_ids: None, *, key) -> Float[Array, "seq dim"]:
         k1, k2 = (None, None) if key is None else jax.random.split(key)
-        return x + self.dropout(self.LocalSelfAttention(self.layer_norm(x), bias, key=k1), key=k2)
+        return x + self.dropout(self.LocalSelfAttention(self.layer_norm(x), bias[0], key=k1), key=k2)
 
 
 class LongT5DenseReluDense(eqx.Module):
@@ -229,36 +345,39 @@ class LongT5LayerFF(eqx.Module):
 
 
 class LongT5EncoderBlock(eqx.Module):
-    layer: tuple[LongT5LayerLocalSelfAttention, LongT5LayerFF]
+    layer: tuple[LongT5LayerLocalSelfAttention | LongT5LayerTransientGlobalSelfAttention, LongT5LayerFF]
 
     def __init__(self, config: LongT5Config, *, dtype: DTypeLike, key: PRNGKeyArray):
         k1, k2 = jax.random.split(key)
-        self.layer = (
-            LongT5LayerLocalSelfAttention(config, dtype=dtype, key=k1),
-            LongT5LayerFF(config, dtype=dtype, key=k2),
-        )
+        transient = config.encoder_attention_type == "transient-global"
+        attention = LongT5LayerTransientGlobalSelfAttention if transient else LongT5LayerLocalSelfAttention
+        self.layer = (attention(config, dtype=dtype, key=k1), LongT5LayerFF(config, dtype=dtype, key=k2))
 
     def __call__(
-        self, x: Float[Array, "seq dim"], bias: Float[Array, "blocks heads block window"], *, key: PRNGKeyArray | None
+        self, x: Float[Array, "seq dim"], bias: tuple, block_ids: Int[Array, " seq"] | None, *, key: PRNGKeyArray | None
     ) -> Float[Array, "seq dim"]:
         k1, k2 = (None, None) if key is None else jax.random.split(key)
-        return self.layer[1](self.layer[0](x, bias, key=k1), key=k2)
+        return self.layer[1](self.layer[0](x, bias, block_ids, key=k1), key=k2)
 
 
 class LongT5Encoder(eqx.Module):
     """The encoder stack: embedding dropout, scanned blocks, final norm and dropout."""
 
     relative_attention_bias: nn.Embedding
+    global_relative_attention_bias: nn.Embedding | None
     block: nn.Stacked[LongT5EncoderBlock]
     final_layer_norm: nn.RMSNorm
     dropout: eqx.nn.Dropout
 
     def __init__(self, config: LongT5Config, *, dtype: DTypeLike, key: PRNGKeyArray):
-        k_bias, k_blocks = jax.random.split(key)
+        k_bias, k_global, k_blocks = jax.random.split(key, 3)
         std = config.initializer_factor * config.d_model**-0.5
-        self.relative_attention_bias = nn.Embedding(
-            config.relative_attention_num_buckets, config.num_heads, init_std=std, dtype=dtype, key=k_bias
+        bias_table = lambda k: nn.Embedding(  # noqa: E731
+            config.relative_attention_num_buckets, config.num_heads, init_std=std, dtype=dtype, key=k
         )
+        self.relative_attention_bias = bias_table(k_bias)
+        transient = config.encoder_attention_type == "transient-global"
+        self.global_relative_attention_bias = bias_table(k_global) if transient else None
         self.block = nn.Stacked(
             lambda k: LongT5EncoderBlock(config, dtype=dtype, key=k), config.num_layers, key=k_blocks
         )
@@ -275,10 +394,13 @@ class LongT5Encoder(eqx.Module):
     ) -> Float[Array, "seq dim"]:
         embed_key, layer_keys = split_layer_keys(key, config.num_layers)
         k_in, k_out = (None, None) if embed_key is None else jax.random.split(embed_key)
-        bias = local_bias(self.relative_attention_bias, valid, config)
+        bias, block_ids = (local_bias(self.relative_attention_bias, valid, config),), None
+        if self.global_relative_attention_bias is not None:
+            bias += (side_bias(self.global_relative_attention_bias, valid, config),)
+            block_ids = global_block_ids(valid, config.global_block_size)[0]
 
         def step(block: LongT5EncoderBlock, x, layer_key):
-            return block(x, bias, key=layer_key), None
+            return block(x, bias, block_ids, key=layer_key), None
 
         x, _ = self.block.scan(
             step, self.dropout(x, key=k_in), layer_keys, scan_layers=config.scan_layers, remat=config.remat
@@ -316,10 +438,16 @@ class LongT5EncoderModel(eqx.Module):
 
     @classmethod
     def key_map(cls, config: LongT5Config) -> KeyMap:
-        attention = "LocalSelfAttention"
+        attention = (
+            "TransientGlobalSelfAttention"
+            if config.encoder_attention_type == "transient-global"
+            else ("LocalSelfAttention")
+        )
+        block0 = f"encoder.block.0.layer.0.{attention}."
         return KeyMap(
             rules=(
-                (f"encoder.block.0.layer.0.{attention}.relative_attention_bias.", "encoder.relative_attention_bias."),
+                (block0 + "relative_attention_bias.", "encoder.relative_attention_bias."),
+                (block0 + "global_relative_attention_bias.", "encoder.global_relative_attention_bias."),
                 ("encoder.block.{i}.", "encoder.block.layers."),
                 ("", ""),
             ),
