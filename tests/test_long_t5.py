@@ -1,5 +1,7 @@
 """LongT5 (so far: the encoder with local attention) against transformers 4.57.6 PyTorch."""
 
+import copy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -132,3 +134,71 @@ def test_relative_position_buckets_match_hf():
 def test_bad_config_values_are_named(overrides, match):
     with pytest.raises(eqx_models.ConfigError, match=match):
         LongT5Config.from_hf_config({"model_type": "longt5", **CONFIG, **overrides})
+
+
+SEQ2SEQ = [  # attention, feed-forward, tied, decoder layers
+    ("local", "relu", True, 2),
+    ("transient-global", "gated-gelu", False, 4),
+]
+
+
+@pytest.mark.parametrize("attention,feed_forward_proj,tied,decoder_layers", SEQ2SEQ)
+def test_conditional_generation_logits_match_hf(tmp_path, attention, feed_forward_proj, tied, decoder_layers):
+    config = transformers.LongT5Config(
+        **{
+            **CONFIG,
+            "encoder_attention_type": attention,
+            "feed_forward_proj": feed_forward_proj,
+            "tie_word_embeddings": tied,
+            "num_decoder_layers": decoder_layers,
+        }
+    )
+    torch.manual_seed(0)
+    reference = randomise(transformers.LongT5ForConditionalGeneration(config))
+    reference.save_pretrained(tmp_path)
+    model = eqx_models.from_pretrained(tmp_path)
+    rng = np.random.default_rng(1)
+    ids = rng.integers(2, CONFIG["vocab_size"], (2, 19))
+    mask = (np.arange(19)[None] < np.array([[19], [12]])).astype(np.int64)
+    dec = rng.integers(2, CONFIG["vocab_size"], (2, 7))
+    dec_mask = (np.arange(7)[None] < np.array([[7], [5]])).astype(np.int64)
+
+    def hf_logits(model):
+        with torch.no_grad():
+            return model(
+                input_ids=torch.tensor(ids),
+                attention_mask=torch.tensor(mask),
+                decoder_input_ids=torch.tensor(dec),
+                decoder_attention_mask=torch.tensor(dec_mask),
+            ).logits.numpy()
+
+    expected = hf_logits(reference)
+    truth = hf_logits(copy.deepcopy(reference).double())  # HF in float64: the exact answer
+    ours = jax.vmap(lambda i, m, d, dm: model(i, d, attention_mask=m, decoder_attention_mask=dm))(
+        ids, mask, dec, dec_mask
+    )
+    diff = max_diff_valid(ours, expected, dec_mask)
+    ours_error, hf_error = max_diff_valid(ours, truth, dec_mask), max_diff_valid(expected, truth, dec_mask)
+    print(
+        f"LongT5ForConditionalGeneration {attention} {feed_forward_proj} tied={tied}: |ours - hf32| {diff:.2e}, "
+        f"|ours - hf64| {ours_error:.2e}, |hf32 - hf64| {hf_error:.2e}"
+    )
+    # as close to HF as HF's own float32 rounding allows: within 2e-5, or nearer the float64 truth than HF
+    assert diff < 2e-5 or ours_error <= hf_error
+    assert diff < 1e-4
+    eqx_models.export_hf(model, tmp_path / "export")
+    reloaded = transformers.LongT5ForConditionalGeneration.from_pretrained(tmp_path / "export").state_dict()
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(reloaded[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_shift_tokens_right_matches_hf():
+    from eqx_models.models.long_t5 import shift_tokens_right
+
+    reference = transformers.LongT5ForConditionalGeneration(
+        transformers.LongT5Config(**CONFIG, decoder_start_token_id=0)
+    )
+    labels = np.array([[5, 6, -100, -100], [7, 8, 9, 1]])
+    expected = reference._shift_right(torch.tensor(labels)).numpy()
+    ours = jax.vmap(lambda row: shift_tokens_right(row, 0, 0))(jnp.asarray(labels))
+    np.testing.assert_array_equal(ours, expected)

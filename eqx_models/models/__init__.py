@@ -18,7 +18,7 @@ from .big_bird import (
 )
 from .gemma import GemmaConfig, GemmaForCausalLM, GemmaModel
 from .gpt_neo import GPTNeoConfig, GPTNeoForCausalLM, GPTNeoModel
-from .long_t5 import LongT5Config, LongT5EncoderModel
+from .long_t5 import LongT5Config, LongT5EncoderModel, LongT5ForConditionalGeneration, LongT5Model
 from .xglm import XGLMConfig, XGLMForCausalLM, XGLMModel
 
 
@@ -38,7 +38,7 @@ FAMILIES: dict[str, Family] = {
     "gpt_neo": Family(GPTNeoConfig, GPTNeoModel, (GPTNeoModel, GPTNeoForCausalLM)),
     "gemma": Family(GemmaConfig, GemmaModel, (GemmaModel, GemmaForCausalLM)),
     "xglm": Family(XGLMConfig, XGLMModel, (XGLMModel, XGLMForCausalLM)),
-    "longt5": Family(LongT5Config, LongT5EncoderModel, (LongT5EncoderModel,)),
+    "longt5": Family(LongT5Config, LongT5Model, (LongT5Model, LongT5ForConditionalGeneration, LongT5EncoderModel)),
     "big_bird": Family(
         BigBirdConfig,
         BigBirdModel,

@@ -53,7 +53,7 @@ class LongT5Config(ModelConfig):
     encoder_attention_type: str = "local"
     pad_token_id: int | None = 0
     eos_token_id: int | tuple[int, ...] | None = 1
-    decoder_start_token_id: int | None = 0
+    decoder_start_token_id: int | None = None  # HF leaves it unset; released checkpoints use 0
     tie_word_embeddings: bool = True
 
     def __post_init__(self):
@@ -453,3 +453,293 @@ class LongT5EncoderModel(eqx.Module):
             ),
             ignore=(r"encoder\.embed_tokens\.weight",),  # a tied copy of `shared.weight`
         )
+
+
+class LongT5Attention(eqx.Module):
+    """Full T5 attention (decoder self-attention and cross-attention): no score scaling; the
+    relative bias and masks arrive as one additive `bias`."""
+
+    q: nn.Linear
+    k: nn.Linear
+    v: nn.Linear
+    o: nn.Linear
+    dropout: eqx.nn.Dropout
+    num_heads: int = eqx.field(static=True)
+
+    def __init__(self, config: LongT5Config, *, dtype: DTypeLike, key: PRNGKeyArray):
+        kq, kk, kv, ko = jax.random.split(key, 4)
+        inner = config.num_heads * config.d_kv
+        self.q, self.k = (
+            _linear(config, config.d_model, inner, dtype, kq),
+            _linear(config, config.d_model, inner, dtype, kk),
+        )
+        self.v, self.o = (
+            _linear(config, config.d_model, inner, dtype, kv),
+            _linear(config, inner, config.d_model, dtype, ko),
+        )
+        self.dropout = eqx.nn.Dropout(config.dropout_rate)
+        self.num_heads = config.num_heads
+
+    def __call__(
+        self,
+        x: Float[Array, "seq dim"],
+        source: Float[Array, "kv dim"],
+        bias: Float[Array, "#heads #seq kv"],
+        *,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, "seq dim"]:
+        heads = lambda t: t.reshape(t.shape[0], self.num_heads, -1)  # noqa: E731
+        q, k, v = heads(self.q(x)), heads(self.k(source)), heads(self.v(source))
+        scores = jnp.einsum("qhd,khd->hqk", q, k, preferred_element_type=jnp.float32) + bias
+        probs = self.dropout(jax.nn.softmax(scores, axis=-1), key=key).astype(v.dtype)
+        return self.o(jnp.einsum("hqk,khd->qhd", probs, v).reshape(x.shape[0], -1))
+
+
+class LongT5LayerSelfAttention(eqx.Module):
+    SelfAttention: LongT5Attention
+    layer_norm: nn.RMSNorm
+    dropout: eqx.nn.Dropout
+
+    def __init__(self, config: LongT5Config, *, dtype: DTypeLike, key: PRNGKeyArray):
+        self.SelfAttention = LongT5Attention(config, dtype=dtype, key=key)
+        self.layer_norm = _t5_norm(config, dtype)
+        self.dropout = eqx.nn.Dropout(config.dropout_rate)
+
+    def __call__(
+        self, x: Float[Array, "seq dim"], bias: Float[Array, "heads seq seq"], *, key
+    ) -> Float[Array, "seq dim"]:
+        k1, k2 = (None, None) if key is None else jax.random.split(key)
+        normed = self.layer_norm(x)
+        return x + self.dropout(self.SelfAttention(normed, normed, bias, key=k1), key=k2)
+
+
+class LongT5LayerCrossAttention(eqx.Module):
+    EncDecAttention: LongT5Attention
+    layer_norm: nn.RMSNorm
+    dropout: eqx.nn.Dropout
+
+    def __init__(self, config: LongT5Config, *, dtype: DTypeLike, key: PRNGKeyArray):
+        self.EncDecAttention = LongT5Attention(config, dtype=dtype, key=key)
+        self.layer_norm = _t5_norm(config, dtype)
+        self.dropout = eqx.nn.Dropout(config.dropout_rate)
+
+    def __call__(
+        self, x: Float[Array, "seq dim"], encoded: Float[Array, "src dim"], bias: Float[Array, "1 1 src"], *, key
+    ) -> Float[Array, "seq dim"]:
+        k1, k2 = (None, None) if key is None else jax.random.split(key)
+        return x + self.dropout(self.EncDecAttention(self.layer_norm(x), encoded, bias, key=k1), key=k2)
+
+
+class LongT5DecoderBlock(eqx.Module):
+    layer: tuple[LongT5LayerSelfAttention, LongT5LayerCrossAttention, LongT5LayerFF]
+
+    def __init__(self, config: LongT5Config, *, dtype: DTypeLike, key: PRNGKeyArray):
+        k1, k2, k3 = jax.random.split(key, 3)
+        self.layer = (
+            LongT5LayerSelfAttention(config, dtype=dtype, key=k1),
+            LongT5LayerCrossAttention(config, dtype=dtype, key=k2),
+            LongT5LayerFF(config, dtype=dtype, key=k3),
+        )
+
+    def __call__(self, x, self_bias, encoded, cross_bias, *, key) -> Float[Array, "seq dim"]:
+        k1, k2, k3 = (None,) * 3 if key is None else jax.random.split(key, 3)
+        x = self.layer[0](x, self_bias, key=k1)
+        x = self.layer[1](x, encoded, cross_bias, key=k2)
+        return self.layer[2](x, key=k3)
+
+
+class LongT5Decoder(eqx.Module):
+    """Causal self-attention with a unidirectional relative bias (once per stack),
+    cross-attention to the encoder output, feed-forward; final norm."""
+
+    relative_attention_bias: nn.Embedding
+    block: nn.Stacked[LongT5DecoderBlock]
+    final_layer_norm: nn.RMSNorm
+    dropout: eqx.nn.Dropout
+
+    def __init__(self, config: LongT5Config, *, dtype: DTypeLike, key: PRNGKeyArray):
+        k_bias, k_blocks = jax.random.split(key)
+        std = config.initializer_factor * config.d_model**-0.5
+        self.relative_attention_bias = nn.Embedding(
+            config.relative_attention_num_buckets, config.num_heads, init_std=std, dtype=dtype, key=k_bias
+        )
+        layers = config.num_layers if config.num_decoder_layers is None else config.num_decoder_layers
+        self.block = nn.Stacked(lambda k: LongT5DecoderBlock(config, dtype=dtype, key=k), layers, key=k_blocks)
+        self.final_layer_norm = _t5_norm(config, dtype)
+        self.dropout = eqx.nn.Dropout(config.dropout_rate)
+
+    def __call__(
+        self,
+        x: Float[Array, "tgt dim"],
+        valid: Bool[Array, " tgt"],
+        encoded: Float[Array, "src dim"],
+        encoded_valid: Bool[Array, " src"],
+        config: LongT5Config,
+        *,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, "tgt dim"]:
+        embed_key, layer_keys = split_layer_keys(key, self.block.num_layers)
+        k_in, k_out = (None, None) if embed_key is None else jax.random.split(embed_key)
+        slots = jnp.arange(x.shape[0])
+        buckets = nn.relative_position_bucket(
+            slots[None, :] - slots[:, None],
+            bidirectional=False,
+            num_buckets=config.relative_attention_num_buckets,
+            max_distance=config.relative_attention_max_distance,
+        )
+        mask = nn.causal_mask(slots, slots, valid)
+        self_bias = jnp.moveaxis(self.relative_attention_bias(buckets), -1, 0).astype(jnp.float32)
+        self_bias = self_bias + jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)
+        cross_bias = jnp.where(encoded_valid, 0.0, jnp.finfo(jnp.float32).min)[None, None, :]
+
+        def step(block: LongT5DecoderBlock, x, layer_key):
+            return block(x, self_bias, encoded, cross_bias, key=layer_key), None
+
+        x, _ = self.block.scan(
+            step, self.dropout(x, key=k_in), layer_keys, scan_layers=config.scan_layers, remat=config.remat
+        )
+        return self.dropout(self.final_layer_norm(x), key=k_out)
+
+
+class LongT5Model(eqx.Module):
+    """Encoder and decoder sharing `shared` embeddings; returns the decoder's hidden states."""
+
+    shared: nn.Embedding
+    encoder: LongT5Encoder
+    decoder: LongT5Decoder
+    config: LongT5Config = eqx.field(static=True)
+
+    def __init__(self, config: LongT5Config, *, dtype: DTypeLike = jnp.float32, key: PRNGKeyArray):
+        k1, k2, k3 = jax.random.split(key, 3)
+        self.shared = nn.Embedding(
+            config.vocab_size, config.d_model, init_std=config.initializer_factor, dtype=dtype, key=k1
+        )
+        self.encoder = LongT5Encoder(config, dtype=dtype, key=k2)
+        self.decoder = LongT5Decoder(config, dtype=dtype, key=k3)
+        self.config = config
+
+    def encode(
+        self,
+        input_ids: Int[Array, " src"],
+        *,
+        attention_mask: Int[Array, " src"] | Bool[Array, " src"] | None = None,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, "src d_model"]:
+        """The encoder's hidden states for one input sequence."""
+        input_ids = check_token_ids(input_ids, self.config.vocab_size)
+        valid = jnp.ones(input_ids.shape, bool) if attention_mask is None else attention_mask.astype(bool)
+        return self.encoder(self.shared(input_ids), valid, self.config, key=key)
+
+    def decode_full(
+        self,
+        decoder_input_ids: Int[Array, " tgt"],
+        encoded: Float[Array, "src d_model"],
+        *,
+        attention_mask: Int[Array, " src"] | Bool[Array, " src"] | None = None,
+        decoder_attention_mask: Int[Array, " tgt"] | Bool[Array, " tgt"] | None = None,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, "tgt d_model"]:
+        """The decoder's hidden states for a whole target sequence (no cache)."""
+        decoder_input_ids = check_token_ids(decoder_input_ids, self.config.vocab_size)
+        src_valid = jnp.ones(encoded.shape[:1], bool) if attention_mask is None else attention_mask.astype(bool)
+        tgt = decoder_input_ids.shape[0]
+        tgt_valid = jnp.ones((tgt,), bool) if decoder_attention_mask is None else decoder_attention_mask.astype(bool)
+        return self.decoder(self.shared(decoder_input_ids), tgt_valid, encoded, src_valid, self.config, key=key)
+
+    def __call__(
+        self,
+        input_ids: Int[Array, " src"],
+        decoder_input_ids: Int[Array, " tgt"],
+        *,
+        attention_mask: Int[Array, " src"] | Bool[Array, " src"] | None = None,
+        decoder_attention_mask: Int[Array, " tgt"] | Bool[Array, " tgt"] | None = None,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, "tgt d_model"]:
+        k1, k2 = (None, None) if key is None else jax.random.split(key)
+        encoded = self.encode(input_ids, attention_mask=attention_mask, key=k1)
+        return self.decode_full(
+            decoder_input_ids,
+            encoded,
+            attention_mask=attention_mask,
+            decoder_attention_mask=decoder_attention_mask,
+            key=k2,
+        )
+
+    @classmethod
+    def key_map(cls, config: LongT5Config) -> KeyMap:
+        encoder = LongT5EncoderModel.key_map(config)
+        return KeyMap(
+            rules=(
+                ("decoder.block.0.layer.0.SelfAttention.relative_attention_bias.", "decoder.relative_attention_bias."),
+                ("decoder.block.{i}.", "decoder.block.layers."),
+                *encoder.rules,
+            ),
+            ignore=encoder.ignore
+            + (
+                r"decoder\.embed_tokens\.weight",
+                r"decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight",
+            ),
+        )
+
+
+class LongT5ForConditionalGeneration(eqx.Module):
+    """LongT5 with its LM head; `model(input_ids, decoder_input_ids)` returns float32 logits
+    `[tgt, vocab]`. A tied head rescales the decoder output by `d_model ** -0.5`, as upstream."""
+
+    model: LongT5Model
+    lm_head: nn.Linear | None
+
+    def __init__(self, config: LongT5Config, *, dtype: DTypeLike = jnp.float32, key: PRNGKeyArray):
+        k1, k2 = jax.random.split(key)
+        self.model = LongT5Model(config, dtype=dtype, key=k1)
+        self.lm_head = (
+            None if config.tie_word_embeddings else _linear(config, config.d_model, config.vocab_size, dtype, k2)
+        )
+
+    @property
+    def config(self) -> LongT5Config:
+        return self.model.config
+
+    def __call__(
+        self,
+        input_ids: Int[Array, " src"],
+        decoder_input_ids: Int[Array, " tgt"],
+        *,
+        attention_mask: Int[Array, " src"] | Bool[Array, " src"] | None = None,
+        decoder_attention_mask: Int[Array, " tgt"] | Bool[Array, " tgt"] | None = None,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, "tgt vocab"]:
+        hidden = self.model(
+            input_ids,
+            decoder_input_ids,
+            attention_mask=attention_mask,
+            decoder_attention_mask=decoder_attention_mask,
+            key=key,
+        )
+        return self.logits(hidden)
+
+    def logits(self, hidden: Float[Array, "tgt d_model"]) -> Float[Array, "tgt vocab"]:
+        if self.lm_head is None:
+            return self.model.shared.attend(hidden * (self.config.d_model**-0.5)).astype(jnp.float32)
+        return self.lm_head(hidden).astype(jnp.float32)
+
+    @classmethod
+    def key_map(cls, config: LongT5Config) -> KeyMap:
+        # the encoder-decoder is not nested under a prefix in HF's names: `shared`, `encoder`,
+        # `decoder` and `lm_head` all sit at the top
+        base = LongT5Model.key_map(config)
+        tied = (r"lm_head\.weight",) if config.tie_word_embeddings else ()
+        return KeyMap(
+            rules=tuple((hf, "model." + tree) for hf, tree in base.rules[:-1])
+            + (("lm_head.", "lm_head."), ("", "model.")),
+            ignore=base.ignore + tied,
+        )
+
+
+def shift_tokens_right(
+    labels: Int[Array, " tgt"], decoder_start_token_id: int, pad_token_id: int
+) -> Int[Array, " tgt"]:
+    """Decoder inputs for training: labels shifted right behind `decoder_start_token_id`,
+    with label padding (-100) replaced by `pad_token_id`, as HF's `_shift_right`."""
+    shifted = jnp.concatenate([jnp.array([decoder_start_token_id], labels.dtype), labels[:-1]])
+    return jnp.where(shifted == -100, pad_token_id, shifted)
