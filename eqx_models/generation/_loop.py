@@ -53,6 +53,30 @@ def init_batched_cache(model: Any, batch: int, max_len: int) -> KVCache:
     )
 
 
+def _greedy_loop(step_fn, logits, tokens, start: int, cache, extra, max_new_tokens: int, eos_ids, pad_id: int):
+    """Greedy decoding shared by decoder-only and encoder-decoder models: pick the argmax,
+    write it at column `start + step`, stop rows at EOS (padding after), and feed the token
+    back through `step_fn(token [batch], cache, extra) -> (logits, cache, extra)`."""
+    batch = tokens.shape[0]
+    eos = jnp.asarray(eos_ids, jnp.int32)
+
+    def cond(state):
+        step, _, _, _, _, finished = state
+        return (step < max_new_tokens) & ~jnp.all(finished)
+
+    def body(state):
+        step, tokens, cache, logits, extra, finished = state
+        token = jnp.where(finished, pad_id, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+        tokens = lax.dynamic_update_slice(tokens, token[:, None], (0, start + step))
+        finished = finished | jnp.isin(token, eos)
+        logits, cache, extra = step_fn(token, cache, extra)
+        return step + 1, tokens, cache, logits, extra, finished
+
+    state = (jnp.zeros((), jnp.int32), tokens, cache, logits, extra, jnp.zeros((batch,), bool))
+    steps, tokens, *_ = lax.while_loop(cond, body, state)
+    return tokens, steps
+
+
 @eqx.filter_jit
 def _greedy(
     model: Any,
@@ -63,31 +87,46 @@ def _greedy(
     pad_id: int,
 ) -> tuple[Int[Array, "batch total"], Int[Array, ""]]:
     batch, prompt = input_ids.shape
-    total = prompt + max_new_tokens
     # HF's positions for left padding: count real tokens; padding gets position 1.
     positions = jnp.where(attention_mask, jnp.cumsum(attention_mask, axis=-1) - 1, 1).astype(jnp.int32)
-    cache = init_batched_cache(model, batch, total)
+    cache = init_batched_cache(model, batch, prompt + max_new_tokens)
     logits, cache = batched_decode(model, input_ids, cache, attention_mask, positions)
-    tokens = jnp.full((batch, total), pad_id, jnp.int32).at[:, :prompt].set(input_ids)
-    eos = jnp.asarray(eos_ids, jnp.int32)
+    tokens = jnp.full((batch, prompt + max_new_tokens), pad_id, jnp.int32).at[:, :prompt].set(input_ids)
 
-    def cond(state):
-        step, _, _, _, _, finished = state
-        return (step < max_new_tokens) & ~jnp.all(finished)
+    def step(token, cache, last_position):
+        position = last_position + 1
+        logits, cache = batched_decode(model, token[:, None], cache, jnp.ones((batch, 1), bool), position[:, None])
+        return logits[:, -1], cache, position
 
-    def body(state):
-        step, tokens, cache, logits, last_pos, finished = state
-        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        token = jnp.where(finished, pad_id, token)
-        tokens = lax.dynamic_update_slice(tokens, token[:, None], (0, prompt + step))
-        finished = finished | jnp.isin(token, eos)
-        position = last_pos + 1
-        new_logits, cache = batched_decode(model, token[:, None], cache, jnp.ones((batch, 1), bool), position[:, None])
-        return step + 1, tokens, cache, new_logits[:, -1], position, finished
+    return _greedy_loop(step, logits[:, -1], tokens, prompt, cache, positions[:, -1], max_new_tokens, eos_ids, pad_id)
 
-    state = (jnp.zeros((), jnp.int32), tokens, cache, logits[:, -1], positions[:, -1], jnp.zeros((batch,), bool))
-    steps, tokens, *_ = lax.while_loop(cond, body, state)
-    return tokens, steps
+
+@eqx.filter_jit
+def _greedy_seq2seq(
+    model: Any,
+    input_ids: Int[Array, "batch src"],
+    attention_mask: Bool[Array, "batch src"],
+    max_new_tokens: int,
+    eos_ids: tuple[int, ...],
+    pad_id: int,
+    start_id: int,
+) -> tuple[Int[Array, "batch total"], Int[Array, ""]]:
+    """Encode once, compute every layer's cross-attention keys/values once, then decode from
+    `decoder_start_token_id` with the self-attention cache."""
+    batch = input_ids.shape[0]
+    encoded = jax.vmap(lambda ids, mask: model.encode(ids, attention_mask=mask))(input_ids, attention_mask)
+    cross = jax.vmap(model.cross_kv)(encoded, attention_mask)
+    cache = init_batched_cache(model, batch, 1 + max_new_tokens)
+    axes = _cache_axes(cache)
+    decode = jax.vmap(model.decode, in_axes=(0, axes, 0), out_axes=(0, axes))
+    tokens = jnp.full((batch, 1 + max_new_tokens), pad_id, jnp.int32).at[:, 0].set(start_id)
+    logits, cache = decode(tokens[:, :1], cache, cross)
+
+    def step(token, cache, extra):
+        logits, cache = decode(token[:, None], cache, cross)
+        return logits[:, -1], cache, extra
+
+    return _greedy_loop(step, logits[:, -1], tokens, 1, cache, None, max_new_tokens, eos_ids, pad_id)
 
 
 def _as_ids(value: Any, name: str) -> np.ndarray:
@@ -116,8 +155,10 @@ def generate(
     - `eos_token_id`: id or ids that end a row; defaults to the config's; `None` never stops early.
     - `pad_token_id`: fills a row after its EOS; defaults to the config's, else the EOS id.
 
-    **Returns:** `[batch, seq + steps]` prompt plus new tokens, as HF `generate`; `steps`
-    is smaller than `max_new_tokens` when every row hit EOS early.
+    **Returns:** `[batch, seq + steps]` prompt plus new tokens, as HF `generate` (for
+    encoder-decoder models, `[batch, 1 + steps]` decoder sequences starting with
+    `decoder_start_token_id`); `steps` is smaller than `max_new_tokens` when every row hit
+    EOS early.
     """
     config = model.config
     ids = _as_ids(input_ids, "input_ids")
@@ -141,7 +182,12 @@ def generate(
     pad = config.pad_token_id if pad_token_id is _FROM_CONFIG else pad_token_id
     if pad is None:
         pad = eos_ids[0] if eos_ids else 0
-    tokens, steps = _greedy(
-        model, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, bool), max_new_tokens, eos_ids, int(pad)
-    )
+    ids, mask = jnp.asarray(ids, jnp.int32), jnp.asarray(mask, bool)
+    if hasattr(model, "encode"):  # encoder-decoder: returns decoder sequences, as HF
+        start = config.decoder_start_token_id
+        if start is None:
+            raise InputError("the config has no decoder_start_token_id; set it (LongT5 uses the pad id, 0)")
+        tokens, steps = _greedy_seq2seq(model, ids, mask, max_new_tokens, eos_ids, int(pad), int(start))
+        return tokens[:, : 1 + int(steps)]
+    tokens, steps = _greedy(model, ids, mask, max_new_tokens, eos_ids, int(pad))
     return tokens[:, : ids.shape[1] + int(steps)]

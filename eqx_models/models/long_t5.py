@@ -24,7 +24,7 @@ from .. import nn
 from ..checkpoint.keymap import KeyMap
 from ..errors import ConfigError
 from ._config import ModelConfig, require
-from ._decoder import check_token_ids, split_layer_keys
+from ._decoder import DecoderInputs, check_token_ids, decoder_inputs, split_layer_keys
 
 MASKED = -1e10  # HF's additive mask value for LongT5
 
@@ -480,16 +480,19 @@ class LongT5Attention(eqx.Module):
         self.dropout = eqx.nn.Dropout(config.dropout_rate)
         self.num_heads = config.num_heads
 
-    def __call__(
+    def heads(self, layer: nn.Linear, x: Float[Array, "seq dim"]) -> Float[Array, "seq heads head_dim"]:
+        return layer(x).reshape(x.shape[0], self.num_heads, -1)
+
+    def attend(
         self,
         x: Float[Array, "seq dim"],
-        source: Float[Array, "kv dim"],
+        k: Float[Array, "kv heads head_dim"],
+        v: Float[Array, "kv heads head_dim"],
         bias: Float[Array, "#heads #seq kv"],
         *,
         key: PRNGKeyArray | None = None,
     ) -> Float[Array, "seq dim"]:
-        heads = lambda t: t.reshape(t.shape[0], self.num_heads, -1)  # noqa: E731
-        q, k, v = heads(self.q(x)), heads(self.k(source)), heads(self.v(source))
+        q = self.heads(self.q, x)
         scores = jnp.einsum("qhd,khd->hqk", q, k, preferred_element_type=jnp.float32) + bias
         probs = self.dropout(jax.nn.softmax(scores, axis=-1), key=key).astype(v.dtype)
         return self.o(jnp.einsum("hqk,khd->qhd", probs, v).reshape(x.shape[0], -1))
@@ -506,11 +509,21 @@ class LongT5LayerSelfAttention(eqx.Module):
         self.dropout = eqx.nn.Dropout(config.dropout_rate)
 
     def __call__(
-        self, x: Float[Array, "seq dim"], bias: Float[Array, "heads seq seq"], *, key
-    ) -> Float[Array, "seq dim"]:
+        self,
+        x: Float[Array, "seq dim"],
+        bias: Float[Array, "heads seq kv"],
+        write: nn.LayerWrite | None,
+        layer: Int[Array, ""],
+        *,
+        key: PRNGKeyArray | None,
+    ) -> tuple[Float[Array, "seq dim"], nn.LayerWrite | None]:
         k1, k2 = (None, None) if key is None else jax.random.split(key)
+        attention = self.SelfAttention
         normed = self.layer_norm(x)
-        return x + self.dropout(self.SelfAttention(normed, normed, bias, key=k1), key=k2)
+        write, k, v = nn.cached_kv(
+            write, layer, attention.heads(attention.k, normed), attention.heads(attention.v, normed)
+        )
+        return x + self.dropout(attention.attend(normed, k, v, bias, key=k1), key=k2), write
 
 
 class LongT5LayerCrossAttention(eqx.Module):
@@ -524,10 +537,15 @@ class LongT5LayerCrossAttention(eqx.Module):
         self.dropout = eqx.nn.Dropout(config.dropout_rate)
 
     def __call__(
-        self, x: Float[Array, "seq dim"], encoded: Float[Array, "src dim"], bias: Float[Array, "1 1 src"], *, key
+        self,
+        x: Float[Array, "seq dim"],
+        cross: tuple[Float[Array, "src heads head_dim"], Float[Array, "src heads head_dim"]],
+        bias: Float[Array, "1 1 src"],
+        *,
+        key: PRNGKeyArray | None,
     ) -> Float[Array, "seq dim"]:
         k1, k2 = (None, None) if key is None else jax.random.split(key)
-        return x + self.dropout(self.EncDecAttention(self.layer_norm(x), encoded, bias, key=k1), key=k2)
+        return x + self.dropout(self.EncDecAttention.attend(self.layer_norm(x), *cross, bias, key=k1), key=k2)
 
 
 class LongT5DecoderBlock(eqx.Module):
@@ -541,16 +559,31 @@ class LongT5DecoderBlock(eqx.Module):
             LongT5LayerFF(config, dtype=dtype, key=k3),
         )
 
-    def __call__(self, x, self_bias, encoded, cross_bias, *, key) -> Float[Array, "seq dim"]:
+    def cross_kv(
+        self, encoded: Float[Array, "src dim"]
+    ) -> tuple[Float[Array, "src heads head_dim"], Float[Array, "src heads head_dim"]]:
+        """This layer's cross-attention keys and values, computed once per input."""
+        attention = self.layer[1].EncDecAttention
+        return attention.heads(attention.k, encoded), attention.heads(attention.v, encoded)
+
+    def __call__(self, x, self_bias, write, index, cross, cross_bias, *, key):
         k1, k2, k3 = (None,) * 3 if key is None else jax.random.split(key, 3)
-        x = self.layer[0](x, self_bias, key=k1)
-        x = self.layer[1](x, encoded, cross_bias, key=k2)
-        return self.layer[2](x, key=k3)
+        x, write = self.layer[0](x, self_bias, write, index, key=k1)
+        x = self.layer[1](x, cross, cross_bias, key=k2)
+        return self.layer[2](x, key=k3), write
+
+
+class CrossKV(eqx.Module):
+    """Every decoder layer's cross-attention keys and values and the encoder's padding."""
+
+    keys: Float[Array, "layers src heads head_dim"]
+    values: Float[Array, "layers src heads head_dim"]
+    valid: Bool[Array, " src"]
 
 
 class LongT5Decoder(eqx.Module):
-    """Causal self-attention with a unidirectional relative bias (once per stack),
-    cross-attention to the encoder output, feed-forward; final norm."""
+    """Causal self-attention with a unidirectional relative bias (once per stack) and an
+    optional KV cache, cross-attention to the encoder output, feed-forward; final norm."""
 
     relative_attention_bias: nn.Embedding
     block: nn.Stacked[LongT5DecoderBlock]
@@ -568,37 +601,49 @@ class LongT5Decoder(eqx.Module):
         self.final_layer_norm = _t5_norm(config, dtype)
         self.dropout = eqx.nn.Dropout(config.dropout_rate)
 
+    def cross_kv(self, encoded: Float[Array, "src dim"], valid: Bool[Array, " src"], config: LongT5Config) -> CrossKV:
+        _, (keys, values) = self.block.scan(
+            lambda block, carry, _: (carry, block.cross_kv(encoded)), None, scan_layers=config.scan_layers
+        )
+        return CrossKV(keys, values, valid)
+
     def __call__(
         self,
         x: Float[Array, "tgt dim"],
-        valid: Bool[Array, " tgt"],
-        encoded: Float[Array, "src dim"],
-        encoded_valid: Bool[Array, " src"],
+        inputs: DecoderInputs,
+        cross: CrossKV,
         config: LongT5Config,
         *,
         key: PRNGKeyArray | None = None,
-    ) -> Float[Array, "tgt dim"]:
+    ) -> tuple[Float[Array, "tgt dim"], nn.KVCache | None]:
         embed_key, layer_keys = split_layer_keys(key, self.block.num_layers)
         k_in, k_out = (None, None) if embed_key is None else jax.random.split(embed_key)
-        slots = jnp.arange(x.shape[0])
         buckets = nn.relative_position_bucket(
-            slots[None, :] - slots[:, None],
+            inputs.kv_slots[None, :] - inputs.slots[:, None],
             bidirectional=False,
             num_buckets=config.relative_attention_num_buckets,
             max_distance=config.relative_attention_max_distance,
         )
-        mask = nn.causal_mask(slots, slots, valid)
+        mask = nn.causal_mask(inputs.slots, inputs.kv_slots, inputs.kv_valid)
         self_bias = jnp.moveaxis(self.relative_attention_bias(buckets), -1, 0).astype(jnp.float32)
         self_bias = self_bias + jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)
-        cross_bias = jnp.where(encoded_valid, 0.0, jnp.finfo(jnp.float32).min)[None, None, :]
+        cross_bias = jnp.where(cross.valid, 0.0, jnp.finfo(jnp.float32).min)[None, None, :]
 
-        def step(block: LongT5DecoderBlock, x, layer_key):
-            return block(x, self_bias, encoded, cross_bias, key=layer_key), None
+        def step(block: LongT5DecoderBlock, carry, per_layer):
+            x, write = carry
+            index, keys, values, layer_key = per_layer
+            x, write = block(x, self_bias, write, index, (keys, values), cross_bias, key=layer_key)
+            return (x, write), None
 
-        x, _ = self.block.scan(
-            step, self.dropout(x, key=k_in), layer_keys, scan_layers=config.scan_layers, remat=config.remat
+        per_layer = (jnp.arange(self.block.num_layers, dtype=jnp.int32), cross.keys, cross.values, layer_keys)
+        (x, write), _ = self.block.scan(
+            step,
+            (self.dropout(x, key=k_in), inputs.write),
+            per_layer,
+            scan_layers=config.scan_layers,
+            remat=config.remat,
         )
-        return self.dropout(self.final_layer_norm(x), key=k_out)
+        return self.dropout(self.final_layer_norm(x), key=k_out), inputs.finish(write)
 
 
 class LongT5Model(eqx.Module):
@@ -630,6 +675,15 @@ class LongT5Model(eqx.Module):
         valid = jnp.ones(input_ids.shape, bool) if attention_mask is None else attention_mask.astype(bool)
         return self.encoder(self.shared(input_ids), valid, self.config, key=key)
 
+    def cross_kv(
+        self,
+        encoded: Float[Array, "src d_model"],
+        attention_mask: Int[Array, " src"] | Bool[Array, " src"] | None = None,
+    ) -> CrossKV:
+        """Every decoder layer's cross-attention keys and values for one encoded input."""
+        valid = jnp.ones(encoded.shape[:1], bool) if attention_mask is None else attention_mask.astype(bool)
+        return self.decoder.cross_kv(encoded, valid, self.config)
+
     def decode_full(
         self,
         decoder_input_ids: Int[Array, " tgt"],
@@ -641,10 +695,27 @@ class LongT5Model(eqx.Module):
     ) -> Float[Array, "tgt d_model"]:
         """The decoder's hidden states for a whole target sequence (no cache)."""
         decoder_input_ids = check_token_ids(decoder_input_ids, self.config.vocab_size)
-        src_valid = jnp.ones(encoded.shape[:1], bool) if attention_mask is None else attention_mask.astype(bool)
-        tgt = decoder_input_ids.shape[0]
-        tgt_valid = jnp.ones((tgt,), bool) if decoder_attention_mask is None else decoder_attention_mask.astype(bool)
-        return self.decoder(self.shared(decoder_input_ids), tgt_valid, encoded, src_valid, self.config, key=key)
+        inputs = decoder_inputs(decoder_input_ids, decoder_attention_mask, None, None)
+        cross = self.cross_kv(encoded, attention_mask)
+        hidden, _ = self.decoder(self.shared(decoder_input_ids), inputs, cross, self.config, key=key)
+        return hidden
+
+    def decode(
+        self,
+        decoder_input_ids: Int[Array, " new"],
+        cache: nn.KVCache,
+        cross: CrossKV,
+    ) -> tuple[Float[Array, "new d_model"], nn.KVCache]:
+        """Cached decoding: hidden states of the `new` decoder tokens and the updated cache."""
+        decoder_input_ids = check_token_ids(decoder_input_ids, self.config.vocab_size)
+        inputs = decoder_inputs(decoder_input_ids, None, None, cache)
+        return self.decoder(self.shared(decoder_input_ids), inputs, cross, self.config)
+
+    def init_cache(self, max_len: int, dtype: DTypeLike | None = None) -> nn.KVCache:
+        """An empty decoder self-attention cache for `max_len` target tokens."""
+        cfg = self.config
+        dtype = dtype or self.shared.weight.dtype
+        return nn.KVCache.empty(self.decoder.block.num_layers, max_len, cfg.num_heads, cfg.d_kv, dtype)
 
     def __call__(
         self,
@@ -717,6 +788,32 @@ class LongT5ForConditionalGeneration(eqx.Module):
             key=key,
         )
         return self.logits(hidden)
+
+    def encode(
+        self,
+        input_ids: Int[Array, " src"],
+        *,
+        attention_mask: Int[Array, " src"] | Bool[Array, " src"] | None = None,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, "src d_model"]:
+        return self.model.encode(input_ids, attention_mask=attention_mask, key=key)
+
+    def cross_kv(
+        self,
+        encoded: Float[Array, "src d_model"],
+        attention_mask: Int[Array, " src"] | Bool[Array, " src"] | None = None,
+    ) -> CrossKV:
+        return self.model.cross_kv(encoded, attention_mask)
+
+    def decode(
+        self, decoder_input_ids: Int[Array, " new"], cache: nn.KVCache, cross: CrossKV
+    ) -> tuple[Float[Array, "new vocab"], nn.KVCache]:
+        """Cached step: logits for the `new` decoder tokens and the updated cache."""
+        hidden, cache = self.model.decode(decoder_input_ids, cache, cross)
+        return self.logits(hidden), cache
+
+    def init_cache(self, max_len: int, dtype: DTypeLike | None = None) -> nn.KVCache:
+        return self.model.init_cache(max_len, dtype)
 
     def logits(self, hidden: Float[Array, "tgt d_model"]) -> Float[Array, "tgt vocab"]:
         if self.lm_head is None:
