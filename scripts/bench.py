@@ -262,9 +262,64 @@ def big_bird_rows(root: str, runs: int) -> list[tuple[str, str]]:
     return rows
 
 
+def long_t5_rows(root: str, runs: int) -> list[tuple[str, str]]:
+    """Base-width LongT5 encoder (d_model 768, 12 heads, 2 layers, transient-global, local
+    radius 127, global blocks of 16) at 2k, 8k and 16k tokens: ours against HF PyTorch
+    (HF's Flax LongT5 no longer runs on current JAX)."""
+    import equinox as eqx
+    import torch
+    import transformers
+
+    import eqx_models
+
+    folder = os.path.join(root, "longt5")
+    config = transformers.LongT5Config(
+        vocab_size=32128,
+        d_model=768,
+        d_kv=64,
+        d_ff=2048,
+        num_layers=2,
+        num_heads=12,
+        encoder_attention_type="transient-global",
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+    )
+    torch.manual_seed(0)
+    transformers.LongT5EncoderModel(config).save_pretrained(folder)
+    model = eqx_models.from_pretrained(folder)
+    params, static = eqx.partition(model, eqx.is_array)
+    forward = jax.jit(lambda p, i: jax.vmap(eqx.combine(p, static))(i))
+    torch.set_num_threads(os.cpu_count() or 1)
+    reference = transformers.LongT5EncoderModel.from_pretrained(folder).eval()
+    rows, per_token = [], {}
+    for length in (2048, 8192, 16384):
+        ids = np.random.default_rng(0).integers(5, 1000, (1, length)).astype(np.int32)
+        compiled = forward.lower(params, jax.numpy.asarray(ids)).compile()
+        memory = compiled.memory_analysis().temp_size_in_bytes / 2**20
+        tokens = jax.numpy.asarray(ids)
+        _, ours = interleaved({"ours": lambda c=compiled: c(params, tokens).block_until_ready()}, runs)
+
+        def hf_forward(ids=ids):
+            with torch.no_grad():
+                return reference(torch.tensor(ids, dtype=torch.long)).last_hidden_state
+
+        _, theirs = interleaved({"hf": hf_forward}, runs)
+        per_token[length] = ours["ours"] / length
+        rows += [
+            (f"LongT5-base TGlobal 2 layers {length} tokens: eqx_models", f"{ours['ours'] * 1e3:.0f} ms"),
+            (f"LongT5-base TGlobal 2 layers {length} tokens: HF PyTorch", f"{theirs['hf'] * 1e3:.0f} ms"),
+            (f"LongT5 {length}: ratio ours / HF PyTorch (target < 1)", f"{ours['ours'] / theirs['hf']:.2f}"),
+            (f"LongT5 {length}: XLA temporary memory", f"{memory:.0f} MiB"),
+        ]
+    rows.append(("LongT5 time per token 16k / 2k (target <= 1.3)", f"{per_token[16384] / per_token[2048]:.2f}"))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=[*CASES, "big_bird"], choices=[*CASES, "big_bird"])
+    parser.add_argument(
+        "--models", nargs="+", default=[*CASES, "big_bird", "longt5"], choices=[*CASES, "big_bird", "longt5"]
+    )
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")

@@ -1,14 +1,11 @@
-"""LongT5 (in progress, issue 5): T5 blocks whose encoder self-attention is local, that is
-blockwise with a three-block window and a relative bias per block, so time and memory grow
-linearly with input length.
+"""LongT5: a T5 encoder-decoder whose encoder self-attention is local (blockwise, a
+three-block window, one relative bias for every block) or transient-global (local plus
+attention to per-block summaries), so time and memory grow linearly with input length.
 
 Reference: HF `modeling_flax_longt5.py` and `modeling_longt5.py` (4.57.6). Attribute names
 are HF's (`shared`, `encoder.block.{i}.layer.0.LocalSelfAttention.q`, `...layer.1.DenseReluDense`,
-`final_layer_norm`). The relative attention bias, which HF stores in block 0, lives once per
-stack (`encoder.relative_attention_bias`) so that the blocks can be scanned.
-
-Written so far: `LongT5EncoderModel` with `local` and `transient-global` attention. The
-decoder, `LongT5Model` and `LongT5ForConditionalGeneration` are still to come.
+`final_layer_norm`). The relative attention biases, which HF stores in block 0, live once per
+stack so that the blocks can be scanned.
 """
 
 import dataclasses
