@@ -327,12 +327,12 @@ def main() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     rows = []
     with tempfile.TemporaryDirectory(prefix="eqx-bench-") as root:
+        special = {"big_bird": big_bird_rows, "longt5": long_t5_rows}
         for name in args.models:
-            rows += (
-                big_bird_rows(root, args.runs)
-                if name == "big_bird"
-                else run_case(CASES[name], args.seq, args.runs, root)
-            )
+            if name in special:
+                rows += special[name](root, args.runs)
+            else:
+                rows += run_case(CASES[name], args.seq, args.runs, root)
     print(f"machine: {os.cpu_count()} CPU cores, jax {jax.__version__}, backend {jax.default_backend()}")
     if args.markdown:
         print("| measurement | value |\n|---|---|")

@@ -247,9 +247,11 @@ class LongT5TransientGlobalAttention(eqx.Module):
         local, side = bias
         seq, num_globals = x.shape[0], side.shape[-1]
         blocks, length = local.shape[0], self.block_len
-        # each global input sums its block's tokens ([seq] -> [globals] one-hot, padding dropped)
-        members = jax.nn.one_hot(block_ids, num_globals, dtype=x.dtype)
-        global_inputs = self.global_input_layer_norm(jnp.einsum("nd,ng->gd", x, members))
+        # each global input sums its block's tokens (padding, id -1, is dropped); a segment sum
+        # is linear in length where upstream's one-hot matmul is quadratic
+        segments = jnp.where(block_ids >= 0, block_ids, num_globals)
+        sums = jax.ops.segment_sum(x, segments, num_segments=num_globals + 1)[:num_globals]
+        global_inputs = self.global_input_layer_norm(sums)
         q, k, v = nn.fused_projections(x, (self.q, self.k, self.v))
         q, k, v = (
             jnp.pad(t, ((0, blocks * length - seq), (0, 0))).reshape(blocks, length, self.num_heads, -1)
