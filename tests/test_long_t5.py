@@ -255,3 +255,40 @@ def test_cached_decoding_and_greedy_generation_match_hf(tmp_path, attention):
             pad_token_id=0,
         ).numpy()
     np.testing.assert_array_equal(ours, theirs)
+
+
+def test_flax_msgpack_and_pytorch_bin_give_the_same_tree(tmp_path):
+    """Public LongT5 checkpoints often ship only `flax_model.msgpack` and `pytorch_model.bin`.
+    HF's Flax LongT5 no longer runs on current JAX, so the msgpack is written here in Flax's
+    layout (nested dicts; `kernel` transposed, `embedding`, layer-norm `weight`)."""
+    import flax.serialization
+
+    config = transformers.LongT5Config(
+        **{**CONFIG, "encoder_attention_type": "transient-global", "tie_word_embeddings": False}
+    )
+    torch.manual_seed(4)
+    reference = randomise(transformers.LongT5ForConditionalGeneration(config), seed=4)
+    reference.save_pretrained(tmp_path / "safetensors")
+    reference.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    params: dict = {}
+    for name, value in reference.state_dict().items():
+        if name in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
+            continue  # tied copies of `shared`, absent from Flax checkpoints
+        array = value.numpy()
+        stem = name.removesuffix(".weight")
+        if "layer_norm" in name:
+            leaf = "weight"
+        elif "relative_attention_bias" in name or name == "shared.weight":
+            leaf = "embedding"
+        else:
+            leaf, array = "kernel", array.T
+        node = params
+        for part in stem.split("."):
+            node = node.setdefault(part, {})
+        node[leaf] = array
+    (tmp_path / "msgpack").mkdir()
+    (tmp_path / "msgpack" / "flax_model.msgpack").write_bytes(flax.serialization.msgpack_serialize(params))
+    (tmp_path / "msgpack" / "config.json").write_text((tmp_path / "safetensors" / "config.json").read_text())
+    expected = eqx_models.from_pretrained(tmp_path / "safetensors")
+    assert_same_tree(eqx_models.from_pretrained(tmp_path / "msgpack"), expected)
+    assert_same_tree(eqx_models.from_pretrained(tmp_path / "bin"), expected)
