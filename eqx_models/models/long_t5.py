@@ -87,6 +87,18 @@ def _linear(config: LongT5Config, d_in: int, d_out: int, dtype: DTypeLike, key: 
     return nn.Linear(d_in, d_out, use_bias=False, init_std=std, dtype=dtype, key=key)
 
 
+def _projections(config: LongT5Config, dtype: DTypeLike, key: PRNGKeyArray) -> tuple[nn.Linear, ...]:
+    """The bias-free `q`, `k`, `v` and `o` projections of every LongT5 attention."""
+    kq, kk, kv, ko = jax.random.split(key, 4)
+    inner = config.num_heads * config.d_kv
+    return (
+        _linear(config, config.d_model, inner, dtype, kq),
+        _linear(config, config.d_model, inner, dtype, kk),
+        _linear(config, config.d_model, inner, dtype, kv),
+        _linear(config, inner, config.d_model, dtype, ko),
+    )
+
+
 def _t5_norm(config: LongT5Config, dtype: DTypeLike) -> nn.RMSNorm:
     return nn.RMSNorm(config.d_model, eps=config.layer_norm_epsilon, dtype=dtype)
 
@@ -104,16 +116,7 @@ class LongT5LocalAttention(eqx.Module):
     block_len: int = eqx.field(static=True)
 
     def __init__(self, config: LongT5Config, *, dtype: DTypeLike, key: PRNGKeyArray):
-        kq, kk, kv, ko = jax.random.split(key, 4)
-        inner = config.num_heads * config.d_kv
-        self.q, self.k = (
-            _linear(config, config.d_model, inner, dtype, kq),
-            _linear(config, config.d_model, inner, dtype, kk),
-        )
-        self.v, self.o = (
-            _linear(config, config.d_model, inner, dtype, kv),
-            _linear(config, inner, config.d_model, dtype, ko),
-        )
+        self.q, self.k, self.v, self.o = _projections(config, dtype, key)
         self.dropout = eqx.nn.Dropout(config.dropout_rate)
         self.num_heads, self.block_len = config.num_heads, config.block_len
 
@@ -222,16 +225,7 @@ class LongT5TransientGlobalAttention(eqx.Module):
     block_len: int = eqx.field(static=True)
 
     def __init__(self, config: LongT5Config, *, dtype: DTypeLike, key: PRNGKeyArray):
-        kq, kk, kv, ko = jax.random.split(key, 4)
-        inner = config.num_heads * config.d_kv
-        self.q, self.k = (
-            _linear(config, config.d_model, inner, dtype, kq),
-            _linear(config, config.d_model, inner, dtype, kk),
-        )
-        self.v, self.o = (
-            _linear(config, config.d_model, inner, dtype, kv),
-            _linear(config, inner, config.d_model, dtype, ko),
-        )
+        self.q, self.k, self.v, self.o = _projections(config, dtype, key)
         self.global_input_layer_norm = _t5_norm(config, dtype)
         self.dropout = eqx.nn.Dropout(config.dropout_rate)
         self.num_heads, self.block_len = config.num_heads, config.block_len
@@ -466,16 +460,7 @@ class LongT5Attention(eqx.Module):
     num_heads: int = eqx.field(static=True)
 
     def __init__(self, config: LongT5Config, *, dtype: DTypeLike, key: PRNGKeyArray):
-        kq, kk, kv, ko = jax.random.split(key, 4)
-        inner = config.num_heads * config.d_kv
-        self.q, self.k = (
-            _linear(config, config.d_model, inner, dtype, kq),
-            _linear(config, config.d_model, inner, dtype, kk),
-        )
-        self.v, self.o = (
-            _linear(config, config.d_model, inner, dtype, kv),
-            _linear(config, inner, config.d_model, dtype, ko),
-        )
+        self.q, self.k, self.v, self.o = _projections(config, dtype, key)
         self.dropout = eqx.nn.Dropout(config.dropout_rate)
         self.num_heads = config.num_heads
 
