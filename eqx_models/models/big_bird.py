@@ -490,7 +490,6 @@ class _BigBirdHead(eqx.Module):
 
     bert: BigBirdModel
     head_rules: ClassVar[tuple[tuple[str, str], ...]]
-    with_pooler: ClassVar[bool] = True
 
     @property
     def config(self) -> BigBirdConfig:
