@@ -8,20 +8,22 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-from .errors import EqxModelsError
+from .errors import EqxModelsError, InputError
 
 
 def _convert(args: argparse.Namespace) -> None:
-    from .checkpoint.io import export_hf, load_with_report, save_pretrained
+    from .checkpoint.io import export_hf, load_with_report, save_pretrained, tokenizer_files
 
     started = time.perf_counter()
     model, report = load_with_report(args.src, dtype=args.dtype, progress=True)
     for path in report.initialised:
         print(f"note: {path} is not in the checkpoint and was freshly initialised", file=sys.stderr)
-    (export_hf if args.to == "hf" else save_pretrained)(model, args.dst, progress=True)
+    save = export_hf if args.to == "hf" else save_pretrained
+    save(model, args.dst, progress=True, extra_files=tokenizer_files(args.src))
     print(f"converted {args.src} -> {args.dst} ({args.to}, {time.perf_counter() - started:.1f}s)")
 
 
@@ -34,17 +36,74 @@ def _verify(args: argparse.Namespace) -> None:
         raise EqxModelsError(f"difference {diff:.3e} exceeds tolerance {args.tolerance:.1e}")
 
 
-def _generate(args: argparse.Namespace) -> None:
-    from . import from_pretrained, generate
-    from .text import ByteCodec
+def _sampling_options(args: argparse.Namespace) -> dict[str, Any]:
+    """`generate`/`stream` keyword arguments from the flags: sampling is on when any of
+    `--temperature`, `--top-k`, `--top-p` is given, except that `--temperature 0` is greedy."""
+    if args.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.num_beams < 1:
+        raise InputError(f"--num-beams must be at least 1, got {args.num_beams}")
+    if args.temperature is not None and args.temperature < 0:
+        raise InputError(f"--temperature must be 0 (greedy) or positive, got {args.temperature}")
+    options: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams}
+    wants_sampling = any(v is not None for v in (args.temperature, args.top_k, args.top_p))
+    if wants_sampling and args.temperature != 0:
+        import jax
 
+        options.update(do_sample=True, key=jax.random.key(args.seed))
+        options.update({k: v for k in ("temperature", "top_k", "top_p") if (v := getattr(args, k)) is not None})
+    return options
+
+
+def _until_eos(ids: list[int], eos_ids: set[int]) -> tuple[list[int], bool]:
+    """`ids` before the first EOS (which is dropped), and whether there was one."""
+    for i, token in enumerate(ids):
+        if token in eos_ids:
+            return ids[:i], True
+    return ids, False
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from . import from_pretrained
+    from .generation import generate, stream
+    from .text import StreamDecoder, load_codec
+
+    options = _sampling_options(args)
     model = from_pretrained(args.src, dtype=args.dtype)
-    codec = ByteCodec.for_model(model.config)
-    prompt = np.asarray([codec.encode(args.prompt)], np.int32)
-    tokens = np.asarray(generate(model, prompt, max_new_tokens=args.max_new_tokens))
-    new = tokens[0, prompt.shape[1] :].tolist()
-    print(f"prompt ids: {prompt[0].tolist()}\nnew ids:    {new}")
-    print("text:", repr(args.prompt + codec.decode(new)))
+    codec = load_codec(args.src, model.config)
+    prompt_ids = codec.encode(args.prompt)
+    prompt = np.asarray([prompt_ids], np.int32)
+    eos = model.config.eos_token_id
+    eos_ids = set() if eos is None else {int(e) for e in np.atleast_1d(eos)}
+    # An encoder-decoder model reads the prompt and writes new text: show only its output.
+    seq2seq = hasattr(model, "encode")
+    text = StreamDecoder(codec) if seq2seq else StreamDecoder(codec, prefix=prompt_ids)
+    if not seq2seq:
+        print(args.prompt, end="", flush=True)
+
+    started = time.perf_counter()
+    first = None  # (seconds, tokens) of the first chunk, which includes compilation
+    produced = 0
+    if args.num_beams > 1:  # beam search knows its best sequence only at the end
+        tokens = np.asarray(generate(model, prompt, **options))
+        new, ended = _until_eos(tokens[0, 1 if seq2seq else prompt.shape[1] :].tolist(), eos_ids)
+        produced = len(new) + int(ended)
+        print(text.push(new), end="")
+    else:
+        for chunk in stream(model, prompt, **options):
+            new, ended = _until_eos(np.asarray(chunk)[0].tolist(), eos_ids)
+            produced += len(new) + int(ended)
+            first = (time.perf_counter() - started, produced) if first is None else first
+            print(text.push(new), end="", flush=True)
+            if ended:
+                break
+    print(text.flush(), flush=True)
+    elapsed = time.perf_counter() - started
+    stats = f"{produced} new tokens in {elapsed:.2f}s, {produced / elapsed:.1f} tokens/s"
+    if first is not None and produced > first[1]:
+        rate = (produced - first[1]) / (elapsed - first[0])
+        stats += f" ({rate:.1f} tokens/s after the first chunk, which took {first[0]:.2f}s with compilation)"
+    print(stats, file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,10 +125,21 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--tolerance", type=float, default=1e-4)
     verify.set_defaults(run=_verify)
 
-    gen = commands.add_parser("generate", help="greedy generation from a prompt (byte-level ids)")
+    gen = commands.add_parser(
+        "generate",
+        help="generate text from a prompt, printed as it is produced",
+        description="Encodes the prompt with the folder's tokenizer.json (byte-level ids if it has none), "
+        "generates and prints the text as it comes. Greedy unless --temperature, --top-k or --top-p is "
+        "given; --temperature 0 is greedy.",
+    )
     gen.add_argument("src", help="a HF or eqx folder")
-    gen.add_argument("--prompt", default="def ")
+    gen.add_argument("--prompt", default="def ", help="the text to continue (encoder input for LongT5)")
     gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=None, help="sample at this temperature; 0 is greedy")
+    gen.add_argument("--top-k", type=int, default=None, help="sample from the K most likely tokens")
+    gen.add_argument("--top-p", type=float, default=None, help="sample from the smallest set of probability P")
+    gen.add_argument("--num-beams", type=int, default=1, help="beam search with B beams (printed at the end)")
+    gen.add_argument("--seed", type=int, default=0, help="random seed of the sampler (default 0)")
     gen.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
     gen.set_defaults(run=_generate)
     return parser

@@ -297,7 +297,7 @@ def test_bad_config_values_are_named():
 def test_causal_lm_logits_cache_and_greedy_generation_match_hf(tmp_path):
     from oracle import hf_positions, left_padded
 
-    from eqx_models.generation._loop import batched_decode, init_batched_cache
+    from eqx_models.generation import batched_decode, init_batched_cache
 
     reference = hf_bird(tmp_path, "BigBirdForCausalLM", seed=7, is_decoder=True, eos_token_id=2, pad_token_id=0)
     model = eqx_models.from_pretrained(tmp_path)

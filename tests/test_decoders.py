@@ -12,7 +12,7 @@ from oracle import hf_positions, left_padded, max_diff_valid, torch_logits
 from test_conversion import assert_same_tree
 
 import eqx_models
-from eqx_models.generation._loop import batched_decode, init_batched_cache
+from eqx_models.generation import batched_decode, init_batched_cache
 from eqx_models.models import GemmaConfig
 
 

@@ -8,7 +8,7 @@ import transformers
 from oracle import hf_positions, left_padded, max_diff_valid, randomise, torch_logits
 
 import eqx_models
-from eqx_models.generation._loop import batched_decode, init_batched_cache
+from eqx_models.generation import batched_decode, init_batched_cache
 from eqx_models.models import GPTNeoConfig, GPTNeoForCausalLM, GPTNeoModel
 
 TINY = dict(vocab_size=97, hidden_size=32, num_heads=4, max_position_embeddings=64, window_size=3)

@@ -206,7 +206,8 @@ def test_shift_tokens_right_matches_hf():
 
 @pytest.mark.parametrize("attention", ["local", "transient-global"])
 def test_cached_decoding_and_greedy_generation_match_hf(tmp_path, attention):
-    from eqx_models.generation._loop import _cache_axes, init_batched_cache
+    from eqx_models.generation._decoding import cache_axes as _cache_axes
+    from eqx_models.generation._decoding import init_batched_cache
 
     config = transformers.LongT5Config(
         **{

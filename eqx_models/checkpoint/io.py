@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,21 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _OWN_MAP = KeyMap(rules=(("", ""),))  # our own folders store tree paths, layers stacked
+#: Files beside the weights that a converted folder keeps: the tokenizer (fast and slow
+#: formats) and the generation defaults. Neither format's loader reads them.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "generation_config.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 
 
 def resolve_dtype(dtype: Any) -> Any:
@@ -186,6 +201,21 @@ def atomic_folder(destination: str | os.PathLike) -> Iterator[Path]:
         tmp.rename(destination)
 
 
+def tokenizer_files(folder: str | os.PathLike) -> list[Path]:
+    """The `TOKENIZER_FILES` present in `folder`, to pass as `extra_files` when converting."""
+    return [Path(folder) / name for name in TOKENIZER_FILES if (Path(folder) / name).is_file()]
+
+
+def _copy_extra_files(folder: Path, files: Iterable[str | os.PathLike]) -> None:
+    """Copies each file into `folder` under its own name; never over the weights or config."""
+    for source in map(Path, files):
+        if source.name in (CONFIG_NAME, WEIGHTS_NAME):
+            raise CheckpointError(f"extra file {source} would overwrite the {source.name} being written")
+        if not source.is_file():
+            raise CheckpointError(f"extra file {source} does not exist or is not a file")
+        shutil.copyfile(source, folder / source.name)
+
+
 def _write_config(folder: Path, config: dict[str, Any]) -> None:
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
@@ -199,9 +229,14 @@ def _hf_config(model: Any) -> dict[str, Any]:
     return hf
 
 
-def save_pretrained(model: Any, path: str | os.PathLike, *, progress: bool = False) -> None:
+def save_pretrained(
+    model: Any, path: str | os.PathLike, *, progress: bool = False, extra_files: Iterable[str | os.PathLike] = ()
+) -> None:
     """Writes our own folder: `config.json` (HF fields plus `eqx_models` metadata) and
-    `model.safetensors` keyed by tree path, layers stacked. Atomic."""
+    `model.safetensors` keyed by tree path, layers stacked. Atomic.
+
+    `extra_files` are copied in as they are, inside the same atomic write (the converter
+    passes the source folder's `tokenizer_files`)."""
     cls, config = type(model), model.config
     class_by_name(cls.__name__)  # fails clearly for an unregistered model
     hf = _hf_config(model)
@@ -216,14 +251,19 @@ def save_pretrained(model: Any, path: str | os.PathLike, *, progress: bool = Fal
     with atomic_folder(path) as tmp:
         save_file(arrays, tmp / WEIGHTS_NAME, metadata={"format": "eqx_models"})
         _write_config(tmp, hf)
+        _copy_extra_files(tmp, extra_files)
 
 
-def export_hf(model: Any, path: str | os.PathLike, *, progress: bool = False) -> None:
+def export_hf(
+    model: Any, path: str | os.PathLike, *, progress: bool = False, extra_files: Iterable[str | os.PathLike] = ()
+) -> None:
     """Writes a HF folder (`config.json` + `model.safetensors`, PyTorch names) that
-    `transformers` loads with identical weights. Atomic."""
+    `transformers` loads with identical weights. Atomic; `extra_files` as in
+    `save_pretrained`."""
     cls, config = type(model), model.config
     state = tree_to_state(model, cls.key_map(config), progress=progress)
     hf = _hf_config(model)
     with atomic_folder(path) as tmp:
         save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         _write_config(tmp, hf)
+        _copy_extra_files(tmp, extra_files)

@@ -1,0 +1,289 @@
+"""`generate` and `stream`: check the request on the host, bucket its shapes, run the
+compiled search, and trim the result the way HF's `generate` does."""
+
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import equinox as eqx
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from ..errors import InputError
+from ._config import FROM_CONFIG, GenerationConfig, resolve
+from ._processors import LogitsProcessor, build_processors
+from ._search import Request, beam_advance, beam_start, sample_advance, sample_start
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateOutput:
+    """What `generate(..., output_scores=True)` returns (HF's `return_dict_in_generate`).
+
+    - `sequences`: `[rows, total]` as `generate` returns them.
+    - `scores`: `[rows, steps, vocab]` processed scores of every step (beam search: the
+      processed log-probabilities of every running beam, `rows = batch * num_beams`).
+    - `sequences_scores`: `[rows]` length-penalised beam scores (beam search only).
+    """
+
+    sequences: Int[Array, "rows total"]
+    scores: Float[Array, "score_rows steps vocab"] | None = None
+    sequences_scores: Float[Array, " rows"] | None = None
+
+
+def size_class(n: int) -> int:
+    """The padded size for `n` prompt tokens or new tokens: the next power of two, at least
+    16. Requests in one class share a compiled program."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def _as_ids(value: Any, name: str) -> np.ndarray:
+    array = np.asarray(value)
+    if array.ndim != 2:
+        raise InputError(f"{name} must be [batch, seq]; got shape {array.shape}. Wrap one sequence as ids[None]")
+    return array
+
+
+def _checked_inputs(model: Any, input_ids: Any, attention_mask: Any) -> tuple[np.ndarray, np.ndarray]:
+    ids = _as_ids(input_ids, "input_ids")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise InputError(f"input_ids must hold integers, got dtype {ids.dtype}")
+    if ids.shape[1] == 0:
+        raise InputError("input_ids is empty: give at least one prompt token")
+    mask = np.ones(ids.shape, bool) if attention_mask is None else _as_ids(attention_mask, "attention_mask")
+    if mask.shape != ids.shape:
+        raise InputError(f"attention_mask has shape {mask.shape} but input_ids has {ids.shape}")
+    vocab = model.config.vocab_size
+    if ids.min() < 0 or ids.max() >= vocab:
+        raise InputError(f"input_ids hold ids outside [0, {vocab}): min {ids.min()}, max {ids.max()}")
+    return ids.astype(np.int32), mask.astype(bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """A checked request: bucketed arrays plus everything static about the program."""
+
+    ids: Array
+    mask: Array
+    request: Request
+    config: GenerationConfig
+    processors: tuple[LogitsProcessor, ...]
+    new_capacity: int
+    width: int  # the caller's prompt width
+    seq2seq: bool
+
+
+def _plan(model: Any, input_ids: Any, attention_mask: Any, custom: Sequence[LogitsProcessor], options) -> _Plan:
+    ids, mask = _checked_inputs(model, input_ids, attention_mask)
+    seq2seq = hasattr(model, "encode")
+    batch, width = ids.shape
+    options = dict(options)
+    unknown = set(options) - {f.name for f in dataclasses.fields(GenerationConfig)} - {"max_length"}
+    if unknown:
+        raise InputError(f"unknown generation options {sorted(unknown)}; see eqx_models.generation.GenerationConfig")
+    options.setdefault("max_new_tokens", None)
+    options.setdefault("max_length", None)
+    options.setdefault("eos_token_id", FROM_CONFIG)
+    options.setdefault("pad_token_id", FROM_CONFIG)
+    prompt_length = 1 if seq2seq else width
+    config = resolve(model.config, prompt_length=prompt_length, seq2seq=seq2seq, **options)
+    limit = model.config.position_limit
+    if limit is not None and not seq2seq and width + config.max_new_tokens > limit:
+        raise InputError(
+            f"prompt of {width} tokens plus max_new_tokens={config.max_new_tokens} "
+            f"exceeds the model's {limit} positions"
+        )
+    for processor in custom:
+        if not isinstance(processor, LogitsProcessor):
+            raise InputError(f"logits_processors must be LogitsProcessor modules, got {type(processor).__name__}")
+
+    padded = size_class(width)
+    fill = config.pad_token_id
+    if seq2seq:  # encoder input: pad on the right
+        ids = np.pad(ids, ((0, 0), (0, padded - width)), constant_values=fill)
+        mask = np.pad(mask, ((0, 0), (0, padded - width)))
+        first = 0
+    else:  # decoder prompt: pad on the left, where HF's positions ignore it
+        ids = np.pad(ids, ((0, 0), (padded - width, 0)), constant_values=fill)
+        mask = np.pad(mask, ((0, 0), (padded - width, 0)))
+        first = padded - width
+    request = Request(
+        first=jnp.asarray(first, jnp.int32),
+        prompt_length=jnp.asarray(prompt_length, jnp.int32),
+        budget=jnp.asarray(config.max_new_tokens, jnp.int32),
+    )
+    processors = build_processors(config, prompt_is_start_token=seq2seq, custom=tuple(custom))
+    return _Plan(
+        ids=jnp.asarray(ids),
+        mask=jnp.asarray(mask),
+        request=request,
+        config=config.static(),
+        processors=processors,
+        new_capacity=size_class(config.max_new_tokens),
+        width=width,
+        seq2seq=seq2seq,
+    )
+
+
+def _sample_program(model, ids, mask, request, config, processors, key, new_capacity):
+    decoder, state = sample_start(model, ids, mask, request, config, processors, key, new_capacity)
+    state = sample_advance(decoder, state, request.budget, request, config, processors, key, new_capacity)
+    return state.tokens, state.step, state.scores
+
+
+def _beam_program(model, ids, mask, request, config, processors, new_capacity):
+    decoder, state = beam_start(model, ids, mask, request, config, processors, new_capacity)
+    state = beam_advance(decoder, state, request.budget, request, config, processors, new_capacity)
+    keep = config.num_return_sequences
+    flat = lambda x: x[:, :keep].reshape(-1, *x.shape[2:])  # noqa: E731
+    return flat(state.done), flat(state.done_lengths), flat(state.done_scores), state.scores, state.step
+
+
+# Module-level so a test can wrap them in `eqx.debug.assert_max_traces`.
+compiled_sample = eqx.filter_jit(_sample_program)
+compiled_beam = eqx.filter_jit(_beam_program)
+compiled_sample_start = eqx.filter_jit(sample_start)
+compiled_sample_advance = eqx.filter_jit(sample_advance)
+
+
+def _key(key: Any, config: GenerationConfig) -> PRNGKeyArray | None:
+    if not config.do_sample:
+        return None
+    if key is None:
+        raise InputError("do_sample=True needs a PRNG key: pass key=jax.random.key(seed)")
+    return key
+
+
+def _new_columns(plan: _Plan) -> int:
+    """Index of the first new-token column in the token buffer."""
+    return 1 if plan.seq2seq else plan.ids.shape[1]
+
+
+def _prompt_columns(plan: _Plan) -> slice:
+    """The buffer columns HF's output starts with: the caller's prompt, or the start token."""
+    return slice(0, 1) if plan.seq2seq else slice(plan.ids.shape[1] - plan.width, plan.ids.shape[1])
+
+
+def generate(
+    model: Any,
+    input_ids: Any,
+    attention_mask: Any = None,
+    *,
+    key: PRNGKeyArray | None = None,
+    logits_processors: Sequence[LogitsProcessor] = (),
+    streamer: Callable[[np.ndarray], None] | None = None,
+    chunk_size: int = 8,
+    **options: Any,
+) -> Int[Array, "rows total"] | GenerateOutput:
+    """Decodes with a KV cache in one compiled program (prefill + `lax.while_loop`).
+
+    **Arguments:**
+
+    - `input_ids`: `[batch, seq]` prompts, left-padded for decoder-only models when their
+      lengths differ (the encoder input for encoder-decoder models).
+    - `attention_mask`: `[batch, seq]`, 1 for real tokens, 0 for padding.
+    - `key`: PRNG key, required when `do_sample=True`.
+    - `logits_processors`: extra `LogitsProcessor` modules, run after the built-in ones.
+    - `streamer`: called with each chunk of new tokens (`[rows, n]` numpy) as it is produced;
+      the loop then runs `chunk_size` steps per compiled call (see `stream`).
+    - `**options`: the fields of `GenerationConfig` (`max_new_tokens` or `max_length`,
+      `do_sample`, `temperature`, `top_k`, `top_p`, `min_p`, `num_beams`, `length_penalty`,
+      `early_stopping`, `num_return_sequences`, `repetition_penalty`, `no_repeat_ngram_size`,
+      `bad_words_ids`, `min_length`, `min_new_tokens`, `forced_bos_token_id`,
+      `forced_eos_token_id`, `suppress_tokens`, `begin_suppress_tokens`, `eos_token_id`,
+      `pad_token_id`, `output_scores`). EOS and pad ids default to the model config's.
+
+    **Returns:** `[rows, seq + steps]` prompt plus new tokens as HF `generate` (for
+    encoder-decoder models `[rows, 1 + steps]` decoder sequences starting with
+    `decoder_start_token_id`); `rows` is `batch * num_return_sequences`. With
+    `output_scores=True`, a `GenerateOutput`.
+    """
+    plan = _plan(model, input_ids, attention_mask, logits_processors, options)
+    config = plan.config
+    key = _key(key, config)
+    if streamer is not None:
+        if config.is_beam_search:
+            raise InputError("beam search cannot stream: its best hypothesis is only known at the end")
+        if chunk_size < 1:
+            raise InputError(f"chunk_size must be at least 1, got {chunk_size}")
+        return _collect(_stream_chunks(plan, model, key, chunk_size), streamer, plan)
+    if config.is_beam_search:
+        done, lengths, sequence_scores, scores, steps = compiled_beam(
+            model, plan.ids, plan.mask, plan.request, config, plan.processors, plan.new_capacity
+        )
+        new = int(jnp.max(lengths))
+        sequences = _trim(done, plan, new)
+        if not config.output_scores:
+            return sequences
+        return GenerateOutput(sequences, scores[:, : int(steps)], sequence_scores)
+    tokens, steps, scores = compiled_sample(
+        model, plan.ids, plan.mask, plan.request, config, plan.processors, key, plan.new_capacity
+    )
+    sequences = _trim(tokens, plan, int(steps))
+    if not config.output_scores:
+        return sequences
+    return GenerateOutput(sequences, scores[:, : int(steps)])
+
+
+def _trim(tokens: Array, plan: _Plan, new: int) -> Array:
+    prompt = _prompt_columns(plan)
+    return tokens[:, prompt.start : _new_columns(plan) + new]
+
+
+def _collect(chunks: Iterator[np.ndarray], streamer: Callable[[np.ndarray], None], plan: _Plan) -> Array:
+    pieces = []
+    for chunk in chunks:
+        streamer(chunk)
+        pieces.append(chunk)
+    rows = pieces[0].shape[0]
+    if plan.seq2seq:
+        prompt = np.full((rows, 1), plan.config.decoder_start_token_id, np.int32)
+    else:  # each prompt once per returned sequence
+        prompt = np.repeat(np.asarray(plan.ids)[:, _prompt_columns(plan)], rows // plan.ids.shape[0], axis=0)
+    return jnp.asarray(np.concatenate([prompt, *pieces], axis=1))
+
+
+def stream(
+    model: Any,
+    input_ids: Any,
+    attention_mask: Any = None,
+    *,
+    key: PRNGKeyArray | None = None,
+    logits_processors: Sequence[LogitsProcessor] = (),
+    chunk_size: int = 8,
+    **options: Any,
+) -> Iterator[np.ndarray]:
+    """Greedy or sampled decoding that yields new tokens as they are produced.
+
+    Takes `generate`'s arguments (not beam search). Yields numpy `[rows, n]` chunks of new
+    tokens, `n <= chunk_size` (the first chunk holds the first token alone, so a reader
+    sees output right after the prompt is processed). Rows that hit EOS show the pad id
+    afterwards; iteration ends at the budget or when every row has stopped. Each chunk is
+    one call of a compiled `lax.while_loop`, so streaming costs one host round trip per
+    chunk, not per token.
+    """
+    if chunk_size < 1:
+        raise InputError(f"chunk_size must be at least 1, got {chunk_size}")
+    plan = _plan(model, input_ids, attention_mask, logits_processors, options)
+    config = plan.config
+    if config.is_beam_search:
+        raise InputError("beam search cannot stream: its best hypothesis is only known at the end")
+    key = _key(key, config)
+    return _stream_chunks(plan, model, key, chunk_size)
+
+
+def _stream_chunks(plan: _Plan, model: Any, key: Any, chunk_size: int) -> Iterator[np.ndarray]:
+    config, request = plan.config, plan.request
+    decoder, state = compiled_sample_start(
+        model, plan.ids, plan.mask, request, config, plan.processors, key, plan.new_capacity
+    )
+    start, emitted = _new_columns(plan), 0
+    while True:
+        steps = int(state.step)
+        if steps > emitted:
+            yield np.asarray(state.tokens[:, start + emitted : start + steps])
+            emitted = steps
+        if steps >= int(request.budget) or bool(jnp.all(state.finished)):
+            return
+        until = jnp.asarray(steps + chunk_size, jnp.int32)
+        state = compiled_sample_advance(decoder, state, until, request, config, plan.processors, key, plan.new_capacity)
