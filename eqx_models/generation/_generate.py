@@ -112,7 +112,7 @@ def _plan(model: Any, input_ids: Any, attention_mask: Any, custom: Sequence[Logi
         prompt_length=jnp.asarray(prompt_length, jnp.int32),
         budget=jnp.asarray(config.max_new_tokens, jnp.int32),
     )
-    processors = build_processors(config, prompt_is_start_token=seq2seq, custom=tuple(custom))
+    processors = build_processors(config, prompt_length=prompt_length, custom=tuple(custom))
     return _Plan(
         ids=jnp.asarray(ids),
         mask=jnp.asarray(mask),

@@ -109,7 +109,7 @@ class BadWords(LogitsProcessor):
         vocab = scores.shape[-1]
         single = tuple(w[0] for w in self.words if len(w) == 1)
         banned = jnp.broadcast_to(_vocab_mask(single, vocab), scores.shape) if single else jnp.zeros(scores.shape, bool)
-        for word in (w for w in self.words if len(w) > 1):
+        for word in (w for w in self.words if 1 < len(w) <= context.tokens.shape[1]):  # longer ones never fit
             prefix = lax.dynamic_slice_in_dim(context.tokens, context.length - (len(word) - 1), len(word) - 1, axis=1)
             match = jnp.all(prefix == jnp.asarray(word[:-1], jnp.int32), axis=-1)
             match &= context.current_length >= len(word)
@@ -230,12 +230,12 @@ class MinP(LogitsProcessor):
 Processors = tuple[LogitsProcessor, ...]
 
 
-def build_processors(config: GenerationConfig, *, prompt_is_start_token: bool, custom: Processors = ()) -> Processors:
+def build_processors(config: GenerationConfig, *, prompt_length: int, custom: Processors = ()) -> Processors:
     """The processors HF's `generate` would build for `config`, in HF's order; `custom`
     ones run after the built-in processors and before the sampling warpers, as in HF.
 
-    `prompt_is_start_token`: the decoder prompt is one start token (encoder-decoder models),
-    which moves the start of `begin_suppress_tokens` past a forced BOS as HF does.
+    `prompt_length`: HF's `input_ids_seq_length`; after a one-token prompt (the start token of
+    an encoder-decoder model) a forced BOS moves `begin_suppress_tokens` one step later, as in HF.
     """
     eos = config.eos_token_id
     chain: list[LogitsProcessor] = []
@@ -258,7 +258,7 @@ def build_processors(config: GenerationConfig, *, prompt_is_start_token: bool, c
     if config.suppress_tokens:
         chain.append(SuppressTokens(config.suppress_tokens))
     if config.begin_suppress_tokens:
-        offset = int(prompt_is_start_token and config.forced_bos_token_id is not None)
+        offset = int(prompt_length == 1 and config.forced_bos_token_id is not None)
         chain.append(SuppressTokensAtBegin(config.begin_suppress_tokens, offset))
     chain.extend(custom)
     if config.do_sample:
