@@ -35,10 +35,13 @@ def batched_decode(
     cache: KVCache,
     attention_mask: Bool[Array, "batch new"],
     position_ids: Int[Array, "batch new"],
-) -> tuple[Float[Array, "batch new vocab"], KVCache]:
-    """A decoder-only model's `decode` over a batch whose caches share one write index."""
+    *,
+    last_only: bool = False,
+) -> tuple[Float[Array, "batch out vocab"], KVCache]:
+    """A decoder-only model's `decode` over a batch whose caches share one write index
+    (logits of the last new token only with `last_only`)."""
     axes = cache_axes(cache)
-    step = lambda ids, c, m, p: model.decode(ids, c, attention_mask=m, position_ids=p)  # noqa: E731
+    step = lambda ids, c, m, p: model.decode(ids, c, attention_mask=m, position_ids=p, last_only=last_only)  # noqa: E731
     return jax.vmap(step, in_axes=(0, axes, 0, 0), out_axes=(0, axes))(input_ids, cache, attention_mask, position_ids)
 
 
@@ -112,7 +115,7 @@ def prefill(
     cache = init_batched_cache(model, batch, capacity)
     if start_token is None:
         positions = hf_positions(attention_mask)
-        logits, cache = batched_decode(model, input_ids, cache, attention_mask, positions)
+        logits, cache = batched_decode(model, input_ids, cache, attention_mask, positions, last_only=True)
         decoder, position = Decoder(model, None), positions[:, -1]
     else:
         encoded = jax.vmap(lambda ids, mask: model.encode(ids, attention_mask=mask))(input_ids, attention_mask)

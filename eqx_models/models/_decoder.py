@@ -278,10 +278,12 @@ class CausalLM(eqx.Module):
         *,
         attention_mask: Int[Array, " new"] | Bool[Array, " new"] | None = None,
         position_ids: Int[Array, " new"] | None = None,
-    ) -> tuple[Float[Array, "new vocab"], nn.KVCache]:
-        """Cached step: logits for the `new` tokens and the updated cache."""
+        last_only: bool = False,
+    ) -> tuple[Float[Array, "out vocab"], nn.KVCache]:
+        """Cached step: logits for the `new` tokens (only the last one's with `last_only`,
+        which spares a prompt's LM head) and the updated cache."""
         hidden, cache = self.base.decode(input_ids, cache, attention_mask=attention_mask, position_ids=position_ids)
-        return self.logits(hidden), cache
+        return self.logits(hidden[-1:] if last_only else hidden), cache
 
     def init_cache(self, max_len: int, dtype: DTypeLike | None = None) -> nn.KVCache:
         return self.base.init_cache(max_len, dtype)

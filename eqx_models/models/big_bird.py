@@ -590,9 +590,11 @@ class BigBirdForCausalLM(_BigBirdHead):
         *,
         attention_mask: Int[Array, " new"] | Bool[Array, " new"] | None = None,
         position_ids: Int[Array, " new"] | None = None,
-    ) -> tuple[Float[Array, "new vocab"], nn.KVCache]:
+        last_only: bool = False,
+    ) -> tuple[Float[Array, "out vocab"], nn.KVCache]:
+        """Cached step: logits for the `new` tokens (only the last one's with `last_only`)."""
         hidden, cache = self.bert.decode(input_ids, cache, attention_mask=attention_mask, position_ids=position_ids)
-        return self.head(BigBirdOutput(hidden, None)), cache
+        return self.head(BigBirdOutput(hidden[-1:] if last_only else hidden, None)), cache
 
     def init_cache(self, max_len: int, dtype: DTypeLike | None = None) -> nn.KVCache:
         return self.bert.init_cache(max_len, dtype)
