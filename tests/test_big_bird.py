@@ -245,7 +245,7 @@ def test_block_sparse_equals_dense_attention_under_the_plans_mask(getkey, block_
     sparse = block_sparse_attention(q, k, v, plan)
     dense_mask = sparse_plan_mask(plan)
     dense = jax.vmap(
-        lambda qh, kh, vh, mh: nn.dot_product_attention(qh[:, None], kh[:, None], vh[:, None], mh),
+        lambda qh, kh, vh, mh: nn.dot_product_attention(qh[:, None], kh[None], vh[None], mh),
         in_axes=(1, 1, 1, 0),
         out_axes=1,
     )(q, k, v, dense_mask)[:, :, 0]

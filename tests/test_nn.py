@@ -17,7 +17,7 @@ def test_grouped_attention_equals_attention_with_repeated_kv(getkey, heads, kv_h
     k = jax.random.normal(getkey(), (7, kv_heads, 8))
     v = jax.random.normal(getkey(), (7, kv_heads, 8))
     mask = jax.random.bernoulli(getkey(), 0.7, (5, 7)).at[:, 0].set(True)
-    ours = nn.dot_product_attention(q, k, v, mask)
+    ours = nn.dot_product_attention(q, nn.heads_first(k), nn.heads_first(v), mask)
     repeat = heads // kv_heads
     expected = torch.nn.functional.scaled_dot_product_attention(
         torch.tensor(np.asarray(q)).transpose(0, 1),
@@ -33,7 +33,8 @@ def test_unscaled_attention_and_bias(getkey):
     bias = jax.random.normal(getkey(), (2, 3, 3))
     scores = jnp.einsum("qhd,khd->hqk", q, k) + bias
     expected = jnp.einsum("hqk,khd->qhd", jax.nn.softmax(scores, axis=-1), v)
-    np.testing.assert_allclose(nn.dot_product_attention(q, k, v, scale=1.0, bias=bias), expected, atol=1e-6)
+    ours = nn.dot_product_attention(q, nn.heads_first(k), nn.heads_first(v), scale=1.0, bias=bias)
+    np.testing.assert_allclose(ours, expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("window", [1, 2, 5])
@@ -108,6 +109,7 @@ def test_causal_block_skipping_equals_full_attention(getkey, window):
     slots = jnp.arange(seq)
     valid = jnp.arange(seq) >= 37  # left padding
     mask = nn.causal_mask(slots, slots, valid, window)
+    k, v = nn.heads_first(k), nn.heads_first(v)
     blocked = nn.dot_product_attention(q, k, v, mask, causal=True)
     full = nn.dot_product_attention(q, k, v, mask)
     np.testing.assert_allclose(blocked[37:], full[37:], atol=1e-5)

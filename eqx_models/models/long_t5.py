@@ -470,16 +470,16 @@ class LongT5Attention(eqx.Module):
     def attend(
         self,
         x: Float[Array, "seq dim"],
-        k: Float[Array, "kv heads head_dim"],
-        v: Float[Array, "kv heads head_dim"],
+        k: Float[Array, "heads kv head_dim"],
+        v: Float[Array, "heads kv head_dim"],
         bias: Float[Array, "#heads #seq kv"],
         *,
         key: PRNGKeyArray | None = None,
     ) -> Float[Array, "seq dim"]:
         q = self.heads(self.q, x)
-        scores = jnp.einsum("qhd,khd->hqk", q, k, preferred_element_type=jnp.float32) + bias
+        scores = jnp.einsum("qhd,hkd->hqk", q, k, preferred_element_type=jnp.float32) + bias
         probs = self.dropout(jax.nn.softmax(scores, axis=-1), key=key).astype(v.dtype)
-        return self.o(jnp.einsum("hqk,khd->qhd", probs, v).reshape(x.shape[0], -1))
+        return self.o(jnp.einsum("hqk,hkd->qhd", probs, v).reshape(x.shape[0], -1))
 
 
 class LongT5LayerSelfAttention(eqx.Module):
@@ -523,7 +523,7 @@ class LongT5LayerCrossAttention(eqx.Module):
     def __call__(
         self,
         x: Float[Array, "seq dim"],
-        cross: tuple[Float[Array, "src heads head_dim"], Float[Array, "src heads head_dim"]],
+        cross: tuple[Float[Array, "heads src head_dim"], Float[Array, "heads src head_dim"]],
         bias: Float[Array, "1 1 src"],
         *,
         key: PRNGKeyArray | None,
@@ -545,10 +545,12 @@ class LongT5DecoderBlock(eqx.Module):
 
     def cross_kv(
         self, encoded: Float[Array, "src dim"]
-    ) -> tuple[Float[Array, "src heads head_dim"], Float[Array, "src heads head_dim"]]:
-        """This layer's cross-attention keys and values, computed once per input."""
+    ) -> tuple[Float[Array, "heads src head_dim"], Float[Array, "heads src head_dim"]]:
+        """This layer's cross-attention keys and values (heads first), computed once per input."""
         attention = self.layer[1].EncDecAttention
-        return attention.heads(attention.k, encoded), attention.heads(attention.v, encoded)
+        return nn.heads_first(attention.heads(attention.k, encoded)), nn.heads_first(
+            attention.heads(attention.v, encoded)
+        )
 
     def __call__(self, x, self_bias, write, index, cross, cross_bias, *, key):
         k1, k2, k3 = (None,) * 3 if key is None else jax.random.split(key, 3)
@@ -560,8 +562,8 @@ class LongT5DecoderBlock(eqx.Module):
 class CrossKV(eqx.Module):
     """Every decoder layer's cross-attention keys and values and the encoder's padding."""
 
-    keys: Float[Array, "layers src heads head_dim"]
-    values: Float[Array, "layers src heads head_dim"]
+    keys: Float[Array, "layers heads src head_dim"]
+    values: Float[Array, "layers heads src head_dim"]
     valid: Bool[Array, " src"]
 
 

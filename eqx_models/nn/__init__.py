@@ -1,7 +1,7 @@
 """Layers shared by every architecture."""
 
 from ._activations import activation
-from ._attention import NO_WINDOW, causal_mask, dot_product_attention, padding_mask
+from ._attention import NO_WINDOW, causal_mask, dot_product_attention, heads_first, padding_mask
 from ._cache import KVCache, LayerWrite, cached_kv
 from ._linear import Embedding, Linear, fused_projections
 from ._norm import LayerNorm, RMSNorm
@@ -22,6 +22,7 @@ __all__ = [
     "cached_kv",
     "causal_mask",
     "dot_product_attention",
+    "heads_first",
     "fused_projections",
     "padding_mask",
     "relative_position_bucket",

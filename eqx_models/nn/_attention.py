@@ -30,10 +30,16 @@ def padding_mask(q_len: int, kv_valid: Bool[Array, " kv"]) -> Bool[Array, "q kv"
     return jnp.broadcast_to(kv_valid[None, :], (q_len, kv_valid.shape[0]))
 
 
+def heads_first(x: Float[Array, "seq heads head_dim"]) -> Float[Array, "heads seq head_dim"]:
+    """`[seq, heads, head_dim]` projections in the `[heads, seq, head_dim]` layout that
+    `dot_product_attention` and the KV cache use for keys and values."""
+    return jnp.swapaxes(x, 0, 1)
+
+
 def dot_product_attention(
     q: Float[Array, "q heads head_dim"],
-    k: Float[Array, "kv kv_heads head_dim"],
-    v: Float[Array, "kv kv_heads head_dim"],
+    k: Float[Array, "kv_heads kv head_dim"],
+    v: Float[Array, "kv_heads kv head_dim"],
     mask: Bool[Array, "q kv"] | None = None,
     *,
     scale: float | None = None,
@@ -46,8 +52,10 @@ def dot_product_attention(
 
     **Arguments:**
 
-    - `q`, `k`, `v`: per-head projections; `heads` must be a multiple of `kv_heads`.
-      K/V are never repeated in memory: queries are grouped onto their KV head.
+    - `q`: `[q, heads, head_dim]`; `k`, `v`: heads first, `[kv_heads, kv, head_dim]` (the KV
+      cache's layout, so a decode step reads the cache without relayout copies; see
+      `heads_first`). `heads` must be a multiple of `kv_heads`: K/V are never repeated in
+      memory, queries are grouped onto their KV head.
     - `mask`: `True` where attention is allowed.
     - `scale`: multiplies the scores; `None` means `head_dim ** -0.5`, `1.0` none (GPT-Neo, T5).
     - `bias`: added to the scores before masking (relative position bias).
@@ -58,7 +66,7 @@ def dot_product_attention(
 
     Scores and softmax are computed in float32; the output has `v`'s dtype.
     """
-    q_len, kv_len = q.shape[0], k.shape[0]
+    q_len, kv_len = q.shape[0], k.shape[1]
     if not causal or q_len != kv_len or q_len < 2 * _MIN_CAUSAL_BLOCK:
         return _attend(q, k, v, mask, scale, bias, dropout, key)
     block = max(_MIN_CAUSAL_BLOCK, -(-q_len // _MAX_CAUSAL_BLOCKS))
@@ -68,8 +76,8 @@ def dot_product_attention(
         outputs.append(
             _attend(
                 q[start:stop],
-                k[:stop],
-                v[:stop],
+                k[:, :stop],
+                v[:, :stop],
                 None if mask is None else mask[start:stop, :stop],
                 scale,
                 None if bias is None else bias[:, start:stop, :stop],
@@ -86,7 +94,7 @@ _MAX_CAUSAL_BLOCKS = 8
 
 def _attend(q, k, v, mask, scale, bias, dropout, key):
     q_len, heads, head_dim = q.shape
-    kv_len, kv_heads, _ = k.shape
+    kv_heads, kv_len, _ = k.shape
     groups = heads // kv_heads
     if scale is None:
         scale = head_dim**-0.5
@@ -95,8 +103,8 @@ def _attend(q, k, v, mask, scale, bias, dropout, key):
     # [q, heads, d] -> [kv_heads, groups * q, d]
     folded_q = q.reshape(q_len, kv_heads, groups, head_dim).transpose(1, 2, 0, 3)
     folded_q = folded_q.reshape(kv_heads, groups * q_len, head_dim)
-    # [kv_heads, groups * q, d] x [kv, kv_heads, d] -> [kv_heads, groups, q, kv]
-    scores = jnp.einsum("hmd,khd->hmk", folded_q, k, preferred_element_type=jnp.float32)
+    # [kv_heads, groups * q, d] x [kv_heads, kv, d] -> [kv_heads, groups, q, kv]
+    scores = jnp.einsum("hmd,hkd->hmk", folded_q, k, preferred_element_type=jnp.float32)
     scores = scores.reshape(kv_heads, groups, q_len, kv_len)
     if scale != 1.0:
         scores = scores * scale
@@ -107,7 +115,7 @@ def _attend(q, k, v, mask, scale, bias, dropout, key):
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     if dropout is not None:
         probs = dropout(probs, key=key)
-    # [kv_heads, groups * q, kv] x [kv, kv_heads, d] -> [kv_heads, groups * q, d]
-    out = jnp.einsum("hmk,khd->hmd", probs.reshape(kv_heads, groups * q_len, kv_len), v)
+    # [kv_heads, groups * q, kv] x [kv_heads, kv, d] -> [kv_heads, groups * q, d]
+    out = jnp.einsum("hmk,hkd->hmd", probs.reshape(kv_heads, groups * q_len, kv_len), v)
     out = out.reshape(kv_heads, groups, q_len, head_dim).transpose(2, 0, 1, 3)
     return out.reshape(q_len, heads, head_dim)

@@ -12,12 +12,14 @@ from jaxtyping import Array, Bool, Float, Int
 class KVCache(eqx.Module):
     """Keys and values of all layers, written in place at `index`.
 
-    `valid` marks slots holding real tokens (left padding of a prompt is not valid);
-    it is shared by all layers. Unbatched: `jax.vmap` it along with the model.
+    Heads come before slots, the layout attention reads, so a decode step uses a layer's
+    buffer without copying it into another layout. `valid` marks slots holding real tokens
+    (left padding of a prompt is not valid); it is shared by all layers. Unbatched:
+    `jax.vmap` it along with the model.
     """
 
-    keys: Float[Array, "layers max_len kv_heads head_dim"]
-    values: Float[Array, "layers max_len kv_heads head_dim"]
+    keys: Float[Array, "layers kv_heads max_len head_dim"]
+    values: Float[Array, "layers kv_heads max_len head_dim"]
     valid: Bool[Array, " max_len"]
     index: Int[Array, ""]
 
@@ -25,7 +27,7 @@ class KVCache(eqx.Module):
     def empty(
         cls, num_layers: int, max_len: int, kv_heads: int, head_dim: int, dtype: DTypeLike = jnp.float32
     ) -> "KVCache":
-        shape = (num_layers, max_len, kv_heads, head_dim)
+        shape = (num_layers, kv_heads, max_len, head_dim)
         return cls(
             keys=jnp.zeros(shape, dtype),
             values=jnp.zeros(shape, dtype),
@@ -35,7 +37,7 @@ class KVCache(eqx.Module):
 
     @property
     def max_len(self) -> int:
-        return self.keys.shape[1]
+        return self.keys.shape[2]
 
     def slots(self, length: int) -> Int[Array, " length"]:
         """Slot indices that the next `length` tokens will occupy."""
@@ -54,8 +56,8 @@ class LayerWrite(NamedTuple):
     """What a layer needs to write into the cache inside a scan: the stacked buffers
     (carried, so XLA updates them in place) and the first slot to write."""
 
-    keys: Float[Array, "layers max_len kv_heads head_dim"]
-    values: Float[Array, "layers max_len kv_heads head_dim"]
+    keys: Float[Array, "layers kv_heads max_len head_dim"]
+    values: Float[Array, "layers kv_heads max_len head_dim"]
     start: Int[Array, ""]
 
 
@@ -64,13 +66,14 @@ def cached_kv(
     layer: Int[Array, ""],
     k: Float[Array, "new kv_heads head_dim"],
     v: Float[Array, "new kv_heads head_dim"],
-) -> tuple[LayerWrite | None, Float[Array, "kv kv_heads head_dim"], Float[Array, "kv kv_heads head_dim"]]:
-    """Keys/values a layer attends over. Without a cache, the new ones; with one, the new
-    ones are written at `write.start` and the layer's whole buffer is returned."""
+) -> tuple[LayerWrite | None, Float[Array, "kv_heads kv head_dim"], Float[Array, "kv_heads kv head_dim"]]:
+    """Keys/values a layer attends over, heads first. Without a cache, the new ones; with
+    one, the new ones are written at `write.start` and the layer's whole buffer is returned."""
+    k, v = jnp.swapaxes(k, 0, 1), jnp.swapaxes(v, 0, 1)
     if write is None:
         return None, k, v
     zero = jnp.zeros((), jnp.int32)
-    at = (layer.astype(jnp.int32), write.start, zero, zero)
+    at = (layer.astype(jnp.int32), zero, write.start, zero)
     keys = lax.dynamic_update_slice(write.keys, k[None].astype(write.keys.dtype), at)
     values = lax.dynamic_update_slice(write.values, v[None].astype(write.values.dtype), at)
     layer_k = lax.dynamic_index_in_dim(keys, layer, keepdims=False)
