@@ -1,0 +1,1 @@
+"""Training: losses, optimisers, train steps, sharding, checkpoints, data."""
