@@ -1,0 +1,95 @@
+"""The train step: the loss falls when overfitting one batch, the weight-decay mask, and a
+bfloat16-compute run over float32 master weights."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_big_bird import hf_bird, right_padded
+from test_gpt_neo import TINY, hf_neo
+
+import eqx_models
+from eqx_models import nn
+from eqx_models.training.optim import adamw, decay_mask, warmup_cosine
+from eqx_models.training.step import init_state, make_train_step
+
+
+def lm_batch(vocab: int, batch: int = 4, seq: int = 12, seed: int = 0):
+    ids = np.random.default_rng(seed).integers(0, vocab, (batch, seq))
+    return {"input_ids": jnp.asarray(ids, jnp.int32), "labels": jnp.asarray(ids, jnp.int32)}
+
+
+def train(model, batch, steps, *, lr=1e-2, **step_options):
+    optimizer = adamw(lr, model, weight_decay=0.0)
+    state = init_state(model, optimizer, key=jax.random.key(0))
+    step = make_train_step(optimizer, **step_options)
+    losses = []
+    for _ in range(steps):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    return state, losses
+
+
+def test_decay_mask_decays_only_linear_weights(tmp_path):
+    hf_neo(tmp_path)
+    model = eqx_models.from_pretrained(tmp_path)
+    mask = decay_mask(eqx.filter(model, eqx.is_inexact_array))
+    linears = [
+        x for x in jax.tree.leaves(model, is_leaf=lambda x: isinstance(x, nn.Linear)) if isinstance(x, nn.Linear)
+    ]
+    assert linears
+    flags = jax.tree.leaves(mask)
+    decayed = sum(flag for flag in flags)
+    assert decayed == sum(1 for linear in linears)  # one weight per Linear; no bias, norm or embedding
+    base = model.transformer
+    assert not any(jax.tree.leaves(decay_mask(base.wte))) and not any(jax.tree.leaves(decay_mask(base.ln_f)))
+
+
+def test_overfitting_one_batch_lowers_the_causal_lm_loss(tmp_path):
+    hf_neo(tmp_path)
+    model = eqx_models.from_pretrained(tmp_path)
+    _, losses = train(model, lm_batch(TINY["vocab_size"]), 25)
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_overfitting_one_batch_lowers_the_classification_loss(tmp_path):
+    hf_bird(
+        tmp_path,
+        "BigBirdForSequenceClassification",
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    model = eqx_models.from_pretrained(tmp_path)
+    ids, mask, types = right_padded(np.random.default_rng(1), [13, 9, 4])
+    batch = {
+        "input_ids": jnp.asarray(ids, jnp.int32),
+        "attention_mask": jnp.asarray(mask, jnp.int32),
+        "token_type_ids": jnp.asarray(types, jnp.int32),
+        "labels": jnp.asarray([0, 2, 1], jnp.int32),
+    }
+    _, losses = train(model, batch, 30, lr=3e-3)
+    assert losses[-1] < 0.3 * losses[0], losses
+
+
+def test_bfloat16_compute_keeps_float32_master_weights_and_tracks_float32(tmp_path):
+    hf_neo(tmp_path)
+    model = eqx_models.from_pretrained(tmp_path)
+    batch = lm_batch(TINY["vocab_size"], seed=2)
+    _, reference = train(model, batch, 8)
+    state, mixed = train(model, batch, 8, compute_dtype=jnp.bfloat16)
+    assert all(np.isfinite(mixed))
+    assert {x.dtype for x in jax.tree.leaves(eqx.filter(state.model, eqx.is_inexact_array))} == {jnp.dtype("float32")}
+    np.testing.assert_allclose(mixed, reference, rtol=0.05)
+    assert mixed[-1] < 0.8 * mixed[0]
+
+
+def test_schedule_and_bad_options_are_named():
+    schedule = warmup_cosine(1e-3, warmup_steps=10, total_steps=100)
+    assert float(schedule(0)) == 0.0 and float(schedule(10)) == pytest.approx(1e-3)
+    assert float(schedule(100)) == pytest.approx(1e-4)
+    with pytest.raises(eqx_models.InputError, match="warmup_steps"):
+        warmup_cosine(1e-3, warmup_steps=100, total_steps=100)
+    with pytest.raises(eqx_models.InputError, match="accumulate"):
+        adamw(1e-3, {}, accumulate=0)
