@@ -93,3 +93,36 @@ def test_schedule_and_bad_options_are_named():
         warmup_cosine(1e-3, warmup_steps=100, total_steps=100)
     with pytest.raises(eqx_models.InputError, match="accumulate"):
         adamw(1e-3, {}, accumulate=0)
+
+
+def test_fit_logs_metrics_evaluates_and_plots(tmp_path):
+    from eqx_models.training.data import PackedBatches
+    from eqx_models.training.loop import fit, plot_losses, read_metrics
+
+    hf_neo(tmp_path / "model")
+    model = eqx_models.from_pretrained(tmp_path / "model")
+    tokens = np.random.default_rng(3).integers(0, TINY["vocab_size"], 2000).astype(np.int32)
+    train_data = PackedBatches(tokens[:1600], seq_len=16, batch_size=4, seed=0)
+    eval_data = PackedBatches(tokens[1600:], seq_len=16, batch_size=4, seed=0)
+    optimizer = adamw(1e-2, model)
+    state = init_state(model, optimizer, key=jax.random.key(0))
+    seen = []
+    state, records = fit(
+        state,
+        make_train_step(optimizer),
+        (batch | {"labels": batch["input_ids"]} for batch in iter(train_data.next_batch, None)),
+        steps=6,
+        tokens_per_batch=train_data.tokens_per_batch,
+        metrics_path=tmp_path / "metrics.jsonl",
+        evaluate_every=3,
+        eval_batches=lambda: (b | {"labels": b["input_ids"]} for b in eval_data),
+        on_step=lambda s, r: seen.append(r["step"]),
+        progress=False,
+    )
+    assert int(state.step) == 6 and seen == [1, 2, 3, 4, 5, 6]
+    logged = read_metrics(tmp_path / "metrics.jsonl")
+    assert logged == records
+    assert [r["step"] for r in logged if "eval_loss" in r] == [3, 6]
+    assert all(r["tokens_per_s"] > 0 for r in logged if "loss" in r)
+    assert plot_losses(logged, tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
