@@ -75,7 +75,7 @@ def make_train_step(
         with jax.numpy_dtype_promotion("standard"):  # optax mixes int step counts with floats
             updates, opt_state = optimizer.update(grads, state.opt_state, params)
         model = eqx.apply_updates(state.model, updates)
-        metrics = {**metrics, "loss": value, "grad_norm": optax.global_norm(grads)}
+        metrics = {**metrics, "loss": value, "grad_norm": optax.tree.norm(grads)}
         return TrainState(model, opt_state, state.step + 1, state.key), metrics
 
     return step
