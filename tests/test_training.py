@@ -6,6 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import transformers
+from decoder_cases import CASES
+from oracle import randomise
 from test_big_bird import hf_bird, right_padded
 from test_gpt_neo import TINY, hf_neo
 
@@ -126,3 +129,94 @@ def test_fit_logs_metrics_evaluates_and_plots(tmp_path):
     assert all(r["tokens_per_s"] > 0 for r in logged if "loss" in r)
     assert plot_losses(logged, tmp_path / "loss.png")
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _bird(folder, head, **overrides):
+    hf_bird(folder, head, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **overrides)
+    return eqx_models.from_pretrained(folder)
+
+
+def _head_cases():
+    """Per head: a model factory and one batch (HF names), built from the loss tests' inputs."""
+    from test_losses import LONGT5, bird_batch, mlm_labels
+
+    def masked_lm(folder, rng):
+        batch = bird_batch(rng)
+        return _bird(folder, "BigBirdForMaskedLM"), {**batch, "labels": mlm_labels(rng, batch)}
+
+    def pretraining(folder, rng):
+        batch = bird_batch(rng)
+        labels = {"labels": mlm_labels(rng, batch), "next_sentence_label": np.array([0, 1, 1])}
+        return _bird(folder, "BigBirdForPreTraining"), {**batch, **labels}
+
+    def token_classification(folder, rng):
+        batch = bird_batch(rng)
+        labels = np.where(batch["attention_mask"], rng.integers(0, 2, batch["input_ids"].shape), -100)
+        return _bird(folder, "BigBirdForTokenClassification"), {**batch, "labels": labels}
+
+    def multiple_choice(folder, rng):
+        rows = [right_padded(rng, [11, 7, 9]) for _ in range(2)]
+        ids, mask, types = (np.stack([r[i] for r in rows]) for i in range(3))
+        batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "labels": np.array([2, 0])}
+        return _bird(folder, "BigBirdForMultipleChoice"), batch
+
+    def question_answering(folder, rng):
+        batch = bird_batch(rng)
+        del batch["token_type_ids"]
+        batch["input_ids"][:, 2] = 5  # each question ends at its [SEP]
+        spans = {"start_positions": np.array([4, 3, 3]), "end_positions": np.array([6, 5, 3])}
+        return _bird(folder, "BigBirdForQuestionAnswering", num_labels=2), {**batch, **spans}
+
+    def causal(case):
+        def build(folder, rng):
+            CASES[case].save(folder)
+            ids = rng.integers(3, CASES[case].config["vocab_size"], (3, 10))
+            return eqx_models.from_pretrained(folder), {"input_ids": ids, "labels": ids}
+
+        return build
+
+    def seq2seq(folder, rng):
+        config = transformers.LongT5Config(
+            **{**LONGT5, "num_decoder_layers": 2, "decoder_start_token_id": 0, "dropout_rate": 0.0}
+        )
+        randomise(transformers.LongT5ForConditionalGeneration(config)).save_pretrained(folder)
+        ids = rng.integers(2, LONGT5["vocab_size"], (2, 12))
+        labels = rng.integers(2, LONGT5["vocab_size"], (2, 6))
+        return eqx_models.from_pretrained(folder), {"input_ids": ids, "labels": labels}
+
+    return {
+        "big_bird_masked_lm": masked_lm,
+        "big_bird_pretraining": pretraining,
+        "big_bird_token_classification": token_classification,
+        "big_bird_multiple_choice": multiple_choice,
+        "big_bird_question_answering": question_answering,
+        "gemma_causal_lm": causal("gemma-gqa2"),
+        "xglm_causal_lm": causal("xglm"),
+        "long_t5_seq2seq": seq2seq,
+    }
+
+
+@pytest.mark.parametrize("head", list(_head_cases()))
+def test_overfitting_one_batch_lowers_every_heads_loss(tmp_path, head):
+    """Together with the GPT-Neo causal-LM and BigBird classification tests above: every head."""
+    model, batch = _head_cases()[head](tmp_path, np.random.default_rng(0))
+    batch = {k: jnp.asarray(v, jnp.int32) for k, v in batch.items()}
+    _, losses = train(model, batch, 60, lr=3e-3)
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_a_trained_model_exported_to_hf_gives_the_same_logits_in_transformers(tmp_path):
+    import torch
+
+    hf_neo(tmp_path / "start")
+    model = eqx_models.from_pretrained(tmp_path / "start")
+    state, _ = train(model, lm_batch(TINY["vocab_size"]), 3)
+    trained = eqx.nn.inference_mode(state.model)
+    eqx_models.export_hf(trained, tmp_path / "exported")
+    reference = transformers.GPTNeoForCausalLM.from_pretrained(tmp_path / "exported").eval()
+    ids = np.random.default_rng(4).integers(0, TINY["vocab_size"], (1, 9))
+    with torch.no_grad():
+        expected = reference(torch.tensor(ids)).logits.numpy()[0]
+    ours = np.asarray(trained(jnp.asarray(ids[0], jnp.int32)))
+    assert np.abs(ours - expected).max() < 2e-5
+    assert np.abs(ours - np.asarray(eqx.nn.inference_mode(model)(jnp.asarray(ids[0], jnp.int32)))).max() > 1e-3
