@@ -4,9 +4,11 @@ import os
 import tempfile
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from .errors import EqxModelsError
+from .generation._decoding import hf_positions
 
 
 def _inputs(model, seq_len: int, seed: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -19,7 +21,7 @@ def _inputs(model, seq_len: int, seed: int) -> tuple[dict[str, np.ndarray], np.n
     inputs = {"input_ids": ids, "attention_mask": mask}
     if type(model).__name__.endswith("CausalLM"):
         mask[1, : seq_len // 3] = 0
-        inputs["position_ids"] = np.where(mask, np.cumsum(mask, -1) - 1, 1)
+        inputs["position_ids"] = np.asarray(hf_positions(jnp.asarray(mask, bool)))
     else:
         mask[1, seq_len - seq_len // 3 :] = 0
     if type(model).__name__.endswith("MultipleChoice"):

@@ -11,7 +11,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ..errors import InputError
-from ._config import FROM_CONFIG, GenerationConfig, resolve
+from ._config import GenerationConfig, resolve
 from ._processors import LogitsProcessor, build_processors
 from ._search import Request, beam_advance, beam_start, sample_advance, sample_start
 
@@ -77,14 +77,9 @@ def _plan(model: Any, input_ids: Any, attention_mask: Any, custom: Sequence[Logi
     ids, mask = _checked_inputs(model, input_ids, attention_mask)
     seq2seq = hasattr(model, "encode")
     batch, width = ids.shape
-    options = dict(options)
     unknown = set(options) - {f.name for f in dataclasses.fields(GenerationConfig)} - {"max_length"}
     if unknown:
         raise InputError(f"unknown generation options {sorted(unknown)}; see eqx_models.generation.GenerationConfig")
-    options.setdefault("max_new_tokens", None)
-    options.setdefault("max_length", None)
-    options.setdefault("eos_token_id", FROM_CONFIG)
-    options.setdefault("pad_token_id", FROM_CONFIG)
     prompt_length = 1 if seq2seq else width
     config = resolve(model.config, prompt_length=prompt_length, seq2seq=seq2seq, **options)
     limit = model.config.position_limit

@@ -20,15 +20,20 @@ from .step import TrainState
 Batch = dict[str, Any]
 
 
+@eqx.filter_jit
+def _eval_step(model: Any, batch: Batch, loss_fn: Callable) -> tuple[Any, dict[str, Any]]:
+    # Module-level, with `loss_fn` a static argument: every evaluation reuses one compile.
+    return loss_fn(model, batch, key=None)
+
+
 def evaluate(model: Any, batches: Iterable[Batch], *, loss_fn: Callable = head_loss) -> dict[str, Any]:
     """Mean loss (and the loss function's other metrics) over `batches`, in inference mode,
     weighting each batch by its number of rows."""
-    run = eqx.filter_jit(lambda m, b: loss_fn(m, b, key=None))
     model = eqx.nn.inference_mode(model)
     totals: dict[str, Any] = {}
     rows = 0
     for batch in batches:
-        _, metrics = run(model, {k: jnp.asarray(v) for k, v in batch.items()})
+        _, metrics = _eval_step(model, {k: jnp.asarray(v) for k, v in batch.items()}, loss_fn)
         size = len(next(iter(batch.values())))
         for name, value in metrics.items():
             totals[name] = totals.get(name, 0.0) + float(value) * size
