@@ -1,4 +1,4 @@
-"""`eqx-models`: convert checkpoints, check them against HF, and generate.
+"""`eqx-models`: convert checkpoints, check them against HF, generate, and train.
 
 Every failure prints one line naming the problem and exits non-zero; `--debug`
 shows the traceback instead.
@@ -106,6 +106,35 @@ def _generate(args: argparse.Namespace) -> None:
     print(stats, file=sys.stderr)
 
 
+def _train(args: argparse.Namespace) -> None:
+    from .training.run import TrainConfig, train
+
+    given = {name: value for name, value in vars(args).items() if name in TrainConfig.__dataclass_fields__}
+    config = TrainConfig.from_file(args.config, **given) if args.config else TrainConfig.from_dict(given)
+    train(config)
+
+
+def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per `TrainConfig` field; a flag left out keeps the file's (or default) value."""
+    import dataclasses
+
+    from .training.run import TrainConfig
+
+    parser.add_argument("--config", help="a .toml or .json file of settings (flags override it)")
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        shown = field.default if field.name != "data" else " ".join(field.default)
+        help_text = f"{field.metadata['help']} ({shown})".replace("%", "%%")
+        options: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text}
+        if field.type is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif field.name == "data":
+            options["nargs"] = "+"
+        else:
+            options["type"] = {"int": int, "float": float}.get(type(field.default).__name__, str)
+        parser.add_argument(flag, **options)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eqx-models", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -142,6 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="random seed of the sampler (default 0)")
     gen.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
     gen.set_defaults(run=_generate)
+
+    train = commands.add_parser(
+        "train",
+        help="train a model on text (a preset, an HF config.json, or fine-tune a checkpoint)",
+        description="Trains a language model on text files or Python's standard library and writes "
+        "checkpoints, metrics.jsonl, loss.png, summary.json and an HF-format model folder to --output. "
+        "Settings come from --config and the flags below (flags win).",
+    )
+    _add_train_flags(train)
+    train.set_defaults(run=_train)
     return parser
 
 

@@ -73,12 +73,16 @@ def fit(
     first = int(state.step)
     bar = tqdm(total=steps, initial=first, disable=not progress, unit="step", dynamic_ncols=True)
     try:
-        started = time.perf_counter()
+        counted_from, started = None, time.perf_counter()
         while int(state.step) < steps:
             state, metrics = step(state, place(next(batches)))
             record = {"step": int(state.step), **{k: float(v) for k, v in jax.device_get(metrics).items()}}
+            # Throughput after the first step of this call, which compiles and is not counted.
+            if counted_from is None:
+                counted_from, started = record["step"], time.perf_counter()
             elapsed = time.perf_counter() - started
-            record["tokens_per_s"] = (record["step"] - first) * tokens_per_batch / elapsed
+            done = record["step"] - counted_from
+            record["tokens_per_s"] = done * tokens_per_batch / elapsed if done else 0.0
             if not math.isfinite(record["loss"]):
                 raise FloatingPointError(f"the loss became {record['loss']} at step {record['step']}")
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")

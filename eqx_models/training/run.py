@@ -1,0 +1,510 @@
+"""A whole training run from one `TrainConfig`: what `eqx-models train` executes.
+
+Text files (or the standard library's sources) are split, tokenized and packed; a model is
+built from a preset, an HF `config.json` or an existing checkpoint; AdamW with warmup +
+cosine trains it on one device or a `data x fsdp x tensor` mesh; checkpoints, metrics and
+evaluations go to the output folder, and at the end an HF-format model folder (with the
+tokenizer) that `transformers` and `eqx-models generate` both load.
+
+Every check that can fail runs before anything is compiled: the config's numbers, the
+mesh against the devices and the batch, the data paths, the family and preset, the
+sequence length against the model's position table, the tokenizer against the vocabulary.
+
+The output folder:
+
+```
+OUTPUT/train_config.json   the config of the run (resuming checks it)
+OUTPUT/tokenizer.json      the tokenizer (trained here for `bpe:N`)
+OUTPUT/checkpoints/        step_XXXXXXXX/ train states, the newest `keep_checkpoints`
+OUTPUT/metrics.jsonl       one line per step and per evaluation
+OUTPUT/loss.png            the loss curve
+OUTPUT/summary.json        final losses, bits per byte against the unigram baseline, timing
+OUTPUT/model/              config.json + model.safetensors (+ tokenizer.json), HF format
+```
+"""
+
+import dataclasses
+import json
+import os
+import time
+import tomllib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..errors import ConfigError, InputError
+from .checkpoint import CheckpointManager
+from .data import (
+    Document,
+    PackedBatches,
+    bits_per_byte,
+    find_documents,
+    split_documents,
+    stdlib_sources,
+    tokenize,
+    train_bpe_tokenizer,
+    unigram_bits_per_byte,
+)
+from .loop import fit, plot_losses, read_metrics
+from .optim import adamw, warmup_cosine
+from .presets import TEXT_HEADS, preset_config
+from .step import TrainState, init_state, make_train_step
+
+STDLIB = "stdlib"
+
+
+def _field(default: Any, help: str, **kwargs: Any) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Everything a run needs. The CLI flags are these fields (`--seq-len` for `seq_len`);
+    a TOML or JSON file holds the same names."""
+
+    # What to train.
+    family: str = _field("gpt_neo", "model family: gpt_neo, gemma, xglm, big_bird, longt5")
+    size: str = _field("small", "preset size of the family (tiny, small, or the published shape)")
+    model_config: str | None = _field(None, "an HF config.json to train from scratch instead of a preset")
+    init_from: str | None = _field(None, "fine-tune: start from this checkpoint folder (HF or eqx) and its tokenizer")
+    # Data.
+    data: tuple[str, ...] = _field((STDLIB,), "text files, folders, globs or .jsonl; 'stdlib' is Python's own sources")
+    jsonl_field: str = _field("text", "the key holding the text in .jsonl records")
+    tokenizer: str = _field("bpe:4096", "'bytes', 'bpe:N' (trained here on the training split) or a tokenizer.json")
+    eval_fraction: float = _field(0.05, "share of documents held out for evaluation (by a hash of their path)")
+    seq_len: int = _field(256, "tokens per training row")
+    # Optimisation.
+    batch_size: int = _field(16, "rows per step (across all devices)")
+    steps: int = _field(1000, "optimizer steps in total")
+    learning_rate: float = _field(1e-3, "peak learning rate")
+    warmup_steps: int = _field(100, "linear warmup steps, then cosine decay to 10%")
+    weight_decay: float = _field(0.1, "AdamW weight decay (Linear weights only)")
+    clip_norm: float = _field(1.0, "global gradient-norm clip; 0 turns it off")
+    accumulate: int = _field(1, "gradient accumulation: one update every N steps")
+    # Schedule of side work.
+    eval_every: int = _field(250, "evaluate every N steps (and at the end); 0: only at the end")
+    eval_batches: int = _field(0, "evaluate on at most N batches; 0: the whole evaluation split")
+    checkpoint_every: int = _field(500, "save a checkpoint every N steps (and at the end)")
+    keep_checkpoints: int = _field(2, "checkpoints kept")
+    # Hardware and numerics.
+    mesh: str = _field("-1x1x1", "device mesh DATAxFSDPxTENSOR; -1 is all remaining devices")
+    bf16: bool = _field(False, "bfloat16 compute over float32 master weights")
+    remat: bool = _field(False, "recompute each layer's activations in the backward pass (less memory)")
+    seed: int = _field(0, "seed of the initialisation, data order, split and dropout")
+    # Output.
+    output: str = _field("runs/train", "the run folder")
+    resume: bool = _field(False, "continue from the newest checkpoint in the run folder")
+    sample_prompt: str = _field("def ", "greedy sample printed at the end ('' for none)")
+    progress: bool = _field(True, "show a progress bar")
+
+    # Fields that define the run: resuming with other values would train something else.
+    IDENTITY = (
+        "family",
+        "size",
+        "model_config",
+        "init_from",
+        "data",
+        "jsonl_field",
+        "tokenizer",
+        "eval_fraction",
+        "seq_len",
+        "batch_size",
+        "seed",
+    )
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, **overrides: Any) -> "TrainConfig":
+        """Reads a `.toml` or `.json` file of field values; `overrides` win."""
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"no config file at {path}")
+        try:
+            values = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as err:
+            raise InputError(f"cannot parse {path}: {err}") from None
+        if not isinstance(values, dict):
+            raise InputError(f"{path} must hold a table of settings, got {type(values).__name__}")
+        return cls.from_dict({**values, **overrides}, source=str(path))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, source: str = "the config") -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise InputError(f"unknown setting(s) {unknown} in {source}; known: {sorted(names)}")
+        values = dict(values)
+        if isinstance(values.get("data"), str):
+            values["data"] = (values["data"],)
+        if "data" in values:
+            values["data"] = tuple(str(v) for v in values["data"])
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        values["data"] = list(self.data)
+        return values
+
+    def mesh_shape(self) -> tuple[int, int, int]:
+        try:
+            sizes = tuple(int(part) for part in self.mesh.lower().split("x"))
+        except ValueError:
+            sizes = ()
+        if len(sizes) != 3:
+            raise InputError(f"mesh must be DATAxFSDPxTENSOR, e.g. '2x4x1' or '-1x1x1', got {self.mesh!r}")
+        return sizes  # type: ignore[return-value]
+
+    def validate(self) -> None:
+        """Checks the numbers, without touching files or devices."""
+        positive = ("seq_len", "batch_size", "steps", "accumulate", "keep_checkpoints", "checkpoint_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "eval_batches", "weight_decay", "clip_norm", "seed"):
+            if getattr(self, name) < 0:
+                raise InputError(f"{name} must not be negative, got {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise InputError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.warmup_steps >= self.steps:
+            raise InputError(f"warmup_steps ({self.warmup_steps}) must be fewer than steps ({self.steps})")
+        if not 0 <= self.eval_fraction < 1:
+            raise InputError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if not self.data:
+            raise InputError("no data given")
+        if self.model_config and self.init_from:
+            raise InputError("give model_config (train from scratch) or init_from (fine-tune), not both")
+        self.mesh_shape()
+        _parse_tokenizer(self.tokenizer)
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def _parse_tokenizer(spec: str) -> tuple[str, int | Path]:
+    """`("bytes", 0)`, `("bpe", N)` or `("file", path)`."""
+    if spec == "bytes":
+        return "bytes", 0
+    if spec.startswith("bpe:"):
+        try:
+            return "bpe", int(spec[4:])
+        except ValueError:
+            raise InputError(f"tokenizer 'bpe:N' needs an integer vocabulary size, got {spec!r}") from None
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise InputError(f"tokenizer must be 'bytes', 'bpe:N' or a tokenizer.json; {spec!r} is none of these")
+    return "file", path
+
+
+def _documents(config: TrainConfig) -> list[Document]:
+    paths: list[str | Path] = []
+    for item in config.data:
+        paths.extend(stdlib_sources() if item == STDLIB else [item])
+    return find_documents(paths, jsonl_field=config.jsonl_field)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokens:
+    """A codec and its special ids: `pad` (also the seq2seq decoder start) and `eos`."""
+
+    codec: Any
+    vocab_size: int
+    pad: int
+    eos: int
+    file: Path | None  # the tokenizer.json to ship with the model, if any
+
+
+def _special_id(codec: Any, names: tuple[str, ...], what: str) -> int:
+    for name in names:
+        if (token := codec.tokenizer.token_to_id(name)) is not None:
+            return int(token)
+    raise InputError(f"{codec.source} has no {what} token; looked for {', '.join(names)}")
+
+
+def _tokens(config: TrainConfig, train_docs: list[Document], output: Path, init_config: Any) -> Tokens:
+    """The run's tokenizer: reused from the run folder when resuming, else as configured."""
+    from ..text import ByteCodec, TokenizerCodec
+
+    saved = output / "tokenizer.json"
+    kind, value = _parse_tokenizer(config.tokenizer)
+    if config.init_from is not None and kind != "file" and (Path(config.init_from) / "tokenizer.json").is_file():
+        kind, value = "file", Path(config.init_from) / "tokenizer.json"
+    if kind == "bytes":  # bytes 0-255, then EOS and padding
+        return Tokens(ByteCodec(258), 258, pad=257, eos=256, file=None)
+    if kind == "bpe" and not saved.is_file():
+        train_bpe_tokenizer(train_docs, int(value)).save(str(saved))  # <pad> = 0, <eos> = 1
+    codec = TokenizerCodec.from_file(saved if kind == "bpe" else value)
+    eos = _special_id(codec, ("<eos>", "</s>", "<|endoftext|>"), "end-of-text")
+    try:
+        pad = _special_id(codec, ("<pad>",), "padding")
+    except InputError:
+        pad = eos
+    if init_config is not None:  # the checkpoint's ids win
+        eos = int(np.atleast_1d(init_config.eos_token_id)[0]) if init_config.eos_token_id is not None else eos
+        pad = init_config.pad_token_id if getattr(init_config, "pad_token_id", None) is not None else pad
+    return Tokens(codec, codec.vocab_size, pad=pad, eos=eos, file=saved if kind == "bpe" else Path(value))
+
+
+def _hf_config(config: TrainConfig, tokens: Tokens) -> dict[str, Any]:
+    """The HF config dict of a model trained from scratch, with the tokenizer's ids."""
+    if config.model_config is not None:
+        path = Path(config.model_config)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise InputError(f"no model config at {config.model_config}")
+        hf = json.loads(path.read_text())
+        hf.setdefault("architectures", [TEXT_HEADS.get(hf.get("model_type"), "")])
+        if hf.get("vocab_size", 0) < tokens.vocab_size:
+            raise InputError(
+                f"{path} has vocab_size {hf.get('vocab_size')} but the tokenizer has {tokens.vocab_size} ids"
+            )
+    else:
+        hf = {**preset_config(config.family, config.size), "vocab_size": tokens.vocab_size}
+    ids = {"eos_token_id": tokens.eos, "pad_token_id": tokens.pad}
+    if hf.get("model_type") == "longt5":
+        ids["decoder_start_token_id"] = tokens.pad
+    else:
+        ids["bos_token_id"] = tokens.eos  # GPT-2 style: documents are separated by EOS alone
+    return {**ids, **hf} if config.model_config is not None else {**hf, **ids}
+
+
+def _build_model(config: TrainConfig, tokens: Tokens, init: Any) -> Any:
+    from ..models import resolve_class
+    from ..models._config import with_run_options
+
+    if init is not None:
+        model = init
+    else:
+        hf = _hf_config(config, tokens)
+        family, cls = resolve_class(hf)
+        if cls.__name__ not in TEXT_HEADS.values():
+            raise InputError(
+                f"training on text needs a language-model head, not {cls.__name__}; "
+                f"use one of {', '.join(TEXT_HEADS.values())} (other heads train with the library's head_loss)"
+            )
+        model = cls(family.config.from_hf_config(hf), key=jax.random.key(config.seed))
+    limit = model.config.position_limit
+    longest = config.seq_len // 2 if _is_seq2seq(model) else config.seq_len
+    if limit is not None and longest > limit:
+        raise InputError(f"seq_len {config.seq_len} is longer than the model's {limit} positions")
+    if model.config.vocab_size < tokens.vocab_size:
+        raise InputError(f"the tokenizer has {tokens.vocab_size} ids but the model only {model.config.vocab_size}")
+    return with_run_options(model, remat=config.remat)
+
+
+def _is_seq2seq(model: Any) -> bool:
+    return hasattr(model, "encode")
+
+
+def _objective(model: Any, config: TrainConfig) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """Packed rows to the head's batch: causal LMs predict each row; seq2seq models read a
+    row's first half and write its second."""
+    if _is_seq2seq(model):
+        if config.seq_len < 2:
+            raise InputError("seq2seq training splits each row in two: seq_len must be at least 2")
+        half = config.seq_len // 2
+
+        def split(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            ids = batch["input_ids"]
+            mask = batch["attention_mask"][:, :half]
+            return {"input_ids": ids[:, :half], "attention_mask": mask, "labels": ids[:, half:]}
+
+        return split
+    return lambda batch: {**batch, "labels": batch["input_ids"]}
+
+
+def _check_resume(config: TrainConfig, output: Path, manager: CheckpointManager) -> None:
+    latest = manager.latest()
+    if latest is not None and not config.resume:
+        raise InputError(
+            f"{output} already holds checkpoints of a run; pass --resume to continue it or pick another output"
+        )
+    if config.resume:
+        if latest is None:
+            raise InputError(f"--resume: no checkpoint in {manager.root}")
+        saved = json.loads((output / "train_config.json").read_text())
+        ours = config.to_dict()
+        changed = [name for name in TrainConfig.IDENTITY if saved.get(name) != ours[name]]
+        if changed:
+            shown = ", ".join(f"{n}: {saved.get(n)!r} -> {ours[n]!r}" for n in changed)
+            raise InputError(f"cannot resume {output} with different settings ({shown})")
+
+
+def _count_parameters(model: Any) -> int:
+    return sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array)))
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Runs `config` end to end (see the module docstring) and returns the summary."""
+    from ..checkpoint.io import export_hf, from_pretrained
+    from .sharding import make_mesh, make_sharded_train_step, shard_batch, shard_state
+
+    config.validate()
+    started = time.perf_counter()
+    output = Path(config.output)
+    if config.family not in TEXT_HEADS and config.model_config is None and config.init_from is None:
+        raise ConfigError(f"unknown model family {config.family!r}; known: {', '.join(TEXT_HEADS)}")
+    mesh = make_mesh(*config.mesh_shape())
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.batch_size % shards:
+        raise InputError(
+            f"batch_size {config.batch_size} does not divide over the mesh's data x fsdp = {shards} devices"
+        )
+    manager = CheckpointManager(output / "checkpoints", keep=config.keep_checkpoints)
+    _check_resume(config, output, manager)
+
+    # Data, tokenizer and model, all checked before compiling anything.
+    docs = _documents(config)
+    train_docs, eval_docs = split_documents(docs, config.eval_fraction, config.seed)
+    init = from_pretrained(config.init_from) if config.init_from is not None else None
+    output.mkdir(parents=True, exist_ok=True)
+    tokens = _tokens(config, train_docs, output, None if init is None else init.config)
+    model = _build_model(config, tokens, init)
+    log(
+        f"{type(model).__name__}: {_count_parameters(model) / 1e6:.2f}M parameters; "
+        f"{len(train_docs)} training and {len(eval_docs)} evaluation documents; tokenizer {config.tokenizer}"
+    )
+    train_ids = tokenize(train_docs, tokens.codec, tokens.eos, progress=config.progress)
+    batches = PackedBatches(train_ids, seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed)
+    evals = _eval_set(config, tokens, eval_docs, train_ids)
+    objective = _objective(model, config)
+    if not config.resume:
+        (output / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        (output / "metrics.jsonl").unlink(missing_ok=True)
+
+    schedule = warmup_cosine(config.learning_rate, warmup_steps=config.warmup_steps, total_steps=config.steps)
+    clip = config.clip_norm or None
+    optimizer = adamw(schedule, model, weight_decay=config.weight_decay, clip_norm=clip, accumulate=config.accumulate)
+    state = init_state(model, optimizer, key=jax.random.key(config.seed))
+    compute_dtype = jnp.bfloat16 if config.bf16 else None
+    if mesh.size > 1:
+        state = shard_state(state, mesh)
+        step = make_sharded_train_step(optimizer, mesh, compute_dtype=compute_dtype)
+
+        def place(batch: dict[str, np.ndarray]) -> dict[str, Any]:
+            return shard_batch(objective(batch), mesh)
+    else:
+        step = make_train_step(optimizer, compute_dtype=compute_dtype)
+
+        def place(batch: dict[str, np.ndarray]) -> dict[str, Any]:
+            return {k: jnp.asarray(v) for k, v in objective(batch).items()}
+
+    if config.resume:
+        state, meta = manager.restore_latest(state)
+        batches.restore(meta["data_position"])
+        log(f"resumed from step {int(state.step)} of {config.steps}")
+
+    def checkpoint(state: TrainState, record: dict[str, Any]) -> None:
+        if record["step"] % config.checkpoint_every == 0 or record["step"] == config.steps:
+            manager.save(record["step"], state, batches.position)
+
+    state, _ = fit(
+        state,
+        step,
+        _batches(batches),
+        steps=config.steps,
+        tokens_per_batch=batches.tokens_per_batch,
+        metrics_path=output / "metrics.jsonl",
+        evaluate_every=config.eval_every or config.steps,
+        eval_batches=None if evals is None else (lambda: (objective(b) for b in evals.batches())),
+        on_step=checkpoint,
+        place=place,
+        progress=config.progress,
+    )
+    if manager.latest() is None or manager.steps()[-1] != int(state.step):
+        manager.save(int(state.step), state, batches.position)
+
+    model = eqx.nn.inference_mode(state.model)
+    export_hf(model, output / "model", extra_files=[tokens.file] if tokens.file is not None else [])
+    records = read_metrics(output / "metrics.jsonl")
+    plot_losses(records, output / "loss.png", title=f"{type(model).__name__} on {', '.join(config.data)}")
+    summary = _summary(config, model, records, evals, time.perf_counter() - started)
+    (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if summary.get("eval_bits_per_byte") is not None:
+        log(
+            f"evaluation: {summary['eval_loss']:.4f} nats/token = {summary['eval_bits_per_byte']:.3f} bits/byte "
+            f"(unigram baseline {summary['unigram_bits_per_byte']:.3f})"
+        )
+    if config.sample_prompt:
+        log("sample: " + _sample(model, tokens, config.sample_prompt))
+    log(f"model written to {output / 'model'}")
+    return summary
+
+
+def _batches(batches: PackedBatches) -> Iterator[dict[str, np.ndarray]]:
+    while True:
+        yield batches.next_batch()
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSet:
+    packed: PackedBatches
+    limit: int
+    tokens: int  # of the whole evaluation split
+    bytes: int
+    unigram_bits_per_byte: float
+
+    def batches(self) -> Iterator[dict[str, np.ndarray]]:
+        for index in range(min(self.limit or len(self.packed), len(self.packed))):
+            yield self.packed.batch_at(0, index)
+
+
+def _eval_set(config: TrainConfig, tokens: Tokens, docs: list[Document], train_ids: np.ndarray) -> EvalSet | None:
+    if config.eval_fraction == 0:
+        return None
+    ids = tokenize(docs, tokens.codec, tokens.eos)
+    if len(ids) < config.seq_len * config.batch_size:
+        raise InputError(
+            f"the evaluation split has {len(ids)} tokens, fewer than one batch "
+            f"({config.batch_size} x {config.seq_len}); raise eval_fraction or set it to 0"
+        )
+    size = sum(len(doc.text.encode("utf-8")) for doc in docs)
+    packed = PackedBatches(ids, seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed)
+    baseline = unigram_bits_per_byte(train_ids, ids, size, tokens.vocab_size)
+    return EvalSet(packed, config.eval_batches, len(ids), size, baseline)
+
+
+def _summary(config: TrainConfig, model: Any, records: list[dict], evals: EvalSet | None, seconds: float) -> dict:
+    steps = [r for r in records if "loss" in r]
+    scored = [r for r in records if "eval_loss" in r]
+    summary: dict[str, Any] = {
+        "model": type(model).__name__,
+        "parameters": _count_parameters(model),
+        "steps": steps[-1]["step"] if steps else 0,
+        "train_loss": steps[-1]["loss"] if steps else None,
+        "tokens_per_s": steps[-1]["tokens_per_s"] if steps else None,
+        "seconds": round(seconds, 1),
+    }
+    if evals is not None and scored:
+        loss = scored[-1]["eval_loss"]
+        summary.update(
+            eval_loss=loss,
+            # The rows evaluated are a uniform share of the split, so its tokens-per-byte applies.
+            eval_bits_per_byte=bits_per_byte(loss, evals.tokens, evals.bytes),
+            unigram_bits_per_byte=evals.unigram_bits_per_byte,
+        )
+    return summary
+
+
+def _sample(model: Any, tokens: Tokens, prompt: str, new_tokens: int = 64) -> str:
+    from ..generation import generate
+
+    ids = tokens.codec.encode(prompt)
+    out = np.asarray(generate(model, np.asarray([ids], np.int32), max_new_tokens=new_tokens))[0]
+    new = out[1:] if _is_seq2seq(model) else out[len(ids) :]
+    if tokens.eos in new.tolist():
+        new = new[: new.tolist().index(tokens.eos)]
+    text = tokens.codec.decode(new.tolist())
+    return (text if _is_seq2seq(model) else prompt + text).replace("\n", "\n  ")
+
+
+__all__ = ["TrainConfig", "train"]
