@@ -101,6 +101,23 @@ def test_own_folder_round_trips_and_keeps_run_options(checkpoints, tmp_path):
     assert_same_tree(again, model)
 
 
+def test_written_folders_get_the_usual_permissions(checkpoints, tmp_path):
+    # The atomic write builds in a private temporary folder; the result must not stay private.
+    import os
+
+    model = eqx_models.from_pretrained(checkpoints / "safetensors")
+    old = os.umask(0o022)
+    try:
+        eqx_models.export_hf(model, tmp_path / "hf")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "hf").stat().st_mode & 0o777 == 0o755
+    assert {(p.name, p.stat().st_mode & 0o777) for p in (tmp_path / "hf").iterdir()} == {
+        ("config.json", 0o644),
+        ("model.safetensors", 0o644),
+    }
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_dtype_casts_on_load_and_survives_our_folder(checkpoints, tmp_path, dtype):
     model = eqx_models.from_pretrained(checkpoints / "safetensors", dtype=dtype)

@@ -179,6 +179,17 @@ def model_dtype(model: Any) -> str:
     return "float32"
 
 
+def _usual_permissions(folder: Path) -> None:
+    """`mkdtemp` makes a private (0700) folder, and some writers make private files: give
+    the finished folder the permissions `mkdir` and `open` would have (0777 and 0666 less
+    the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_folder(destination: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary folder beside `destination` and renames it into place on
@@ -191,6 +202,7 @@ def atomic_folder(destination: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _usual_permissions(tmp)
     if destination.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{destination.name}.old-", dir=destination.parent))
         old.rmdir()
