@@ -4,6 +4,7 @@ fine-tuning, config files, and bad settings failing before anything is compiled.
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -197,3 +198,75 @@ def test_a_sharded_run_matches_one_device_and_a_batch_must_divide_the_mesh(corpu
     refused = cli(*tiny_flags(corpus, tmp_path / "odd", mesh="4x1x1", batch_size=6))
     assert refused.returncode == 2
     assert "batch_size 6 does not divide over the mesh's data x fsdp = 4 devices" in refused.stderr
+
+
+def _two_processes(flags, timeout=240):
+    """Runs the CLI as a 2-process JAX job on this host (2 CPU devices each); returns the
+    exit codes and outputs, killing both on a hang."""
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    procs = []
+    for index in range(2):
+        env = {
+            **os.environ,
+            "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+            "JAX_NUM_PROCESSES": "2",
+            "JAX_PROCESS_ID": str(index),
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", SHARDED, *flags],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    try:
+        outputs = [proc.communicate(timeout=timeout)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return [proc.returncode for proc in procs], outputs
+
+
+def test_a_two_process_run_matches_one_device_and_resumes(corpus, trained, tmp_path):
+    output = tmp_path / "two"
+    flags = tiny_flags(corpus, output, tokenizer="bpe:300", mesh="2x2x1")
+    codes, outputs = _two_processes(flags)
+    assert codes == [0, 0], "\n".join(outputs)
+    assert "model written to" in outputs[0] and "model written to" not in outputs[1]
+    # Process 0 trained the same BPE; the losses are the single-device run's.
+    assert (output / "tokenizer.json").read_bytes() == (trained / "tokenizer.json").read_bytes()
+    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["step_00000003", "step_00000006"]
+
+    def losses(folder, name):
+        return [(r["step"], r[name]) for r in metrics(folder) if name in r]
+
+    for name in ("loss", "eval_loss"):
+        ours, theirs = losses(output, name), losses(trained, name)
+        assert [s for s, _ in ours] == [s for s, _ in theirs]
+        np.testing.assert_allclose([v for _, v in ours], [v for _, v in theirs], rtol=1e-5)
+    single = eqx_models.from_pretrained(trained / "model")
+    ours = eqx_models.from_pretrained(output / "model")
+    ids = jnp.arange(3, 20, dtype=jnp.int32)
+    np.testing.assert_allclose(np.asarray(ours(ids)), np.asarray(single(ids)), rtol=1e-4, atol=1e-4)
+
+    # Resuming from step 3 in the same 2-process setting continues the same way.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(output, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000006")
+    kept = [r for r in metrics(output) if r["step"] <= 3]
+    (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    codes, outputs = _two_processes([*tiny_flags(corpus, resumed, tokenizer="bpe:300", mesh="2x2x1"), "--resume"])
+    assert codes == [0, 0], "\n".join(outputs)
+    assert "resumed from step 3 of 6" in outputs[0]
+    for name in ("loss", "eval_loss"):
+        np.testing.assert_allclose(
+            [v for _, v in losses(resumed, name)], [v for _, v in losses(output, name)], rtol=1e-5
+        )
+    assert [s for s, _ in losses(resumed, "loss")] == [1, 2, 3, 4, 5, 6]

@@ -23,6 +23,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from ..checkpoint.io import atomic_folder
 from ..errors import CheckpointError
@@ -124,6 +125,41 @@ def _check_manifest(saved: Any, expected: list[dict[str, Any]], where: Path) -> 
             )
 
 
+# --------------------------------------------------------------------------- multi-process
+
+
+def _is_global(x: Any) -> bool:
+    """An array with shards on other processes' devices."""
+    return isinstance(x, jax.Array) and not x.is_fully_addressable
+
+
+def gather_to_host(tree: Any) -> Any:
+    """`tree` with every array that spans several processes replaced by its whole value as a
+    NumPy array, on every process (typed PRNG keys come back as typed single-device keys).
+    Fully replicated arrays are read locally; sharded ones are all-gathered, so in a
+    multi-process job every process must call this, with the same tree. Other leaves,
+    including process-local arrays, are kept."""
+    leaves, treedef = jax.tree.flatten(tree)
+    impls = [str(jax.random.key_impl(x)) if _is_global(x) and _is_typed_key(x) else None for x in leaves]
+    leaves = [jax.random.key_data(x) if impl is not None else x for x, impl in zip(leaves, impls, strict=True)]
+    spread = [i for i, x in enumerate(leaves) if _is_global(x) and not x.is_fully_replicated]
+    gathered = multihost_utils.process_allgather([leaves[i] for i in spread], tiled=True) if spread else []
+    host = [np.asarray(x.addressable_data(0)) if _is_global(x) else x for x in leaves]
+    for i, value in zip(spread, gathered, strict=True):
+        host[i] = np.asarray(value)
+    host = [
+        x if impl is None else jax.random.wrap_key_data(jnp.asarray(x), impl=impl)
+        for x, impl in zip(host, impls, strict=True)
+    ]
+    return jax.tree.unflatten(treedef, host)
+
+
+def _barrier(name: str) -> None:
+    """Waits for every process of a multi-process job (a no-op in a single process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
 # --------------------------------------------------------------------------- save / load
 
 
@@ -150,6 +186,10 @@ def save_train_state(
     Call it between steps: the train step donates its input, so save the state a step
     returned before passing it to the next step.
 
+    In a multi-process job every process calls it with its (global) state: the state is
+    gathered to the host (`gather_to_host`), process 0 writes, and every process returns
+    once the checkpoint is complete.
+
     **Arguments:**
 
     - `data_position`: where the data stream resumes (e.g. `PackedBatches.position`).
@@ -162,6 +202,8 @@ def save_train_state(
     if not isinstance(state, TrainState):
         raise CheckpointError(f"save_train_state expects a TrainState, got {type(state).__name__}")
     stored = eqx.tree_at(lambda s: s.key, state, _key_as_data(state.key))
+    if jax.process_count() > 1:
+        stored = gather_to_host(stored)
     meta = {
         "format_version": FORMAT_VERSION,
         "step": int(state.step),
@@ -170,9 +212,11 @@ def save_train_state(
         "extra": _to_json(extra if extra is not None else {}, "extra"),
         "leaves": _manifest(stored),
     }
-    with atomic_folder(folder) as tmp:
-        eqx.tree_serialise_leaves(tmp / STATE_NAME, stored)
-        (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    if jax.process_index() == 0:
+        with atomic_folder(folder) as tmp:
+            eqx.tree_serialise_leaves(tmp / STATE_NAME, stored)
+            (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    _barrier("eqx_models.save_train_state")  # nobody reads a half-written checkpoint
     return folder
 
 
@@ -204,13 +248,17 @@ def read_meta(folder: str | os.PathLike) -> dict[str, Any]:
 
 
 def _place_like(value: Any, like: Any) -> Any:
-    """`value` on the devices of `like` when `like` is an array with a sharding."""
+    """`value` on the devices of `like` when `like` is an array with a sharding. A sharding
+    spanning several processes gets a global array, each process placing its own shards
+    (every process holds the whole value)."""
     try:
         sharding = getattr(like, "sharding", None)
     except Exception:  # a deleted (donated) array may not report one
         sharding = None
     if isinstance(value, jax.Array) and sharding is not None:
-        return jax.device_put(value, sharding)
+        from .sharding import put_global
+
+        return put_global(value, sharding)
     return value
 
 
@@ -328,7 +376,8 @@ class CheckpointManager:
         if int(step) < 0:
             raise CheckpointError(f"step must be non-negative, got {step}")
         path = save_train_state(self.path(step), state, data_position=data_position, extra=extra)
-        self._prune(protect=path)
+        if jax.process_index() == 0:
+            self._prune(protect=path)
         return path
 
     def _prune(self, protect: Path) -> None:
@@ -356,6 +405,7 @@ class CheckpointManager:
 __all__: list[str] = [
     "FORMAT_VERSION",
     "CheckpointManager",
+    "gather_to_host",
     "latest_checkpoint",
     "load_train_state",
     "read_meta",

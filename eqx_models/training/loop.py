@@ -26,14 +26,22 @@ def _eval_step(model: Any, batch: Batch, loss_fn: Callable) -> tuple[Any, dict[s
     return loss_fn(model, batch, key=None)
 
 
-def evaluate(model: Any, batches: Iterable[Batch], *, loss_fn: Callable = head_loss) -> dict[str, Any]:
+def evaluate(
+    model: Any,
+    batches: Iterable[Batch],
+    *,
+    loss_fn: Callable = head_loss,
+    place: Callable[[Batch], Batch] | None = None,
+) -> dict[str, Any]:
     """Mean loss (and the loss function's other metrics) over `batches`, in inference mode,
-    weighting each batch by its number of rows."""
+    weighting each batch by its number of rows. `place` puts a host batch on devices
+    (e.g. `shard_batch`, needed when `model` spans several processes); default `jnp.asarray`."""
     model = eqx.nn.inference_mode(model)
+    place = place or (lambda batch: {k: jnp.asarray(v) for k, v in batch.items()})
     totals: dict[str, Any] = {}
     rows = 0
     for batch in batches:
-        _, metrics = _eval_step(model, {k: jnp.asarray(v) for k, v in batch.items()}, loss_fn)
+        _, metrics = _eval_step(model, place(batch), loss_fn)
         size = len(next(iter(batch.values())))
         for name, value in metrics.items():
             totals[name] = totals.get(name, 0.0) + float(value) * size
@@ -53,17 +61,22 @@ def fit(
     eval_batches: Callable[[], Iterable[Batch]] | None = None,
     on_step: Callable[[TrainState, dict[str, Any]], None] | None = None,
     place: Callable[[Batch], Batch] | None = None,
+    eval_place: Callable[[Batch], Batch] | None = None,
     progress: bool = True,
+    report: Callable[[str], None] | None = None,
 ) -> tuple[TrainState, list[dict[str, Any]]]:
     """Runs `step` until `state.step == steps`, pulling batches from `batches`.
 
     - `metrics_path`: a JSONL file; one line per step (`step`, `loss`, `tokens_per_s`, the
       step's other metrics) and one per evaluation (`eval_loss`, ...), appended so a resumed
-      run continues the same file.
+      run continues the same file. `tokens_per_s` counts from the end of the first step,
+      which compiles (the first step's record has its own rate, compilation included).
     - `evaluate_every`, `eval_batches`: every so many steps (and at the end) the mean loss
       over `eval_batches()`.
     - `on_step(state, metrics)`: called after every step (checkpointing, early stopping).
     - `place`: puts a host batch on devices (e.g. `shard_batch`); default `jnp.asarray`.
+    - `eval_place`: the same for the evaluation batches (`evaluate`'s `place`).
+    - `report`: prints the evaluation lines; default `tqdm.write`.
 
     Returns the final state and every metrics record.
     """
@@ -77,12 +90,13 @@ def fit(
         while int(state.step) < steps:
             state, metrics = step(state, place(next(batches)))
             record = {"step": int(state.step), **{k: float(v) for k, v in jax.device_get(metrics).items()}}
-            # Throughput after the first step of this call, which compiles and is not counted.
+            # Throughput since the first step of this call, which compiles: the first record
+            # carries its own rate, compilation included; later ones exclude it.
+            now = time.perf_counter()
+            done = 1 if counted_from is None else record["step"] - counted_from
+            record["tokens_per_s"] = done * tokens_per_batch / (now - started)
             if counted_from is None:
-                counted_from, started = record["step"], time.perf_counter()
-            elapsed = time.perf_counter() - started
-            done = record["step"] - counted_from
-            record["tokens_per_s"] = done * tokens_per_batch / elapsed if done else 0.0
+                counted_from, started = record["step"], now
             if not math.isfinite(record["loss"]):
                 raise FloatingPointError(f"the loss became {record['loss']} at step {record['step']}")
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
@@ -93,9 +107,9 @@ def fit(
                 and evaluate_every
                 and (record["step"] % evaluate_every == 0 or record["step"] == steps)
             ):
-                scores = evaluate(state.model, eval_batches())
+                scores = evaluate(state.model, eval_batches(), place=eval_place)
                 _write(log, {"step": record["step"], **{f"eval_{k}": v for k, v in scores.items()}}, records)
-                bar.write(f"step {record['step']}: eval loss {scores['loss']:.4f}")
+                (report or bar.write)(f"step {record['step']}: eval loss {scores['loss']:.4f}")
             if on_step is not None:
                 on_step(state, record)
     finally:

@@ -21,6 +21,12 @@ OUTPUT/loss.png            the loss curve
 OUTPUT/summary.json        final losses, bits per byte against the unigram baseline, timing
 OUTPUT/model/              config.json + model.safetensors (+ tokenizer.json), HF format
 ```
+
+The same command runs on every process of a multi-process (multi-host) job: with
+`JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` set (or a cluster JAX
+detects), the processes join one job and the mesh spans all their devices. Each computes
+the same batches and feeds its devices their rows; process 0 alone writes the output
+folder and logs.
 """
 
 import dataclasses
@@ -38,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..errors import ConfigError, InputError
-from .checkpoint import CheckpointManager
+from .checkpoint import CheckpointManager, _barrier, gather_to_host
 from .data import (
     Document,
     PackedBatches,
@@ -227,7 +233,8 @@ def _special_id(codec: Any, names: tuple[str, ...], what: str) -> int:
 
 
 def _tokens(config: TrainConfig, train_docs: list[Document], output: Path, init_config: Any) -> Tokens:
-    """The run's tokenizer: reused from the run folder when resuming, else as configured."""
+    """The run's tokenizer: reused from the run folder when resuming, else as configured.
+    A BPE is trained and saved by process 0; the other processes read its file."""
     from ..text import ByteCodec, TokenizerCodec
 
     saved = output / "tokenizer.json"
@@ -236,8 +243,10 @@ def _tokens(config: TrainConfig, train_docs: list[Document], output: Path, init_
         kind, value = "file", Path(config.init_from) / "tokenizer.json"
     if kind == "bytes":  # bytes 0-255, then EOS and padding
         return Tokens(ByteCodec(258), 258, pad=257, eos=256, file=None)
-    if kind == "bpe" and not saved.is_file():
-        train_bpe_tokenizer(train_docs, int(value)).save(str(saved))  # <pad> = 0, <eos> = 1
+    if kind == "bpe":
+        if jax.process_index() == 0 and not saved.is_file():
+            train_bpe_tokenizer(train_docs, int(value)).save(str(saved))  # <pad> = 0, <eos> = 1
+        _barrier("eqx_models.train.tokenizer")
     codec = TokenizerCodec.from_file(saved if kind == "bpe" else value)
     eos = _special_id(codec, ("<eos>", "</s>", "<|endoftext|>"), "end-of-text")
     try:
@@ -346,19 +355,26 @@ def _count_parameters(model: Any) -> int:
 def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Runs `config` end to end (see the module docstring) and returns the summary."""
     from ..checkpoint.io import export_hf, from_pretrained
-    from .sharding import make_mesh, make_sharded_train_step, shard_batch, shard_state
+    from .sharding import initialize_distributed, make_mesh, make_sharded_train_step, shard_batch, shard_state
 
     config.validate()
     started = time.perf_counter()
     output = Path(config.output)
     if config.family not in TEXT_HEADS and config.model_config is None and config.init_from is None:
         raise ConfigError(f"unknown model family {config.family!r}; known: {', '.join(TEXT_HEADS)}")
+    initialize_distributed()  # a no-op in a single process
+    processes, main = jax.process_count(), jax.process_index() == 0
+    if not main:
+        log = _silent
     mesh = make_mesh(*config.mesh_shape())
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if config.batch_size % shards:
         raise InputError(
             f"batch_size {config.batch_size} does not divide over the mesh's data x fsdp = {shards} devices"
         )
+    if config.batch_size % processes:
+        raise InputError(f"batch_size {config.batch_size} does not divide over the {processes} processes")
+    rows = _process_rows(mesh, config.batch_size)
     manager = CheckpointManager(output / "checkpoints", keep=config.keep_checkpoints)
     _check_resume(config, output, manager)
 
@@ -373,11 +389,11 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> dict[st
         f"{type(model).__name__}: {_count_parameters(model) / 1e6:.2f}M parameters; "
         f"{len(train_docs)} training and {len(eval_docs)} evaluation documents; tokenizer {config.tokenizer}"
     )
-    train_ids = tokenize(train_docs, tokens.codec, tokens.eos, progress=config.progress)
+    train_ids = tokenize(train_docs, tokens.codec, tokens.eos, progress=config.progress and main)
     batches = PackedBatches(train_ids, seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed)
     evals = _eval_set(config, tokens, eval_docs, train_ids)
     objective = _objective(model, config)
-    if not config.resume:
+    if not config.resume and main:
         (output / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         (output / "metrics.jsonl").unlink(missing_ok=True)
 
@@ -386,12 +402,19 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> dict[st
     optimizer = adamw(schedule, model, weight_decay=config.weight_decay, clip_norm=clip, accumulate=config.accumulate)
     state = init_state(model, optimizer, key=jax.random.key(config.seed))
     compute_dtype = jnp.bfloat16 if config.bf16 else None
+    eval_place = None
     if mesh.size > 1:
         state = shard_state(state, mesh)
         step = make_sharded_train_step(optimizer, mesh, compute_dtype=compute_dtype)
 
+        def shard(batch: dict[str, np.ndarray]) -> dict[str, Any]:  # this process's rows
+            return shard_batch({k: v[rows] for k, v in batch.items()}, mesh)
+
         def place(batch: dict[str, np.ndarray]) -> dict[str, Any]:
-            return shard_batch(objective(batch), mesh)
+            return shard(objective(batch))
+
+        if processes > 1:  # the evaluation's model is global: so must its batches be
+            eval_place = shard
     else:
         step = make_train_step(optimizer, compute_dtype=compute_dtype)
 
@@ -407,23 +430,30 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> dict[st
         if record["step"] % config.checkpoint_every == 0 or record["step"] == config.steps:
             manager.save(record["step"], state, batches.position)
 
-    state, _ = fit(
+    state, fit_records = fit(
         state,
         step,
         _batches(batches),
         steps=config.steps,
         tokens_per_batch=batches.tokens_per_batch,
-        metrics_path=output / "metrics.jsonl",
+        metrics_path=output / "metrics.jsonl" if main else None,
         evaluate_every=config.eval_every or config.steps,
         eval_batches=None if evals is None else (lambda: (objective(b) for b in evals.batches())),
         on_step=checkpoint,
         place=place,
-        progress=config.progress,
+        eval_place=eval_place,
+        progress=config.progress and main,
+        report=None if main else _silent,
     )
     if manager.latest() is None or manager.steps()[-1] != int(state.step):
         manager.save(int(state.step), state, batches.position)
 
     model = eqx.nn.inference_mode(state.model)
+    if processes > 1:  # the whole model on every host, as single-device arrays
+        model = jax.tree.map(lambda x: jnp.asarray(x) if isinstance(x, np.ndarray) else x, gather_to_host(model))
+    if not main:
+        _barrier("eqx_models.train.done")
+        return _summary(config, model, fit_records, evals, time.perf_counter() - started)
     export_hf(model, output / "model", extra_files=[tokens.file] if tokens.file is not None else [])
     records = read_metrics(output / "metrics.jsonl")
     plot_losses(records, output / "loss.png", title=f"{type(model).__name__} on {', '.join(config.data)}")
@@ -437,7 +467,30 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> dict[st
     if config.sample_prompt:
         log("sample: " + _sample(model, tokens, config.sample_prompt))
     log(f"model written to {output / 'model'}")
+    _barrier("eqx_models.train.done")
     return summary
+
+
+def _silent(message: str) -> None:
+    """The log of the processes other than process 0."""
+
+
+def _process_rows(mesh: Any, batch_size: int) -> slice:
+    """The rows of the global batch that this process's devices hold: all of them in a
+    single process, a contiguous block in a multi-process job."""
+    from .sharding import batch_sharding
+
+    if jax.process_count() == 1:
+        return slice(None)
+    held = batch_sharding(mesh).addressable_devices_indices_map((batch_size,)).values()
+    spans = sorted({index[0].indices(batch_size)[:2] for index in held})
+    start, stop = spans[0][0], spans[-1][1]
+    if sum(b - a for a, b in spans) != stop - start:
+        raise InputError(
+            f"mesh {'x'.join(map(str, mesh.devices.shape))}: process {jax.process_index()}'s devices hold "
+            "scattered rows of the batch; order the mesh so that each process's devices are adjacent"
+        )
+    return slice(start, stop)
 
 
 def _batches(batches: PackedBatches) -> Iterator[dict[str, np.ndarray]]:

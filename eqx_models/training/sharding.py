@@ -150,10 +150,25 @@ def _place(tree: PyTree, shardings: PyTree, put: Callable[[Any, Any], Any]) -> P
     return eqx.combine(placed, static)
 
 
+def put_global(value: Any, sharding: jax.sharding.Sharding) -> Array:
+    """`jax.device_put(value, sharding)`, also when `sharding` spans several processes: then
+    every process must hold the same whole `value` and places its own shards (typed PRNG
+    keys included)."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(value, sharding)
+    if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(
+            put_global(jax.random.key_data(value), sharding), impl=jax.random.key_impl(value)
+        )
+    host = np.asarray(value)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
 def shard_state(state: TrainState, mesh: Mesh, *, min_size: int = MIN_SHARDED_SIZE) -> TrainState:
     """`state` with its model, optimizer state, step and key placed on `mesh` by
-    `param_sharding` (`jax.device_put`; non-array leaves are kept as they are)."""
-    return _place(state, param_sharding(state, mesh, min_size=min_size), jax.device_put)
+    `param_sharding` (`jax.device_put`, or `put_global` when the mesh spans several
+    processes; non-array leaves are kept as they are)."""
+    return _place(state, param_sharding(state, mesh, min_size=min_size), put_global)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
