@@ -137,6 +137,24 @@ def test_fine_tuning_starts_from_a_checkpoint_and_keeps_its_tokenizer(corpus, tr
     assert 0 < np.abs(np.asarray(tuned(ids)) - np.asarray(start(ids))).max() < 1.0
 
 
+def test_an_hf_config_json_trains_from_scratch_and_must_fit_the_tokenizer(corpus, tmp_path, capsys):
+    config = transformers.XGLMConfig(d_model=32, ffn_dim=64, num_layers=2, attention_heads=4, vocab_size=300)
+    config.to_json_file(tmp_path / "config.json")
+    output = tmp_path / "xglm"
+    flags = tiny_flags(corpus, output, steps=2, warmup_steps=1, eval_every=0, checkpoint_every=2, family="ignored")
+    assert main([*flags, "--model-config", str(tmp_path / "config.json")]) == 0
+    model = eqx_models.from_pretrained(output / "model")
+    assert type(model).__name__ == "XGLMForCausalLM"
+    assert (model.config.d_model, model.config.vocab_size, model.config.eos_token_id) == (32, 300, 256)
+
+    transformers.XGLMConfig(d_model=32, num_layers=1, attention_heads=4, vocab_size=200).to_json_file(
+        tmp_path / "small.json"
+    )
+    flags = tiny_flags(corpus, tmp_path / "small", steps=2, warmup_steps=1)
+    assert main([*flags, "--model-config", str(tmp_path / "small.json")]) == 2
+    assert "has vocab_size 200 but the tokenizer has 258 ids" in capsys.readouterr().err
+
+
 def test_a_config_file_sets_values_and_flags_override_it(corpus, tmp_path):
     file = tmp_path / "run.toml"
     file.write_text(f'family = "xglm"\nsize = "tiny"\ndata = ["{corpus}"]\nsteps = 9\nseq_len = 48\n')

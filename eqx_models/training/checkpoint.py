@@ -154,7 +154,7 @@ def gather_to_host(tree: Any) -> Any:
     return jax.tree.unflatten(treedef, host)
 
 
-def _barrier(name: str) -> None:
+def barrier(name: str) -> None:
     """Waits for every process of a multi-process job (a no-op in a single process)."""
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
@@ -216,7 +216,7 @@ def save_train_state(
         with atomic_folder(folder) as tmp:
             eqx.tree_serialise_leaves(tmp / STATE_NAME, stored)
             (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-    _barrier("eqx_models.save_train_state")  # nobody reads a half-written checkpoint
+    barrier("eqx_models.save_train_state")  # nobody reads a half-written checkpoint
     return folder
 
 
@@ -405,6 +405,7 @@ class CheckpointManager:
 __all__: list[str] = [
     "FORMAT_VERSION",
     "CheckpointManager",
+    "barrier",
     "gather_to_host",
     "latest_checkpoint",
     "load_train_state",

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..errors import ConfigError, InputError
-from .checkpoint import CheckpointManager, _barrier, gather_to_host
+from .checkpoint import CheckpointManager, barrier, gather_to_host
 from .data import (
     Document,
     PackedBatches,
@@ -246,7 +246,7 @@ def _tokens(config: TrainConfig, train_docs: list[Document], output: Path, init_
     if kind == "bpe":
         if jax.process_index() == 0 and not saved.is_file():
             train_bpe_tokenizer(train_docs, int(value)).save(str(saved))  # <pad> = 0, <eos> = 1
-        _barrier("eqx_models.train.tokenizer")
+        barrier("eqx_models.train.tokenizer")
     codec = TokenizerCodec.from_file(saved if kind == "bpe" else value)
     eos = _special_id(codec, ("<eos>", "</s>", "<|endoftext|>"), "end-of-text")
     try:
@@ -280,7 +280,7 @@ def _hf_config(config: TrainConfig, tokens: Tokens) -> dict[str, Any]:
         ids["decoder_start_token_id"] = tokens.pad
     else:
         ids["bos_token_id"] = tokens.eos  # GPT-2 style: documents are separated by EOS alone
-    return {**ids, **hf} if config.model_config is not None else {**hf, **ids}
+    return {**hf, **ids}  # the data is built with the tokenizer's ids, so they win
 
 
 def _build_model(config: TrainConfig, tokens: Tokens, init: Any) -> Any:
@@ -452,7 +452,7 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> dict[st
     if processes > 1:  # the whole model on every host, as single-device arrays
         model = jax.tree.map(lambda x: jnp.asarray(x) if isinstance(x, np.ndarray) else x, gather_to_host(model))
     if not main:
-        _barrier("eqx_models.train.done")
+        barrier("eqx_models.train.done")
         return _summary(config, model, fit_records, evals, time.perf_counter() - started)
     export_hf(model, output / "model", extra_files=[tokens.file] if tokens.file is not None else [])
     records = read_metrics(output / "metrics.jsonl")
@@ -467,7 +467,7 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> dict[st
     if config.sample_prompt:
         log("sample: " + _sample(model, tokens, config.sample_prompt))
     log(f"model written to {output / 'model'}")
-    _barrier("eqx_models.train.done")
+    barrier("eqx_models.train.done")
     return summary
 
 
