@@ -1,6 +1,6 @@
 """Writes `examples/stdlib-gpt-neo` from a finished run of `examples/stdlib-gpt-neo.toml`.
 
-    eqx-models train --config examples/stdlib-gpt-neo.toml     # about 45 minutes on 2 cores
+    eqx-models train --config examples/stdlib-gpt-neo.toml     # about 95 minutes on 2 cores
     python scripts/make_example.py                             # needs the `hf` extra
 
 The run's HF-format model is stored in bfloat16 (half the size; `from_pretrained` and
