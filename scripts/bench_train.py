@@ -67,6 +67,13 @@ def write_checkpoint(args: argparse.Namespace, folder: str) -> None:
     transformers.FlaxGPTNeoForCausalLM(hf_config(args), seed=0).save_pretrained(folder)
 
 
+def masked_size(params, mask) -> int:
+    """How many parameters `mask` (a tree of bools shaped like `params`) selects."""
+    import jax
+
+    return sum(x.size for x, keep in zip(jax.tree.leaves(params), jax.tree.leaves(mask)) if keep)
+
+
 def token_ids(args: argparse.Namespace) -> np.ndarray:
     return np.random.default_rng(0).integers(0, args.vocab, (args.batch, args.seq)).astype(np.int32)
 
@@ -88,7 +95,7 @@ def ours_step(folder: str, args: argparse.Namespace, remat: bool):
     step = make_train_step(optimizer, loss_fn=lambda m, batch, key: head_loss(m, batch))
     state = init_state(model, optimizer, key=jax.random.key(0))
     params = eqx.filter(model, eqx.is_inexact_array)
-    decayed = sum(x.size for x, m in zip(jax.tree.leaves(params), jax.tree.leaves(decay_mask(params))) if m)
+    decayed = masked_size(params, decay_mask(params))
     ids = token_ids(args)
 
     def batch():  # fresh arrays every step: the step donates its whole input
@@ -116,7 +123,7 @@ def hf_step(folder: str, args: argparse.Namespace):
     model, params = transformers.FlaxGPTNeoForCausalLM.from_pretrained(folder, _do_init=False)
     params = jax.tree.map(jnp.asarray, params)
     mask = jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", params)
-    decayed = sum(x.size for x, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask)) if m)
+    decayed = masked_size(params, mask)
     optimizer = optax.chain(
         optax.clip_by_global_norm(CLIP_NORM),
         optax.adamw(LEARNING_RATE, b1=0.9, b2=0.999, eps=1e-8, weight_decay=WEIGHT_DECAY, mask=mask),

@@ -29,6 +29,22 @@ def left_padded(rng: np.random.Generator, vocab: int, lengths: list[int]) -> tup
     return ids, mask
 
 
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Given id rows `[batch, max length]`, each left-padded with `pad_id`, and their mask."""
+    seq = max(map(len, rows))
+    ids = np.array([[pad_id] * (seq - len(row)) + list(row) for row in rows])
+    mask = np.array([[0] * (seq - len(row)) + [1] * len(row) for row in rows])
+    return ids, mask
+
+
+def hf_generate(reference: torch.nn.Module, ids: np.ndarray, mask: np.ndarray, **options):
+    """HF `generate` on numpy ids and mask, returning its dict output."""
+    with torch.no_grad():
+        return reference.generate(
+            torch.tensor(ids), attention_mask=torch.tensor(mask), return_dict_in_generate=True, **options
+        )
+
+
 def hf_positions(mask: np.ndarray) -> np.ndarray:
     """The positions HF `generate` gives a left-padded batch."""
     return np.where(mask, np.cumsum(mask, -1) - 1, 1)

@@ -8,14 +8,13 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import transformers
+from oracle import hf_generate, left_pad
 
 import eqx_models
 from eqx_models.generation import generate
 from eqx_models.text import load_codec
 from eqx_models.training import head_loss
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "stdlib-gpt-neo"
 
@@ -39,20 +38,11 @@ def test_the_example_has_learned_python(example):
 def test_greedy_generation_equals_transformers(example):
     model, codec = example
     prompts = ["def ", "class Parser:\n    def "]
-    rows = [codec.encode(p) for p in prompts]
-    width = max(map(len, rows))
-    ids = np.array([[0] * (width - len(r)) + r for r in rows], np.int32)  # left-padded
-    mask = np.array([[0] * (width - len(r)) + [1] * len(r) for r in rows], np.int32)
-    ours = np.asarray(generate(model, jnp.asarray(ids), jnp.asarray(mask), max_new_tokens=24))
+    ids, mask = left_pad([codec.encode(p) for p in prompts], model.config.pad_token_id)
+    ours = np.asarray(generate(model, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32), max_new_tokens=24))
 
-    theirs_model = transformers.AutoModelForCausalLM.from_pretrained(EXAMPLE).eval()
-    with torch.no_grad():
-        theirs = theirs_model.generate(
-            torch.tensor(ids, dtype=torch.long),
-            attention_mask=torch.tensor(mask, dtype=torch.long),
-            max_new_tokens=24,
-            do_sample=False,
-            pad_token_id=theirs_model.config.pad_token_id,
-        ).numpy()
+    reference = transformers.AutoModelForCausalLM.from_pretrained(EXAMPLE).eval()
+    options = {"max_new_tokens": 24, "do_sample": False, "pad_token_id": model.config.pad_token_id}
+    theirs = hf_generate(reference, ids, mask, **options).sequences.numpy()
     np.testing.assert_array_equal(ours, theirs)
-    assert codec.decode(ours[0, width:].tolist()).strip()  # it writes something
+    assert codec.decode(ours[0, ids.shape[1] :].tolist()).strip()  # it writes something

@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 from decoder_cases import CASES
-from oracle import left_padded, randomise
+from oracle import hf_generate, left_padded, randomise
 from test_big_bird import CONFIG as BIG_BIRD
 from test_gpt_neo import TINY as GPT_NEO
 from test_long_t5 import CONFIG as LONG_T5
@@ -79,14 +79,6 @@ def prompts(arch: Arch, seed: int):
     else:
         ids, mask = left_padded(rng, vocab, [7, 3, 5])
     return np.where(mask, ids, pad), mask
-
-
-def hf_generate(reference, ids, mask, **options):
-    with torch.no_grad():
-        out = reference.generate(
-            torch.tensor(ids), attention_mask=torch.tensor(mask), return_dict_in_generate=True, **options
-        )
-    return out
 
 
 def pick_eos(model, ids, mask, seq2seq):
