@@ -1,7 +1,7 @@
 """`eqx-models`: convert checkpoints, check them against HF, generate, and train.
 
-Every failure prints one line naming the problem and exits non-zero; `--debug`
-shows the traceback instead.
+Every failure prints one line naming the problem and exits with a code saying what kind
+of failure it was (`EXIT_CODES`); `--debug` shows the traceback instead.
 """
 
 import argparse
@@ -13,17 +13,29 @@ from typing import Any
 import numpy as np
 
 from .errors import EqxModelsError, InputError
+from .files import check_destination, interrupts_raise
+
+EXIT_OK = 0
+EXIT_BAD_INPUT = 1  # an EqxModelsError or OSError: the message names the file, key or setting
+EXIT_USAGE = 2  # argparse: unknown command or flag, a flag's value of the wrong type
+EXIT_INTERNAL = 70  # an unexpected exception: a bug (sysexits' EX_SOFTWARE)
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT) or SIGTERM, after cleaning up (128 + SIGINT)
+EXIT_CODES = f"""exit status: {EXIT_OK} success; {EXIT_BAD_INPUT} bad input (a one-line error naming the file, key \
+or setting); {EXIT_USAGE} usage error (unknown command or flag, malformed flag value); {EXIT_INTERNAL} internal \
+error (a bug: rerun with --debug and report the traceback); {EXIT_INTERRUPTED} interrupted (Ctrl-C or SIGTERM; \
+nothing half-written is left)."""
 
 
 def _convert(args: argparse.Namespace) -> None:
     from .checkpoint.io import export_hf, load_with_report, save_pretrained, tokenizer_files
 
+    check_destination(args.dst, source=args.src, overwrite=args.overwrite)  # before loading anything
     started = time.perf_counter()
     model, report = load_with_report(args.src, dtype=args.dtype, progress=True)
     for path in report.initialised:
         print(f"note: {path} is not in the checkpoint and was freshly initialised", file=sys.stderr)
     save = export_hf if args.to == "hf" else save_pretrained
-    save(model, args.dst, progress=True, extra_files=tokenizer_files(args.src))
+    save(model, args.dst, overwrite=args.overwrite, progress=True, extra_files=tokenizer_files(args.src))
     print(f"converted {args.src} -> {args.dst} ({args.to}, {time.perf_counter() - started:.1f}s)")
 
 
@@ -136,13 +148,24 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="eqx-models", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="eqx-models", description=__doc__.splitlines()[0], epilog=EXIT_CODES)
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    convert = commands.add_parser("convert", help="convert a checkpoint folder (HF or ours) to ours or to HF")
+    convert = commands.add_parser(
+        "convert",
+        help="convert a checkpoint folder (HF or ours) to ours or to HF",
+        description="Converts SRC into DST, written atomically. DST must be new or empty; with --overwrite "
+        "it may also be a folder eqx_models wrote (convert or export marks it), which is replaced whole. Any "
+        "other folder, a file or a link at DST, and a DST that is, contains or lies inside SRC are refused "
+        "before anything is read.",
+        epilog=EXIT_CODES,
+    )
     convert.add_argument("src", help="HF folder (safetensors, pytorch_model.bin, flax msgpack) or an eqx folder")
     convert.add_argument("dst", help="output folder, written atomically")
+    convert.add_argument(
+        "--overwrite", action="store_true", help="replace DST if it is a folder eqx_models wrote (never another)"
+    )
     convert.add_argument("--to", choices=("eqx", "hf"), default="eqx", help="output format (default: eqx)")
     convert.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
     convert.set_defaults(run=_convert)
@@ -185,20 +208,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs one command; returns its exit status (`EXIT_CODES`). Usage errors exit through
+    argparse with `EXIT_USAGE`. SIGTERM is handled as Ctrl-C: both unwind (temporary
+    folders are removed) and end with one line, `interrupted`."""
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        with interrupts_raise():
+            args.run(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (EqxModelsError, OSError) as err:
         if args.debug:
             raise
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except Exception as err:  # an unexpected failure still gets one readable line
         if args.debug:
             raise
-        print(f"error: {type(err).__name__}: {err} (rerun with --debug for the traceback)", file=sys.stderr)
-        return 1
-    return 0
+        detail = f": {err}" if str(err) else ""
+        print(f"error: {type(err).__name__}{detail} (rerun with --debug for the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from oracle import randomise
 
 import eqx_models
 from eqx_models.checkpoint.keymap import array_leaves
+from eqx_models.cli import EXIT_BAD_INPUT
 from eqx_models.cli import main as cli
 
 CONFIG = dict(
@@ -113,6 +114,7 @@ def test_written_folders_get_the_usual_permissions(checkpoints, tmp_path):
         os.umask(old)
     assert (tmp_path / "hf").stat().st_mode & 0o777 == 0o755
     assert {(p.name, p.stat().st_mode & 0o777) for p in (tmp_path / "hf").iterdir()} == {
+        (".eqx_models.json", 0o644),  # our marker: `--overwrite` may replace this folder
         ("config.json", 0o644),
         ("model.safetensors", 0o644),
     }
@@ -190,7 +192,7 @@ def test_cli_convert_both_ways(checkpoints, tmp_path, capsys):
 
 def test_cli_convert_failure_leaves_nothing_and_prints_one_line(checkpoints, tmp_path, capsys):
     folder = _broken_copy(checkpoints, tmp_path, lambda s: s.pop("transformer.wte.weight"))
-    assert cli(["convert", str(folder), str(tmp_path / "out")]) == 2
+    assert cli(["convert", str(folder), str(tmp_path / "out")]) == EXIT_BAD_INPUT
     err = capsys.readouterr().err
     assert err.startswith("error: checkpoint is missing") and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
@@ -203,13 +205,13 @@ def test_cli_convert_failure_keeps_existing_output(checkpoints, tmp_path):
     (tmp_path / "garbage").mkdir()
     (tmp_path / "garbage" / "config.json").write_text((checkpoints / "safetensors" / "config.json").read_text())
     (tmp_path / "garbage" / "model.safetensors").write_bytes(b"\x00not a safetensors file")
-    assert cli(["convert", str(tmp_path / "garbage"), str(tmp_path / "out")]) == 2
+    assert cli(["convert", str(tmp_path / "garbage"), str(tmp_path / "out"), "--overwrite"]) == EXIT_BAD_INPUT
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["garbage", "out"]
 
 
 def test_cli_errors_on_missing_folder(tmp_path, capsys):
-    assert cli(["convert", str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
+    assert cli(["convert", str(tmp_path / "nope"), str(tmp_path / "out")]) == EXIT_BAD_INPUT
     assert "is not a folder" in capsys.readouterr().err
 
 

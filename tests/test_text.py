@@ -17,6 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import eqx_models
 import eqx_models.generation
+from eqx_models.cli import EXIT_BAD_INPUT
 from eqx_models.cli import main as cli
 from eqx_models.text import ByteCodec, StreamDecoder, TokenizerCodec, load_codec
 
@@ -272,7 +273,7 @@ def test_cli_generate_falls_back_to_bytes(neo_folder, tmp_path, capsys):
     ],
 )
 def test_cli_generate_bad_flags_give_one_line(neo_folder, capsys, flags, message):
-    assert cli(["generate", str(neo_folder), *flags]) == 2
+    assert cli(["generate", str(neo_folder), *flags]) == EXIT_BAD_INPUT
     captured = capsys.readouterr()
     assert captured.err == f"error: {message}\n" and captured.out == ""
 
@@ -281,7 +282,7 @@ def test_cli_generate_corrupt_tokenizer_gives_one_line(neo_folder, tmp_path, cap
     folder = tmp_path / "corrupt"
     shutil.copytree(neo_folder, folder)
     (folder / "tokenizer.json").write_text("{not json")
-    assert cli(["generate", str(folder)]) == 2
+    assert cli(["generate", str(folder)]) == EXIT_BAD_INPUT
     err = capsys.readouterr().err
     assert err.startswith("error: cannot read tokenizer file") and "tokenizer.json" in err and err.count("\n") == 1
 

@@ -12,7 +12,7 @@ import pytest
 from test_gpt_neo import TINY, hf_neo
 
 import eqx_models
-from eqx_models.errors import CheckpointError
+from eqx_models.errors import CheckpointError, InputError
 from eqx_models.training.checkpoint import (
     CheckpointManager,
     latest_checkpoint,
@@ -131,7 +131,7 @@ def test_failed_save_keeps_previous_checkpoint_and_leaves_no_temporary(neo, tmp_
     monkeypatch.setattr(eqx, "tree_serialise_leaves", half_then_fail)
     second = init_state(neo, optimizer, key=jax.random.key(6))
     with pytest.raises(OSError, match="disk full"):
-        save_train_state(folder, second, extra={"version": 2})
+        save_train_state(folder, second, extra={"version": 2}, overwrite=True)
     monkeypatch.undo()
 
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
@@ -141,15 +141,23 @@ def test_failed_save_keeps_previous_checkpoint_and_leaves_no_temporary(neo, tmp_
     assert_trees_equal(loaded, first)
 
 
-def test_save_replaces_an_existing_checkpoint(neo, tmp_path):
+def test_save_replaces_an_existing_checkpoint_only_when_asked(neo, tmp_path):
     optimizer, _ = setup(neo)
     save_train_state(tmp_path / "c", init_state(neo, optimizer, key=jax.random.key(1)), extra={"n": 1})
-    save_train_state(tmp_path / "c", init_state(neo, optimizer, key=jax.random.key(2)), extra={"n": 2})
+    with pytest.raises(InputError, match="c is not empty; pass --overwrite"):
+        save_train_state(tmp_path / "c", init_state(neo, optimizer, key=jax.random.key(2)), extra={"n": 2})
+    save_train_state(tmp_path / "c", init_state(neo, optimizer, key=jax.random.key(2)), extra={"n": 2}, overwrite=True)
     like = init_state(neo, optimizer, key=jax.random.key(0))
     loaded, meta = load_train_state(tmp_path / "c", like)
     assert meta["extra"] == {"n": 2}
     assert_trees_equal(loaded.key, jax.random.key(2))
     assert [p.name for p in tmp_path.iterdir()] == ["c"]
+    # A folder someone else wrote is never replaced, even when asked.
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="not written by eqx_models"):
+        save_train_state(tmp_path / "theirs", like, overwrite=True)
+    assert [p.name for p in (tmp_path / "theirs").iterdir()] == ["notes.txt"]
 
 
 def test_loading_into_a_different_model_fails_clearly(neo, tmp_path):
@@ -219,3 +227,33 @@ def test_manager_keeps_the_newest_and_finds_the_latest(neo, tmp_path):
     assert meta["data_position"] == {"epoch": 0, "index": 12} and meta["extra"] == {"step": 12}
     with pytest.raises(CheckpointError, match="keep"):
         CheckpointManager(tmp_path, keep=0)
+
+
+def test_restore_skips_corrupt_newest_checkpoints_for_an_older_intact_one(neo, tmp_path):
+    optimizer, _ = setup(neo)
+    manager = CheckpointManager(tmp_path / "run", keep=None)
+    for step in (1, 2, 3):
+        manager.save(step, init_state(neo, optimizer, key=jax.random.key(step)), {"index": step}, {"step": step})
+    newest = tmp_path / "run" / "step_00000003"
+    (newest / "state.eqx").write_bytes((newest / "state.eqx").read_bytes()[:64])
+    (tmp_path / "run" / "step_00000002" / "trainer.json").write_text("{not json")
+    like = eqx.filter_eval_shape(init_state, neo, optimizer, key=jax.random.key(0))
+    skipped = []
+    state, meta = manager.restore_latest(like, on_skip=lambda path, err: skipped.append((path.name, str(err))))
+    assert meta["extra"] == {"step": 1} and meta["data_position"] == {"index": 1}
+    assert_trees_equal(state.key, jax.random.key(1))
+    assert [name for name, _ in skipped] == ["step_00000003", "step_00000002"]
+    assert "cannot read" in skipped[0][1] and "not valid JSON" in skipped[1][1]
+    with pytest.warns(UserWarning) as caught:
+        manager.restore_latest(like)
+    assert [str(w.message).split(",")[0].rsplit("/", 1)[-1] for w in caught] == ["step_00000003", "step_00000002"]
+    assert all(str(w.message).startswith("skipped the checkpoint ") for w in caught)
+    # The corrupt ones stay for inspection, and a save at their step replaces them.
+    assert manager.steps() == [1, 2, 3]
+    manager.save(3, state, {"index": 3})
+    assert manager.restore_latest(like)[1]["data_position"] == {"index": 3}
+
+    (tmp_path / "run" / "step_00000001" / "state.eqx").write_bytes(b"")
+    (tmp_path / "run" / "step_00000003" / "state.eqx").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="no checkpoint in .*run could be loaded.*step_00000003.*step_00000001"):
+        manager.restore_latest(like, on_skip=lambda path, err: None)

@@ -17,7 +17,7 @@ import torch
 import transformers
 
 import eqx_models
-from eqx_models.cli import main
+from eqx_models.cli import EXIT_BAD_INPUT, main
 from eqx_models.training import run
 from eqx_models.training.presets import PRESETS
 
@@ -105,24 +105,40 @@ def test_every_family_trains_from_its_tiny_preset(corpus, tmp_path, family):
     assert type(model).__name__ == run.TEXT_HEADS[family]
 
 
-def test_resuming_continues_exactly(corpus, trained, tmp_path):
+def losses(output):
+    return [(r["step"], r.get("loss"), r.get("eval_loss")) for r in metrics(output)]
+
+
+def test_resuming_continues_exactly_and_cuts_the_metrics_back_to_the_checkpoint(corpus, trained, tmp_path, capsys):
+    # A run killed after writing step 6's records but before its checkpoint: metrics.jsonl
+    # holds steps 4-6, which the resumed run writes again; each step must appear once.
     resumed = tmp_path / "neo"
     shutil.copytree(trained, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step_00000006")
-    kept = [r for r in metrics(trained) if r["step"] <= 3]
-    (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
     assert main([*tiny_flags(corpus, resumed, tokenizer="bpe:300"), "--resume"]) == 0
-
-    def losses(output):
-        return [(r["step"], r.get("loss"), r.get("eval_loss")) for r in metrics(output)]
-
+    assert "resumed from step 3 of 6; dropped 4 metrics.jsonl records written after it" in capsys.readouterr().out
     assert losses(resumed) == losses(trained)
 
 
+def test_resume_skips_a_corrupt_newest_checkpoint_and_a_torn_metrics_line(corpus, trained, tmp_path, capsys):
+    resumed = tmp_path / "neo"
+    shutil.copytree(trained, resumed)
+    newest = resumed / "checkpoints" / "step_00000006" / "state.eqx"
+    newest.write_bytes(newest.read_bytes()[:100])
+    with open(resumed / "metrics.jsonl", "a") as log:
+        log.write('{"step": 7, "lo')  # cut short by a kill
+    assert main([*tiny_flags(corpus, resumed, tokenizer="bpe:300"), "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "warning: skipped " in out and "step_00000006: cannot read" in out
+    assert "resumed from step 3 of 6" in out
+    assert losses(resumed) == losses(trained)
+    assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["step_00000003", "step_00000006"]
+
+
 def test_a_run_refuses_to_overwrite_or_resume_with_other_settings(corpus, trained, capsys):
-    assert main(tiny_flags(corpus, trained, tokenizer="bpe:300")) == 2
+    assert main(tiny_flags(corpus, trained, tokenizer="bpe:300")) == EXIT_BAD_INPUT
     assert "already holds checkpoints" in capsys.readouterr().err
-    assert main([*tiny_flags(corpus, trained, tokenizer="bpe:300", seq_len=16), "--resume"]) == 2
+    assert main([*tiny_flags(corpus, trained, tokenizer="bpe:300", seq_len=16), "--resume"]) == EXIT_BAD_INPUT
     assert "seq_len: 32 -> 16" in capsys.readouterr().err
 
 
@@ -151,7 +167,7 @@ def test_an_hf_config_json_trains_from_scratch_and_must_fit_the_tokenizer(corpus
         tmp_path / "small.json"
     )
     flags = tiny_flags(corpus, tmp_path / "small", steps=2, warmup_steps=1)
-    assert main([*flags, "--model-config", str(tmp_path / "small.json")]) == 2
+    assert main([*flags, "--model-config", str(tmp_path / "small.json")]) == EXIT_BAD_INPUT
     assert "has vocab_size 200 but the tokenizer has 258 ids" in capsys.readouterr().err
 
 
@@ -185,7 +201,7 @@ def test_bad_settings_fail_clearly_before_compiling(corpus, tmp_path, monkeypatc
         raise AssertionError("the run got as far as building the train state")
 
     monkeypatch.setattr(run, "init_state", reached)
-    assert main(tiny_flags(corpus, tmp_path / "out", **changes)) == 2
+    assert main(tiny_flags(corpus, tmp_path / "out", **changes)) == EXIT_BAD_INPUT
     assert message in capsys.readouterr().err
 
 
@@ -214,7 +230,7 @@ def test_a_sharded_run_matches_one_device_and_a_batch_must_divide_the_mesh(corpu
     np.testing.assert_allclose(sharded_losses, single_losses, rtol=1e-5)
 
     refused = cli(*tiny_flags(corpus, tmp_path / "odd", mesh="4x1x1", batch_size=6))
-    assert refused.returncode == 2
+    assert refused.returncode == EXIT_BAD_INPUT
     assert "batch_size 6 does not divide over the mesh's data x fsdp = 4 devices" in refused.stderr
 
 

@@ -5,12 +5,9 @@ Loading never allocates random weights first: the tree's skeleton comes from
 that computes nothing else.
 """
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +18,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from ..errors import CheckpointError
+from ..files import atomic_folder, check_destination, copy_file_into, give_usual_permissions
 from ..models import class_by_name, resolve_class
 from .keymap import KeyMap, LoadReport, _progress, array_leaves, fill_tree, from_flax_names, tree_to_state
 
@@ -179,57 +177,33 @@ def model_dtype(model: Any) -> str:
     return "float32"
 
 
-def _usual_permissions(folder: Path) -> None:
-    """`mkdtemp` makes a private (0700) folder, and some writers make private files: give
-    the finished folder the permissions `mkdir` and `open` would have (0777 and 0666 less
-    the umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for path in folder.rglob("*"):
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-
-
-@contextlib.contextmanager
-def atomic_folder(destination: str | os.PathLike) -> Iterator[Path]:
-    """Yields a temporary folder beside `destination` and renames it into place on
-    success; on failure nothing is left behind and an existing `destination` is kept."""
-    destination = Path(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _usual_permissions(tmp)
-    if destination.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{destination.name}.old-", dir=destination.parent))
-        old.rmdir()
-        destination.rename(old)
-        tmp.rename(destination)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(destination)
-
-
 def tokenizer_files(folder: str | os.PathLike) -> list[Path]:
-    """The `TOKENIZER_FILES` present in `folder`, to pass as `extra_files` when converting."""
-    return [Path(folder) / name for name in TOKENIZER_FILES if (Path(folder) / name).is_file()]
+    """The `TOKENIZER_FILES` present in `folder`, to pass as `extra_files` when converting.
+    Links are listed too: the copy refuses one that leads out of the folder, with a message,
+    rather than leaving the file out unnoticed."""
+    folder = Path(folder)
+    return [
+        folder / name for name in TOKENIZER_FILES if os.path.lexists(folder / name) and not (folder / name).is_dir()
+    ]
 
 
 def _copy_extra_files(folder: Path, files: Iterable[str | os.PathLike]) -> None:
-    """Copies each file into `folder` under its own name; never over the weights or config."""
+    """Copies each file into `folder` under its own name (`files.copy_file_into`: regular
+    files only, no link out of their folder, never more readable than the source); never
+    over the weights or config."""
     for source in map(Path, files):
         if source.name in (CONFIG_NAME, WEIGHTS_NAME):
             raise CheckpointError(f"extra file {source} would overwrite the {source.name} being written")
-        if not source.is_file():
-            raise CheckpointError(f"extra file {source} does not exist or is not a file")
-        shutil.copyfile(source, folder / source.name)
+        copy_file_into(source, folder)
 
 
 def _write_config(folder: Path, config: dict[str, Any]) -> None:
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _write_weights(folder: Path, arrays: dict[str, np.ndarray], fmt: str) -> None:
+    save_file(arrays, folder / WEIGHTS_NAME, metadata={"format": fmt})
+    give_usual_permissions(folder / WEIGHTS_NAME)  # safetensors writes private (0600) files
 
 
 def _hf_config(model: Any) -> dict[str, Any]:
@@ -242,13 +216,25 @@ def _hf_config(model: Any) -> dict[str, Any]:
 
 
 def save_pretrained(
-    model: Any, path: str | os.PathLike, *, progress: bool = False, extra_files: Iterable[str | os.PathLike] = ()
+    model: Any,
+    path: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    progress: bool = False,
+    extra_files: Iterable[str | os.PathLike] = (),
 ) -> None:
     """Writes our own folder: `config.json` (HF fields plus `eqx_models` metadata) and
-    `model.safetensors` keyed by tree path, layers stacked. Atomic.
+    `model.safetensors` keyed by tree path, layers stacked.
+
+    The write is atomic (`eqx_models.files.atomic_folder`): `path` must be new or empty,
+    or with `overwrite=True` a folder eqx_models wrote (its `.eqx_models.json` marker lists
+    what we wrote, and nothing was added); anything else raises `InputError` and is left
+    as it is. A failure leaves `path` as it was and no temporary folder.
 
     `extra_files` are copied in as they are, inside the same atomic write (the converter
-    passes the source folder's `tokenizer_files`)."""
+    passes the source folder's `tokenizer_files`): regular files only, never through a link
+    out of their folder, never more readable than the source."""
+    check_destination(path, overwrite=overwrite)  # before any work
     cls, config = type(model), model.config
     class_by_name(cls.__name__)  # fails clearly for an unregistered model
     hf = _hf_config(model)
@@ -260,22 +246,29 @@ def save_pretrained(
         **config.run_options(),
     }
     arrays = {path: np.asarray(leaf) for path, leaf in _progress(list(array_leaves(model)), progress, "saving")}
-    with atomic_folder(path) as tmp:
-        save_file(arrays, tmp / WEIGHTS_NAME, metadata={"format": "eqx_models"})
+    with atomic_folder(path, overwrite=overwrite) as tmp:
+        _write_weights(tmp, arrays, "eqx_models")
         _write_config(tmp, hf)
         _copy_extra_files(tmp, extra_files)
 
 
 def export_hf(
-    model: Any, path: str | os.PathLike, *, progress: bool = False, extra_files: Iterable[str | os.PathLike] = ()
+    model: Any,
+    path: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    progress: bool = False,
+    extra_files: Iterable[str | os.PathLike] = (),
 ) -> None:
     """Writes a HF folder (`config.json` + `model.safetensors`, PyTorch names) that
-    `transformers` loads with identical weights. Atomic; `extra_files` as in
-    `save_pretrained`."""
+    `transformers` loads with identical weights. Atomic, and `overwrite`, `extra_files` as
+    in `save_pretrained`; the folder carries the same marker, so it can be replaced with
+    `overwrite=True` too."""
+    check_destination(path, overwrite=overwrite)  # before any work
     cls, config = type(model), model.config
     state = tree_to_state(model, cls.key_map(config), progress=progress)
     hf = _hf_config(model)
-    with atomic_folder(path) as tmp:
-        save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+    with atomic_folder(path, overwrite=overwrite) as tmp:
+        _write_weights(tmp, state, "pt")
         _write_config(tmp, hf)
         _copy_extra_files(tmp, extra_files)

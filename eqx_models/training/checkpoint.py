@@ -16,6 +16,8 @@ import json
 import os
 import re
 import shutil
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from ..checkpoint.io import atomic_folder
 from ..errors import CheckpointError
+from ..files import atomic_folder, remove_stale_temporaries
 from .step import TrainState
 
 FORMAT_VERSION = 1
@@ -176,12 +178,15 @@ def save_train_state(
     *,
     data_position: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Writes `state` (model, optimizer state, step, key) to `folder`, atomically.
 
     The folder is built beside `folder` under a temporary name and renamed into place when
-    complete; an existing checkpoint at `folder` is replaced only then, and a failure leaves
-    it untouched and no temporary folder behind.
+    complete (`eqx_models.files.atomic_folder`). `folder` must be new or empty, or with
+    `overwrite=True` a folder eqx_models wrote, which is replaced only then; a failure
+    (an exception, Ctrl-C, SIGTERM) leaves it untouched and no temporary folder behind,
+    and the temporary folders of a killed process are removed by the next save.
 
     Call it between steps: the train step donates its input, so save the state a step
     returned before passing it to the next step.
@@ -213,7 +218,7 @@ def save_train_state(
         "leaves": _manifest(stored),
     }
     if jax.process_index() == 0:
-        with atomic_folder(folder) as tmp:
+        with atomic_folder(folder, overwrite=overwrite) as tmp:
             eqx.tree_serialise_leaves(tmp / STATE_NAME, stored)
             (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
     barrier("eqx_models.save_train_state")  # nobody reads a half-written checkpoint
@@ -372,10 +377,11 @@ class CheckpointManager:
         data_position: dict[str, Any] | None = None,
         extra: dict[str, Any] | None = None,
     ) -> Path:
-        """Writes `root/step_{step:08d}` atomically, then deletes the oldest beyond `keep`."""
+        """Writes `root/step_{step:08d}` atomically (replacing a checkpoint of ours at that
+        step), then deletes the oldest beyond `keep`."""
         if int(step) < 0:
             raise CheckpointError(f"step must be non-negative, got {step}")
-        path = save_train_state(self.path(step), state, data_position=data_position, extra=extra)
+        path = save_train_state(self.path(step), state, data_position=data_position, extra=extra, overwrite=True)
         if jax.process_index() == 0:
             self._prune(protect=path)
         return path
@@ -396,10 +402,32 @@ class CheckpointManager:
         """The newest checkpoint folder, or `None`."""
         return latest_checkpoint(self.root)
 
-    def restore_latest(self, like: TrainState) -> tuple[TrainState, dict[str, Any]] | None:
-        """`load_train_state` of the newest checkpoint, or `None` when there is none."""
-        path = self.latest()
-        return None if path is None else load_train_state(path, like)
+    def restore_latest(
+        self, like: TrainState, *, on_skip: Callable[[Path, CheckpointError], None] | None = None
+    ) -> tuple[TrainState, dict[str, Any]] | None:
+        """`load_train_state` of the newest checkpoint that loads, or `None` when there is
+        none. A checkpoint that fails to load (truncated, corrupt) is skipped for the next
+        older one, reporting it to `on_skip(path, error)` (default: a warning); it is left
+        in place (a later save at its step replaces it). When none loads, the
+        `CheckpointError` names each one and why.
+
+        Temporary folders of saves killed before they finished are removed first."""
+        if jax.process_index() == 0:
+            remove_stale_temporaries(self.root)
+        failures = []
+        for _, path in reversed(_step_folders(self.root)):
+            try:
+                return load_train_state(path, like)
+            except CheckpointError as err:
+                failures.append(f"{path.name}: {err}")
+                (on_skip or _warn_skipped)(path, err)
+        if failures:
+            raise CheckpointError(f"no checkpoint in {self.root} could be loaded ({'; '.join(failures)})")
+        return None
+
+
+def _warn_skipped(path: Path, error: CheckpointError) -> None:
+    warnings.warn(f"skipped the checkpoint {path}, which cannot be loaded: {error}", stacklevel=3)
 
 
 __all__: list[str] = [

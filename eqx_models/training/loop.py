@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..files import write_text_atomically
 from .losses import head_loss
 from .step import TrainState
 
@@ -128,6 +129,30 @@ def _write(log, record: dict[str, Any], records: list[dict[str, Any]]) -> None:
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(path: str | Path, step: int) -> int:
+    """Keeps the records of `path` up to `step` (the step a run resumes from) and drops the
+    rest, in one atomic rewrite: the records a run wrote after its last checkpoint, which
+    the resumed run writes again, and a line cut short by a kill. Returns how many lines
+    were dropped (0 when the file is missing)."""
+    path = Path(path)
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return 0
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line)
+    dropped = sum(1 for line in lines if line.strip()) - len(kept)
+    if dropped or (lines and not path.read_bytes().endswith(b"\n")):
+        write_text_atomically(path, "".join(line + "\n" for line in kept))
+    return dropped
 
 
 def plot_losses(records: list[dict[str, Any]], path: str | Path, *, title: str = "loss") -> bool:

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..errors import ConfigError, InputError
+from ..files import check_destination
 from .checkpoint import CheckpointManager, barrier, gather_to_host
 from .data import (
     Document,
@@ -56,7 +57,7 @@ from .data import (
     train_bpe_tokenizer,
     unigram_bits_per_byte,
 )
-from .loop import fit, plot_losses, read_metrics
+from .loop import fit, plot_losses, read_metrics, truncate_metrics
 from .optim import adamw, warmup_cosine
 from .presets import TEXT_HEADS, preset_config
 from .step import TrainState, init_state, make_train_step
@@ -377,6 +378,7 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> dict[st
     rows = _process_rows(mesh, config.batch_size)
     manager = CheckpointManager(output / "checkpoints", keep=config.keep_checkpoints)
     _check_resume(config, output, manager)
+    check_destination(output / "model", overwrite=True)  # the end's export must not fail after training
 
     # Data, tokenizer and model, all checked before compiling anything.
     docs = _documents(config)
@@ -422,9 +424,14 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> dict[st
             return {k: jnp.asarray(v) for k, v in objective(batch).items()}
 
     if config.resume:
-        state, meta = manager.restore_latest(state)
+        # The newest checkpoint that loads (a corrupt one is skipped, with a warning), and
+        # the metrics cut back to it: records after it were never checkpointed and the run
+        # writes them again.
+        state, meta = manager.restore_latest(state, on_skip=lambda path, err: log(f"warning: skipped {path}: {err}"))
         batches.restore(meta["data_position"])
-        log(f"resumed from step {int(state.step)} of {config.steps}")
+        dropped = truncate_metrics(output / "metrics.jsonl", int(state.step)) if main else 0
+        note = f"; dropped {dropped} metrics.jsonl records written after it" if dropped else ""
+        log(f"resumed from step {int(state.step)} of {config.steps}{note}")
 
     def checkpoint(state: TrainState, record: dict[str, Any]) -> None:
         if record["step"] % config.checkpoint_every == 0 or record["step"] == config.steps:
@@ -454,7 +461,7 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> dict[st
     if not main:
         barrier("eqx_models.train.done")
         return _summary(config, model, fit_records, evals, time.perf_counter() - started)
-    export_hf(model, output / "model", extra_files=[tokens.file] if tokens.file is not None else [])
+    export_hf(model, output / "model", overwrite=True, extra_files=[tokens.file] if tokens.file is not None else [])
     records = read_metrics(output / "metrics.jsonl")
     plot_losses(records, output / "loss.png", title=f"{type(model).__name__} on {', '.join(config.data)}")
     summary = _summary(config, model, records, evals, time.perf_counter() - started)
