@@ -1,7 +1,9 @@
 """Numerical check of a converted model against transformers' PyTorch classes."""
 
 import os
+import sys
 import tempfile
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -41,22 +43,43 @@ def _pairs(ours, theirs) -> list[tuple[np.ndarray, np.ndarray]]:
     return [(np.asarray(ours), reference.numpy())]
 
 
+def _difference(mine: np.ndarray, expected: np.ndarray) -> np.ndarray:
+    """|mine - expected|, 0 where both are the same NaN or infinity, inf where only one is
+    finite: a NaN must never vanish from the maximum (Python's `max(0.0, nan)` is 0.0)."""
+    mine, expected = mine.astype(np.float64), expected.astype(np.float64)
+    same = (mine == expected) | (np.isnan(mine) & np.isnan(expected))
+    with np.errstate(invalid="ignore"):
+        diff = np.where(same, 0.0, np.abs(mine - expected))
+    return np.nan_to_num(diff, nan=np.inf)
+
+
 def verify(path: str | os.PathLike, *, seq_len: int = 16, seed: int = 0) -> float:
     """Max absolute difference between our float32 outputs and the HF PyTorch model's on
-    random token ids with padding (only real tokens count)."""
+    random token ids with padding (only real tokens count). Weights holding NaN or Inf are
+    named on stderr; outputs agree where both are the same NaN or infinity."""
     try:
         import torch
         import transformers
     except ImportError:
         raise EqxModelsError("verify needs transformers and torch: pip install 'eqx_models[hf]'") from None
-    from .checkpoint.io import export_hf, from_pretrained, read_config
+    from .checkpoint.io import export_hf, load_with_report, read_config
+    from .checkpoint.keymap import NonFiniteWeightsWarning
 
-    model = from_pretrained(path, dtype="float32")
-    hf_dir = path
+    with warnings.catch_warnings():  # named below, once, on our own line
+        warnings.simplefilter("ignore", NonFiniteWeightsWarning)
+        model, report = load_with_report(path, dtype="float32")
+    if report.nonfinite:
+        print(f"warning: {len(report.nonfinite)} tensor(s) hold NaN or Inf:", file=sys.stderr)
+        for name in report.nonfinite:
+            print(f"  {name}", file=sys.stderr)
+    reference_class = getattr(transformers, type(model).__name__)
     if "eqx_models" in read_config(path):  # our own folder: let transformers read an export
-        hf_dir = tempfile.mkdtemp(prefix="eqx-verify-")
-        export_hf(model, hf_dir)
-    reference = getattr(transformers, type(model).__name__).from_pretrained(hf_dir, dtype=torch.float32).eval()
+        with tempfile.TemporaryDirectory(prefix="eqx-verify-") as tmp:  # removed even on failure
+            hf_dir = os.path.join(tmp, "hf")
+            export_hf(model, hf_dir)
+            reference = reference_class.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    else:
+        reference = reference_class.from_pretrained(path, dtype=torch.float32).eval()
     inputs, valid = _inputs(model, seq_len, seed)
     with torch.no_grad():
         theirs = reference(**{name: torch.tensor(value) for name, value in inputs.items()})
@@ -64,7 +87,7 @@ def verify(path: str | os.PathLike, *, seq_len: int = 16, seed: int = 0) -> floa
     ours = jax.vmap(lambda *args: model(args[0], **dict(zip(names[1:], args[1:]))))(*inputs.values())
     worst = 0.0
     for mine, expected in _pairs(ours, theirs):
-        diff = np.abs(mine.astype(np.float64) - expected)
+        diff = _difference(mine, expected)
         if diff.ndim >= 2 and diff.shape[:2] == valid.shape:  # per-token outputs: real tokens only
             diff = diff[valid]
         worst = max(worst, float(diff.max()))

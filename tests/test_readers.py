@@ -4,15 +4,19 @@ transformers, then read back without them and compared."""
 import builtins
 import collections
 import io
+import itertools
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
+import tracemalloc
 import zipfile
 from pathlib import Path
 
+import hostile
 import ml_dtypes
 import numpy as np
 import pytest
@@ -229,16 +233,46 @@ def test_safetensors_all_dtypes(tmp_path):
     _assert_same(readers.read_safetensors(path), tensors)
 
 
-def test_safetensors_numpy_only_fallback(tmp_path, monkeypatch):
-    path, tensors = _safetensors_fixture(tmp_path)
+def _library_refuses(path: Path) -> bool:
+    from safetensors import SafetensorError, safe_open
 
-    def unsupported(*args, **kwargs):
-        raise TypeError("data type 'bfloat16' not understood")
+    try:
+        with safe_open(str(path), framework="numpy") as file:
+            list(file.keys())
+    except SafetensorError:
+        return True
+    return False
 
-    monkeypatch.setattr(readers, "safe_open", unsupported)
-    arrays = readers.read_safetensors(path)
-    _assert_same(arrays, tensors)
-    assert arrays["bf16"].flags.writeable
+
+F32_2 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+HOSTILE_SAFETENSORS = {
+    # name: (header, data, expected error); the library refuses each one, and so must we.
+    "overlap": (
+        {"a": F32_2, "b": {**F32_2, "data_offsets": [4, 12]}}, bytes(12), "'b' overlaps another tensor"
+    ),
+    "overlap_same_range": ({"a": F32_2, "b": F32_2}, bytes(8), "'b' overlaps another tensor"),
+    "duplicate": (
+        b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, '
+        b'"w": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}',
+        hostile.float_bytes([1, 2]) + bytes(8),
+        "names 'w' twice",
+    ),
+    "trailing_garbage": ({"a": F32_2}, bytes(8) + b"garbage", "trailing bytes after the last tensor"),
+    "gap": ({"a": {**F32_2, "data_offsets": [4, 12]}}, bytes(12), "'a' leaves a gap"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", HOSTILE_SAFETENSORS)
+def test_safetensors_library_refusals_are_never_bypassed(tmp_path, case):
+    """Issue 13, defect 6: when safe_open refused a file, a raw fallback reader accepted it
+    (overlapping offsets, a duplicate key whose second, zeroed copy won, trailing garbage)."""
+    header, data, message = HOSTILE_SAFETENSORS[case]
+    path = _write(tmp_path / f"{case}.safetensors", hostile.safetensors_bytes(header, data))
+    assert _library_refuses(path)
+    with pytest.raises(CheckpointError, match=f"{case}.safetensors: .*{message}"):
+        readers.read_safetensors(path)
+    with pytest.raises(CheckpointError, match=message):
+        readers.lazy_safetensors(path)
 
 
 @pytest.mark.parametrize("keep", [0, 4, 8, 40, -1])
@@ -486,3 +520,354 @@ def test_readers_import_neither_torch_nor_flax(hf_dirs, flax_dirs):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=repo)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+# --------------------------------------------------------------------------- hostile checkpoints (issue 13)
+
+
+def _benign_bin(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    torch.manual_seed(5)
+    state = {"w": torch.randn(3, 4), "b": torch.randn(4)}
+    return _torch_save(state, tmp_path / "benign.bin", "zip"), state
+
+
+def _build_on(target: bytes, state: bytes) -> bytes:
+    """A pickle that pushes `target` and BUILDs it with `state`."""
+    return hostile.proto(2) + target + state + pickle.BUILD + pickle.STOP
+
+
+_POISONS = {
+    # The attack of the issue: slot state on the allowed function sets its __defaults__, after which
+    # every tensor pickled without explicit metadata came back negated.
+    "defaults": hostile.tuple_(
+        pickle.NONE,
+        hostile.dict_(
+            (
+                hostile.text("__defaults__"),
+                hostile.tuple_(pickle.NEWFALSE, pickle.NONE, hostile.dict_((hostile.text("neg"), pickle.NEWTRUE))),
+            )
+        ),
+    ),
+    "dict_state": hostile.dict_((hostile.text("__kwdefaults__"), hostile.dict_())),
+    "slot_dtype": hostile.tuple_(pickle.NONE, hostile.dict_((hostile.text("dtype"), hostile.text("int8")))),
+}
+_BUILD_TARGETS = {
+    "_rebuild_tensor_v2": hostile.global_("torch._utils", "_rebuild_tensor_v2"),
+    "_rebuild_parameter": hostile.stack_global("torch._utils", "_rebuild_parameter"),
+    "OrderedDict_class": hostile.global_("collections", "OrderedDict"),
+    "FloatStorage": hostile.global_("torch", "FloatStorage"),
+    "float32": hostile.global_("torch", "float32"),
+    "Parameter": hostile.global_("torch.nn.parameter", "Parameter"),
+    "storage": hostile.storage("0", 4),
+    "tensor": hostile.tensor("0", 4, (4,), (1,)),
+}
+
+
+def test_build_cannot_poison_later_loads(tmp_path):
+    """Issue 13, defect 2: BUILD only applies to the OrderedDicts the reader itself created;
+    on an allowed global, a storage or a tensor it is refused and changes nothing."""
+    benign, state = _benign_bin(tmp_path)
+    before = hostile.reader_state()
+    errors = []
+    for (target_name, target), (poison_name, poison) in itertools.product(_BUILD_TARGETS.items(), _POISONS.items()):
+        path = hostile.torch_zip(tmp_path / f"{target_name}-{poison_name}.bin", _build_on(target, poison), {})
+        with pytest.raises(CheckpointError) as info:
+            readers.read_torch_bin(path)
+        errors.append(str(info.value))
+    arrays = readers.read_torch_bin(benign)
+    expected = torch.load(benign, weights_only=True)
+    for name in state:
+        np.testing.assert_array_equal(arrays[name], expected[name].numpy(), err_msg=name)
+    assert hostile.reader_state() == before
+    assert all("only the OrderedDicts it creates may have one" in error for error in errors), errors
+
+
+def test_build_poisoning_then_benign_load_in_a_fresh_process(tmp_path):
+    """The issue's sequence, without pytest's jaxtyping import hook (whose wrappers hide the
+    poisoned defaults): poison, then load a benign .bin and compare with torch's own load."""
+    benign, _ = _benign_bin(tmp_path)
+    poison = hostile.torch_zip(
+        tmp_path / "poison.bin", _build_on(_BUILD_TARGETS["_rebuild_tensor_v2"], _POISONS["defaults"]), {}
+    )
+    script = f"""
+import numpy as np, torch
+from eqx_models.checkpoint import readers
+from eqx_models.errors import CheckpointError
+try:
+    readers.read_torch_bin({str(poison)!r})
+except CheckpointError as err:
+    print("refused:", err)
+arrays = readers.read_torch_bin({str(benign)!r})
+expected = torch.load({str(benign)!r}, weights_only=True)
+print("max difference:", max(float(np.abs(arrays[k] - expected[k].numpy()).max()) for k in expected))
+"""
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=repo)
+    assert result.returncode == 0, result.stderr
+    assert "only the OrderedDicts it creates may have one" in result.stdout
+    assert result.stdout.strip().endswith("max difference: 0.0"), result.stdout
+
+
+def test_build_of_an_ordered_dict_state_is_allowed(tmp_path):
+    """What torch writes: a state dict is an OrderedDict whose `_metadata` comes by BUILD."""
+    metadata = hostile.dict_((hostile.text("_metadata"), hostile.dict_()))
+    data = (
+        hostile.proto(2)
+        + hostile.ordered_dict()
+        + pickle.MARK
+        + hostile.text("w")
+        + hostile.tensor("0", 2, (2,), (1,))
+        + pickle.SETITEMS
+        + metadata
+        + pickle.BUILD
+        + pickle.STOP
+    )
+    path = hostile.torch_zip(tmp_path / "w.bin", data, {"0": hostile.float_bytes([1.5, -2])})
+    np.testing.assert_array_equal(readers.read_torch_bin(path)["w"], [1.5, -2])
+
+
+def _nested_shared(depth: int) -> dict:
+    level = {"w": torch.ones(2)}
+    for _ in range(depth):
+        level = {"a": level, "b": level}  # the pickle memo stores each level once
+    return level
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("depth", [22, 40])
+def test_shared_memo_dicts_are_walked_once(tmp_path, layout, depth):
+    """Issue 13, defect 3: dicts shared through the memo were walked once per path (2**40
+    paths at depth 40, with one array copy each); a state dict never shares a sub-dict."""
+    path = _torch_save({"root": _nested_shared(depth)}, tmp_path / "shared.bin", layout)
+    assert path.stat().st_size < 20_000
+    with hostile.time_limit(5), pytest.raises(CheckpointError, match="is also reached as"):
+        readers.read_torch_bin(path)
+
+
+def test_a_dict_containing_itself_is_refused(tmp_path):
+    data = hostile.proto(2) + hostile.dict_() + hostile.put(0) + hostile.text("me") + hostile.get(0)
+    data += pickle.SETITEM + pickle.STOP
+    with pytest.raises(CheckpointError, match="is also reached as 'the top-level dict'"):
+        readers.read_torch_bin(hostile.torch_zip(tmp_path / "loop.bin", data, {}))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_stride_zero_tensor_over_tiny_storage_is_refused_before_allocating(tmp_path, layout):
+    """Issue 13, defect 4: a (16384, 16384) stride-0 view of a 16-byte storage (a ~650-byte file)
+    cost 1.3 GB when read."""
+    view = torch.zeros(4).as_strided((16384, 16384), (0, 0))
+    path = _torch_save({"w": view}, tmp_path / "w.bin", layout)
+    assert path.stat().st_size < 1500
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointError, match=r"would take 1073741824 bytes.*'w'.*\(16384, 16384\)"):
+            readers.read_torch_bin(path)
+        lazy = readers.lazy_torch_bin(path)["w"]  # described, not read
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert lazy.shape == (16384, 16384) and peak < 5_000_000, peak
+
+
+def test_pickle_memo_index_costs_nothing(tmp_path):
+    """A 9-byte pickle naming memo entry 2**26 made `pickle.Unpickler` allocate 1 GB (its memo
+    is an array sized by the largest index); ours is a dict."""
+    data = hostile.proto(2) + pickle.NONE + hostile.put(2**26) + pickle.STOP
+    path = hostile.torch_zip(tmp_path / "memo.bin", data, {})
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointError, match="expected a dict of tensors, found None"):
+            readers.read_torch_bin(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 5_000_000, peak
+
+
+def test_deflated_pickle_bomb_is_refused_unread(tmp_path):
+    """Issue 13, defect 4: a deflated data.pkl of 150 MB of repeated opcodes (about 150 KB on
+    disk) cost 9.4 GB and 74 s; torch.save never compresses, and a member may inflate at most
+    16 times."""
+    path = hostile.deflated_member_zip(
+        tmp_path / "bomb.bin", "archive/data.pkl", b"]" * (1 << 20), 150, {"archive/byteorder": b"little"}
+    )
+    assert path.stat().st_size < 1_000_000
+    tracemalloc.start()
+    try:
+        with hostile.time_limit(5), pytest.raises(CheckpointError, match="'archive/data.pkl' would inflate"):
+            readers.read_torch_bin(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 5_000_000, peak
+
+
+def test_deflated_storage_bomb_is_refused_unread(tmp_path):
+    """Issue 13, defect 4: a deflated 1 GiB storage record cost 2.25 GB (here 256 MiB)."""
+    numel = 1 << 26
+    data = hostile.state_pickle({"w": hostile.tensor("0", numel, (numel,), (1,))})
+    others = {"archive/data.pkl": data, "archive/byteorder": b"little"}
+    path = hostile.deflated_member_zip(tmp_path / "bomb.bin", "archive/data/0", bytes(1 << 20), 256, others)
+    assert path.stat().st_size < 2_000_000
+    tracemalloc.start()
+    try:
+        with hostile.time_limit(5), pytest.raises(CheckpointError, match="'archive/data/0' would inflate"):
+            readers.lazy_torch_bin(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 5_000_000, peak
+
+
+def test_a_small_deflated_archive_still_reads(tmp_path):
+    """Compression itself is fine (torch.load reads it): only inflation beyond 16x is refused."""
+    values = np.random.default_rng(0).standard_normal(64).astype(np.float32)
+    data = hostile.state_pickle({"w": hostile.tensor("0", 64, (8, 8), (8, 1))})
+    path = hostile.torch_zip(tmp_path / "w.bin", data, {"0": values.tobytes()}, zipfile.ZIP_DEFLATED)
+    np.testing.assert_array_equal(readers.read_torch_bin(path)["w"], values.reshape(8, 8))
+    np.testing.assert_array_equal(torch.load(path, weights_only=True)["w"].numpy(), values.reshape(8, 8))
+
+
+def test_overlapping_zip_members_are_refused(tmp_path):
+    """A zip bomb's members share bytes: each read would cost the whole shared region again."""
+    data = hostile.state_pickle({"w": hostile.tensor("0", 2, (2,), (1,))})
+    path = hostile.torch_zip(tmp_path / "w.bin", data, {"0": hostile.float_bytes([1, 2])})
+    raw = bytearray(path.read_bytes())
+    central = raw.index(b"PK\x01\x02")
+    second = raw.index(b"PK\x01\x02", central + 4)
+    raw[second + 42 : second + 46] = raw[central + 42 : central + 46]  # same local header offset
+    with pytest.raises(CheckpointError, match="overlap|corrupt zip"):
+        readers.read_torch_bin(_write(tmp_path / "overlap.bin", bytes(raw)))
+
+
+@pytest.mark.parametrize(
+    "shape, stride, message",
+    [
+        ((2**70,), (1,), "below 2\\*\\*63"),
+        ((2**62,), (0,), "would take"),
+        ((2**31, 2**31), (0, 0), "would take"),
+        ((2,) * 65, (0,) * 65, "at most 64"),
+        ((3,), (2**62,), "does not fit storage"),
+    ],
+)  # fmt: skip
+def test_huge_ints_in_tensor_sizes_name_the_problem(tmp_path, shape, stride, message):
+    """Issue 13, defect 9: huge ints in tensor sizes gave a generic OverflowError/MemoryError."""
+    data = hostile.state_pickle({"w": hostile.tensor("0", 4, shape, stride)})
+    path = hostile.torch_zip(tmp_path / "w.bin", data, {"0": bytes(16)})
+    with pytest.raises(CheckpointError, match=message):
+        readers.read_torch_bin(path)
+
+
+def test_huge_ints_in_safetensors_and_msgpack_shapes(tmp_path):
+    import msgpack
+
+    header = {"w": {"dtype": "F32", "shape": [2**70], "data_offsets": [0, 4]}}
+    path = _write(tmp_path / "w.safetensors", hostile.safetensors_bytes(header, bytes(4)))
+    with pytest.raises(CheckpointError, match="malformed shape"):
+        readers.read_safetensors(path)
+    header = {"w": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 4]}}
+    path = _write(tmp_path / "w.safetensors", hostile.safetensors_bytes(header, bytes(4)))
+    with pytest.raises(CheckpointError, match="impossibly large shape"):
+        readers.read_safetensors(path)
+    array = msgpack.ExtType(1, msgpack.packb([[2**63 + 5], "float32", b""]))
+    with pytest.raises(CheckpointError, match="malformed array shape"):
+        readers.read_msgpack(_write(tmp_path / "w.msgpack", msgpack.packb({"w": array})))
+
+
+def test_refused_opcodes_name_themselves(tmp_path):
+    cases = {
+        "NEWOBJ": hostile.global_("collections", "OrderedDict") + pickle.EMPTY_TUPLE + pickle.NEWOBJ,
+        "EXT1": pickle.EXT1 + b"\x01",
+        "EMPTY_SET": pickle.EMPTY_SET,
+        "INST": pickle.MARK + pickle.INST + b"collections\nOrderedDict\n",
+    }
+    for name, body in cases.items():
+        path = hostile.torch_zip(tmp_path / f"{name}.bin", hostile.proto(4) + body + pickle.STOP, {})
+        with pytest.raises(CheckpointError, match=f"unsupported pickle opcode {name}"):
+            readers.read_torch_bin(path)
+
+
+def test_pickle_dict_keys_must_be_cheap_to_hash(tmp_path):
+    key = hostile.tuple_(*[hostile.integer(i) for i in range(10)])
+    data = hostile.proto(2) + hostile.dict_((key, pickle.NONE)) + pickle.STOP
+    with pytest.raises(CheckpointError, match="unsupported dict key a tuple of 10 items"):
+        readers.read_torch_bin(hostile.torch_zip(tmp_path / "w.bin", data, {}))
+
+
+def test_legacy_layout_hand_made(tmp_path):
+    obj = hostile.state_pickle({"w": hostile.tensor("0", 3, (3,), (1,))})
+    path = hostile.torch_legacy(tmp_path / "w.bin", obj, {"0": hostile.float_bytes([1, 2, 3])})
+    np.testing.assert_array_equal(readers.read_torch_bin(path)["w"], [1, 2, 3])
+    path = hostile.torch_legacy(tmp_path / "short.bin", obj, {"0": hostile.float_bytes([1, 2])})
+    with pytest.raises(CheckpointError, match="wrong size header|truncated"):
+        readers.read_torch_bin(path)
+
+
+def test_shard_with_an_extra_copy_of_a_key_is_ambiguous(hf_dirs, tmp_path):
+    """Issue 13, defect 11: a later shard's extra copy of a key silently overrode the shard the
+    index assigns it to."""
+    from safetensors.numpy import load_file, save_file
+
+    root, _ = hf_dirs
+    folder = tmp_path / "st_sharded"
+    shutil.copytree(root / "st_sharded", folder)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    first, last = sorted(set(index.values()))
+    key = next(name for name, shard in index.items() if shard == first)
+    tensors = load_file(folder / last)
+    tensors[key] = np.zeros_like(load_file(folder / first)[key])
+    save_file(tensors, folder / last, metadata={"format": "pt"})
+    message = rf"{last}: holds '{re.escape(key)}', which model.safetensors.index.json assigns to {first}"
+    with pytest.raises(CheckpointError, match=message):
+        readers.read_state_dict(folder)
+    # A key the index does not list, in two shards, is just as ambiguous.
+    contents = {first: load_file(folder / first), last: load_file(folder / last)}
+    contents[last].pop(key)  # back to what the index says
+    for shard, content in contents.items():
+        content["extra"] = np.zeros(2, np.float32)
+        save_file(content, folder / shard, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"'extra' is in both {first} and {last}"):
+        readers.read_state_dict(folder)
+
+
+def test_msgpack_embedding_and_weight_collide(flax_dirs, tmp_path):
+    """Issue 13, defect 11: `embedding` and `weight` under one Flax module both become `weight`
+    in PyTorch names, and the last one silently won."""
+    import flax.serialization
+    import msgpack
+
+    import eqx_models
+
+    folder = tmp_path / "flax"
+    shutil.copytree(flax_dirs / "flax", folder)
+    tree = msgpack.unpackb((folder / "flax_model.msgpack").read_bytes(), raw=False)
+    wte = tree["transformer"]["wte"]
+    wte["weight"] = wte["embedding"]  # an identical copy: ambiguous all the same
+    (folder / "flax_model.msgpack").write_bytes(msgpack.packb(tree))
+    assert (
+        "weight"
+        in flax.serialization.msgpack_restore((folder / "flax_model.msgpack").read_bytes())["transformer"]["wte"]
+    )
+    message = "has both transformer.wte.embedding and transformer.wte.weight, which are both transformer.wte.weight"
+    with pytest.raises(CheckpointError, match=message):
+        eqx_models.from_pretrained(folder)
+
+
+def test_absurd_layer_count_fails_early_and_cheaply(hf_dirs, tmp_path):
+    """Issue 13, defect 10: `num_layers: 10**6` built 13M key strings (1.6 GB) before failing."""
+    import eqx_models
+
+    folder = tmp_path / "deep"
+    shutil.copytree(hf_dirs[0] / "st", folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(num_layers=10**6, attention_types=[[["global", "local"], 5 * 10**5]])
+    (folder / "config.json").write_text(json.dumps(config))
+    tracemalloc.start()
+    try:
+        with hostile.time_limit(60), pytest.raises(CheckpointError, match=r"missing \d+ key\(s\)") as info:
+            eqx_models.from_pretrained(folder)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "transformer.h.2." in str(info.value) and "more" in str(info.value)
+    assert peak < 200_000_000, peak

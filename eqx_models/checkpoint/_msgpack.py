@@ -18,6 +18,8 @@ import numpy as np
 
 from eqx_models.errors import CheckpointError
 
+from ._lazy import MAX_NESTING, NameBudget
+
 _NDARRAY, _COMPLEX, _SCALAR = 1, 2, 3
 _CHUNKED = "__msgpack_chunked_array__"
 _ML_DTYPES = {
@@ -36,25 +38,31 @@ def _dtype(name: str) -> np.dtype:
         return np.dtype(getattr(ml_dtypes, name))
     try:
         dtype = np.dtype(name)
-    except TypeError:
+    except Exception:  # numpy parses a small language of dtype strings, and fails in several ways
         dtype = None
     if dtype is None or dtype.kind not in "biufc":
         raise _BadMsgpack(f"unsupported array dtype {name!r}")
     return dtype
 
 
+def _shape(value, what: str) -> tuple[int, ...]:
+    """A shape of at most 64 dims below 2**63 (so its product is cheap to compute)."""
+    if type(value) is not list or len(value) > 64 or not all(type(d) is int and 0 <= d < 1 << 63 for d in value):
+        raise _BadMsgpack(f"malformed {what} (expected at most 64 non-negative ints)")
+    return tuple(value)
+
+
 def _ndarray(payload: bytes) -> np.ndarray:
     parts = msgpack.unpackb(payload, raw=True)
-    if not isinstance(parts, list) or len(parts) != 3:
+    if type(parts) is not list or len(parts) != 3:
         raise _BadMsgpack("malformed array record")
     shape, name, buffer = parts
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise _BadMsgpack(f"malformed array shape {shape!r:.80}")
-    if not isinstance(name, bytes) or not isinstance(buffer, bytes):
+    shape = _shape(shape, "array shape")
+    if type(name) is not bytes or type(buffer) is not bytes:
         raise _BadMsgpack("malformed array record")
     dtype = _dtype(name.decode("ascii", errors="replace"))
     if len(buffer) != math.prod(shape) * dtype.itemsize:
-        raise _BadMsgpack(f"array of shape {tuple(shape)} and dtype {dtype} has {len(buffer)} bytes")
+        raise _BadMsgpack(f"array of shape {shape} and dtype {dtype} has {len(buffer)} bytes")
     return np.frombuffer(buffer, dtype).reshape(shape).copy()
 
 
@@ -64,55 +72,75 @@ def _ext_hook(code: int, payload: bytes):
     if code == _SCALAR:
         return _ndarray(payload)[()]
     if code == _COMPLEX:
-        real, imag = msgpack.unpackb(payload)
-        return complex(real, imag)
+        parts = msgpack.unpackb(payload)
+        if type(parts) is not list or len(parts) != 2 or not all(type(p) in (int, float) for p in parts):
+            raise _BadMsgpack("malformed complex number")
+        return complex(*parts)
     raise _BadMsgpack(f"unknown msgpack extension type {code}")
 
 
 def _ordered(node, what: str) -> list:
     """Values of a `{"0": a, "1": b, ...}` map, as flax writes tuples."""
-    if not isinstance(node, dict) or set(node) != {str(i) for i in range(len(node))}:
+    if type(node) is not dict or set(node) != {str(i) for i in range(len(node))}:
         raise _BadMsgpack(f"malformed chunked array {what}")
     return [node[str(i)] for i in range(len(node))]
 
 
 def _unchunk(node: dict) -> np.ndarray:
-    shape = _ordered(node.get("shape"), "shape")
+    """Chunks are concatenated: the array has exactly the bytes the file holds."""
+    shape = _shape(_ordered(node.get("shape"), "shape"), "chunked array shape")
     chunks = _ordered(node.get("chunks"), "chunks")
-    if not all(type(d) is int and d >= 0 for d in shape) or not chunks:
-        raise _BadMsgpack("malformed chunked array")
-    if not all(isinstance(c, np.ndarray) and c.ndim == 1 for c in chunks):
+    if not chunks or not all(type(c) is np.ndarray and c.ndim == 1 for c in chunks):
         raise _BadMsgpack("chunks of a chunked array must be flat arrays")
-    flat = np.concatenate(chunks)
-    if flat.size != math.prod(shape):
-        raise _BadMsgpack(f"chunked array of shape {tuple(shape)} has {flat.size} elements")
-    return flat.reshape(shape)
+    if len({c.dtype for c in chunks}) != 1:
+        raise _BadMsgpack("chunks of a chunked array differ in dtype")
+    if sum(c.size for c in chunks) != math.prod(shape):
+        raise _BadMsgpack(f"chunked array of shape {shape} has {sum(c.size for c in chunks)} elements")
+    return np.concatenate(chunks).reshape(shape)
 
 
-def _flatten(node: dict, prefix: str, out: dict[str, np.ndarray]) -> None:
-    for key, value in node.items():
-        name = prefix + (key.decode("utf-8", errors="replace") if isinstance(key, bytes) else str(key))
-        if isinstance(value, dict) and _CHUNKED in value:
+def _flatten(tree: dict, budget: NameBudget) -> dict[str, np.ndarray]:
+    """The arrays of nested maps under their "."-joined paths (iteratively: no recursion
+    limit, and each map is visited once: msgpack cannot share one)."""
+    out: dict[str, np.ndarray] = {}
+    pending = [(iter(tree.items()), "")]
+    while pending:
+        items, prefix = pending[-1]
+        entry = next(items, None)
+        if entry is None:
+            pending.pop()
+            continue
+        key, value = entry
+        name = budget.spend(prefix + (key.decode("utf-8", errors="replace") if type(key) is bytes else str(key)))
+        if type(value) is dict and _CHUNKED in value:
             value = _unchunk(value)
-        if isinstance(value, dict):
-            _flatten(value, name + ".", out)
+        if type(value) is dict:
+            if len(pending) >= MAX_NESTING:
+                raise _BadMsgpack(f"maps nested more than {MAX_NESTING} levels deep")
+            pending.append((iter(value.items()), name + "."))
         elif isinstance(value, (np.ndarray, np.generic)):
             if name in out:
                 raise _BadMsgpack(f"two entries flatten to the same name {name!r}")
             out[name] = np.asarray(value)
+    return out
 
 
 def decode_flax_msgpack(data: bytes, label: str) -> dict[str, np.ndarray]:
-    """Arrays of a flax msgpack blob keyed by their "."-joined paths; non-array leaves are skipped."""
+    """Arrays of a flax msgpack blob keyed by their "."-joined paths; non-array leaves are skipped.
+
+    Decoding is eager (msgpack has no lazy reader) but cannot amplify: msgpack bounds every
+    length by the input's, each array is a copy of bytes of the input, and chunked arrays
+    are concatenations of such arrays."""
     try:
         tree = msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False)
-        if not isinstance(tree, dict) or _CHUNKED in tree:
+        if type(tree) is not dict or _CHUNKED in tree:
             raise _BadMsgpack(f"expected a map of parameters, found a {type(tree).__name__}")
-        out: dict[str, np.ndarray] = {}
-        _flatten(tree, "", out)
-        return out
-    except _BadMsgpack as err:
-        raise CheckpointError(f"{label}: {err}") from None
+        return _flatten(tree, NameBudget(label, len(data)))
+    except (_BadMsgpack, msgpack.StackError) as err:
+        detail = str(err) or "maps or arrays nested too deeply"
+        raise CheckpointError(f"{label}: {detail}") from None
+    except CheckpointError:
+        raise
     except Exception as err:
         raise CheckpointError(
             f"{label}: not a valid Flax msgpack file, truncated or corrupt ({type(err).__name__}: {err})"

@@ -15,7 +15,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from ..errors import CheckpointError
 from ..files import atomic_folder, check_destination, copy_file_into, give_usual_permissions
@@ -75,6 +75,7 @@ def from_pretrained(
     dtype: Any = None,
     architecture: str | None = None,
     key: jax.Array | None = None,
+    strict: bool = False,
     **options: Any,
 ) -> Any:
     """Loads a HF checkpoint folder (safetensors, sharded or not; `pytorch_model.bin`;
@@ -87,9 +88,11 @@ def from_pretrained(
     - `architecture`: a class name overriding `config.json`'s `architectures`
       (e.g. load a causal-LM checkpoint as the base model).
     - `key`: initialises heads absent from the checkpoint (default `PRNGKey(0)`).
+    - `strict`: weights holding NaN or Inf are an error (`CheckpointError`) instead of a
+      `NonFiniteWeightsWarning` naming them.
     - `options`: config run options such as `scan_layers=False` or `remat=True`.
     """
-    model, _ = load_with_report(path, dtype=dtype, architecture=architecture, key=key, **options)
+    model, _ = load_with_report(path, dtype=dtype, architecture=architecture, key=key, strict=strict, **options)
     return model
 
 
@@ -100,9 +103,14 @@ def load_with_report(
     architecture: str | None = None,
     key: jax.Array | None = None,
     progress: bool = False,
+    strict: bool = False,
     **options: Any,
 ) -> tuple[Any, LoadReport]:
-    """`from_pretrained`, also returning what was ignored or freshly initialised."""
+    """`from_pretrained`, also returning what was ignored, freshly initialised or non-finite.
+
+    Reading is bounded by the file's and the model's size whatever the bytes: tensors are
+    described first, each shape is checked against the model before it is read, and keys
+    the model does not use are never read."""
     folder = Path(path)
     hf_config = read_config(folder)
     own = hf_config.pop("eqx_models", None)
@@ -118,14 +126,23 @@ def load_with_report(
     if own is not None:
         state, key_map = _read_own_weights(folder), _OWN_MAP
     else:
-        from .readers import read_state_dict
+        from .readers import lazy_state_dict
 
-        state, source_format = read_state_dict(folder)
+        state, source_format = lazy_state_dict(folder)
         if source_format == "flax":
             state = from_flax_names(state)
         key_map = cls.key_map(config)
     head_paths = _head_paths(key_map)
     values, missing, report = fill_tree(skeleton, state, key_map, may_initialise=head_paths, progress=progress)
+    if report.nonfinite:
+        import warnings
+
+        from .keymap import NonFiniteWeightsWarning, _describe
+
+        message = f"{folder}: {len(report.nonfinite)} tensor(s) hold NaN or Inf: {_describe(report.nonfinite)}"
+        if strict:
+            raise CheckpointError(message + " (strict loading)")
+        warnings.warn(message, NonFiniteWeightsWarning, stacklevel=2)
     if missing:
         fresh = _initialise(cls, config, dtype, missing, key if key is not None else jax.random.key(0))
         values = [fresh.pop(0) if v is None else v for v in values]
@@ -160,14 +177,14 @@ def _replace_array_leaves(skeleton: Any, values: list[Any]) -> Any:
     return jax.tree_util.tree_unflatten(treedef, filled)
 
 
-def _read_own_weights(folder: Path) -> dict[str, np.ndarray]:
+def _read_own_weights(folder: Path) -> dict[str, Any]:
+    """The (unread, validated) tensors of our folder's safetensors file."""
+    from .readers import lazy_safetensors
+
     path = folder / WEIGHTS_NAME
     if not path.is_file():
         raise CheckpointError(f"{folder} has no {WEIGHTS_NAME}")
-    try:
-        return load_file(path)
-    except Exception as err:  # safetensors raises its own error types
-        raise CheckpointError(f"cannot read {path}: {err}") from None
+    return lazy_safetensors(path)
 
 
 def model_dtype(model: Any) -> str:

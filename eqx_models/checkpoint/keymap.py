@@ -10,13 +10,15 @@ the leaf has a leading `layers` axis and one HF key per layer.
 
 import dataclasses
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ..errors import CheckpointError
+from ._lazy import LazyTensor, as_lazy
 
 Rule = tuple[str, str]
 
@@ -36,6 +38,11 @@ class KeyMap:
     prefix: str = ""
     is_head: bool = False
 
+    def __post_init__(self):
+        for hf_prefix, _ in self.rules:
+            if hf_prefix.count("{i}") > 1 or "{i}" in hf_prefix and not re.search(r"(^|\.)\{i\}\.", hf_prefix):
+                raise ValueError(f"key-map rule {hf_prefix!r}: `{{i}}` must be one whole dotted component")
+
     def nested(self) -> "KeyMap":
         """This base-model map with both sides under `prefix`, as inside a head model."""
         prefix = self.prefix
@@ -51,17 +58,21 @@ class KeyMap:
         """Adds head rules (matched before the existing ones) and ignored keys."""
         return dataclasses.replace(self, rules=rules + self.rules, ignore=self.ignore + ignore)
 
-    def hf_names(self, path: str, num_layers: int | None) -> tuple[list[str], bool]:
-        """HF key(s) of the leaf at `path`, and whether the leaf is stacked over layers."""
+    def hf_pattern(self, path: str) -> str:
+        """The HF key of the leaf at `path`, with `{i}` standing for the layer of a stacked leaf."""
         for hf_prefix, tree_prefix in self.rules:
             if path.startswith(tree_prefix):
-                name = hf_prefix + path[len(tree_prefix) :]
-                if "{i}" not in name:
-                    return [name], False
-                if num_layers is None:
-                    raise CheckpointError(f"stacked parameter {path} has no layers axis")
-                return [name.replace("{i}", str(i)) for i in range(num_layers)], True
+                return hf_prefix + path[len(tree_prefix) :]
         raise CheckpointError(f"no key-map rule covers the model parameter {path}")
+
+    def hf_names(self, path: str, num_layers: int | None) -> tuple[list[str], bool]:
+        """HF key(s) of the leaf at `path`, and whether the leaf is stacked over layers."""
+        name = self.hf_pattern(path)
+        if "{i}" not in name:
+            return [name], False
+        if num_layers is None:
+            raise CheckpointError(f"stacked parameter {path} has no layers axis")
+        return [name.replace("{i}", str(i)) for i in range(num_layers)], True
 
     def is_ignored(self, name: str) -> bool:
         return any(re.fullmatch(pattern, name) for pattern in self.ignore)
@@ -74,10 +85,13 @@ def array_leaves(tree: Any) -> Iterator[tuple[str, Any]]:
             yield jax.tree_util.keystr(key_path, simple=True, separator="."), leaf
 
 
-def from_flax_names(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def from_flax_names(state: Mapping[str, Any]) -> dict[str, Any]:
     """Flax parameter names to PyTorch's: `kernel` (transposed), `scale` and
-    `embedding` all become `weight`."""
-    out = {}
+    `embedding` all become `weight`. Works on arrays and `LazyTensor`s (transposed unread).
+    Two Flax names that become one PyTorch name (`embedding` and `weight` of one module)
+    are an error naming both: neither may silently win."""
+    out: dict[str, Any] = {}
+    source: dict[str, str] = {}
     for name, array in state.items():
         stem, _, last = name.rpartition(".")
         if last == "kernel":
@@ -85,11 +99,17 @@ def from_flax_names(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             last = "weight"
         elif last in ("scale", "embedding"):
             last = "weight"
-        out[f"{stem}.{last}" if stem else last] = array
+        renamed = f"{stem}.{last}" if stem else last
+        if renamed in out:
+            raise CheckpointError(
+                f"checkpoint has both {source[renamed]} and {name}, which are both {renamed} in PyTorch "
+                "names: ambiguous, refused"
+            )
+        out[renamed], source[renamed] = array, name
     return out
 
 
-def align_prefix(state: dict[str, np.ndarray], key_map: KeyMap) -> tuple[dict[str, np.ndarray], list[str]]:
+def align_prefix(state: dict[str, Any], key_map: KeyMap) -> tuple[dict[str, Any], list[str]]:
     """Lets base-model checkpoints load into head models and head checkpoints into base
     models, as HF does. Returns the state and the head keys a base model drops."""
     if not key_map.prefix:
@@ -118,61 +138,135 @@ def _describe(names: list[str], limit: int = 8) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+class NonFiniteWeightsWarning(UserWarning):
+    """A loaded checkpoint has NaN or Inf weights (`LoadReport.nonfinite` names them)."""
+
+
 @dataclasses.dataclass
 class LoadReport:
-    """What a load did besides filling parameters: HF keys dropped on purpose, and
-    parameters missing from the checkpoint that were freshly initialised (new heads)."""
+    """What a load did besides filling parameters: HF keys dropped on purpose, parameters
+    missing from the checkpoint that were freshly initialised (new heads), and the HF keys
+    whose loaded values (after the cast to the model's dtype) hold NaN or Inf."""
 
     ignored: list[str] = dataclasses.field(default_factory=list)
     initialised: list[str] = dataclasses.field(default_factory=list)
+    nonfinite: list[str] = dataclasses.field(default_factory=list)
+
+
+class _LayerIndex:
+    """For each key with a decimal path component, the key with `{i}` there -> the layers
+    present. Lets a stacked leaf count the checkpoint's layers without spelling out the
+    model's: a config claiming 10**6 layers fails at once, not after building 10**6 names
+    per leaf."""
+
+    _NUMBER = re.compile(r"^(?:0|[1-9][0-9]{0,17})$")
+
+    def __init__(self, names):
+        self.layers: dict[str, set[int]] = {}
+        for name in names:
+            parts = name.split(".")
+            for at, part in enumerate(parts):
+                if self._NUMBER.match(part):
+                    pattern = ".".join([*parts[:at], "{i}", *parts[at + 1 :]])
+                    self.layers.setdefault(pattern, set()).add(int(part))
+
+    def missing(self, pattern: str, count: int, limit: int) -> tuple[int, list[int]]:
+        """How many of layers 0..count-1 lack `pattern`, and the first `limit` of them."""
+        present = self.layers.get(pattern, set())
+        absent = count - sum(1 for i in present if i < count)
+        first: list[int] = []
+        i = 0
+        while len(first) < min(absent, limit):
+            if i not in present:
+                first.append(i)
+            i += 1
+        return absent, first
+
+
+def _is_float(dtype: Any) -> bool:
+    return jnp.issubdtype(dtype, jnp.inexact)
+
+
+def _leaf_value(tensor: LazyTensor, name: str, path: str, want: tuple, dtype: Any) -> np.ndarray:
+    """The checkpoint value of one HF key, shape-checked before it is read, cast to `dtype`."""
+    if tensor.shape != want:
+        raise CheckpointError(
+            f"shape mismatch for {name}: checkpoint has {tensor.shape}, model expects {want} (parameter {path})"
+        )
+    return tensor.read().astype(dtype, copy=False)
 
 
 def fill_tree(
     skeleton: Any,
-    state: dict[str, np.ndarray],
+    state: Mapping[str, LazyTensor | np.ndarray],
     key_map: KeyMap,
     *,
     may_initialise: tuple[str, ...] = (),
     progress: bool = False,
 ) -> tuple[list[Any], list[str], LoadReport]:
-    """Matches checkpoint arrays to the skeleton's leaves, strictly.
+    """Matches checkpoint tensors to the skeleton's leaves, strictly.
 
     Returns the leaves in `array_leaves` order (numpy arrays cast to the leaf dtype,
     or `None` where a leaf was missing and may be initialised), the missing paths and
     a report. Raises `CheckpointError` naming the key on a missing key, an unexpected
     key or a shape mismatch.
+
+    `state` values may be `LazyTensor`s: each one's shape is checked against its leaf
+    before it is read, keys the model does not use are never read, and a stacked leaf is
+    filled layer by layer into one array. Memory and time are thus linear in the model's
+    size, whatever the checkpoint declares.
     """
+    state = {name: as_lazy(value) for name, value in state.items()}
     state, dropped = align_prefix(state, key_map)
     report = LoadReport(ignored=dropped)
+    index = _LayerIndex(state)
     used: set[str] = set()
     values: list[Any] = []
     missing_paths: list[str] = []
     missing_keys: list[str] = []
+    missing_count = 0
     for path, leaf in _progress(list(array_leaves(skeleton)), progress, "loading"):
-        layers = leaf.shape[0] if leaf.ndim else None
-        names, stacked = key_map.hf_names(path, layers)
-        absent = [n for n in names if n not in state]
+        pattern = key_map.hf_pattern(path)
+        stacked = "{i}" in pattern
+        if stacked and not leaf.ndim:
+            raise CheckpointError(f"stacked parameter {path} has no layers axis")
+        count = leaf.shape[0] if stacked else 1
+        if stacked:
+            absent, first = index.missing(pattern, count, 8)
+            absent_names = [pattern.replace("{i}", str(i)) for i in first]
+        else:
+            absent, absent_names = (0, []) if pattern in state else (1, [pattern])
         if absent:
-            if path.startswith(may_initialise) and may_initialise:
+            if may_initialise and path.startswith(may_initialise):
                 missing_paths.append(path)
-                values.append(None)
-                continue
-            missing_keys.extend(absent)
+            else:
+                missing_count += absent
+                missing_keys.extend(absent_names[: max(0, 8 - len(missing_keys))])
             values.append(None)
             continue
-        want = leaf.shape[1:] if stacked else leaf.shape
-        for name in names:
-            if state[name].shape != want:
-                raise CheckpointError(
-                    f"shape mismatch for {name}: checkpoint has {tuple(state[name].shape)}, "
-                    f"model expects {tuple(want)} (parameter {path})"
-                )
-        used.update(names)
-        arrays = [state[n] for n in names]
-        array = np.stack(arrays) if stacked else arrays[0]
-        values.append(array.astype(leaf.dtype, copy=False))
-    if missing_keys:
-        raise CheckpointError(f"checkpoint is missing {len(missing_keys)} key(s): {_describe(missing_keys)}")
+        if missing_count:  # already failing: check the remaining keys, read nothing more
+            values.append(None)
+            continue
+        if not stacked:
+            value = _leaf_value(state[pattern], pattern, path, tuple(leaf.shape), leaf.dtype)
+            if _is_float(leaf.dtype) and not np.isfinite(value).all():
+                report.nonfinite.append(pattern)
+            used.add(pattern)
+            values.append(value)
+            continue
+        value = np.empty(leaf.shape, leaf.dtype)
+        for i in range(count):
+            name = pattern.replace("{i}", str(i))
+            value[i] = _leaf_value(state[name], name, path, tuple(leaf.shape[1:]), leaf.dtype)
+            if _is_float(leaf.dtype) and not np.isfinite(value[i]).all():
+                report.nonfinite.append(name)
+            used.add(name)
+        values.append(value)
+    if missing_count:
+        shown = ", ".join(missing_keys) + (
+            f" and {missing_count - len(missing_keys)} more" if missing_count > len(missing_keys) else ""
+        )
+        raise CheckpointError(f"checkpoint is missing {missing_count} key(s): {shown}")
     unexpected = sorted(n for n in state if n not in used and not key_map.is_ignored(n))
     if unexpected:
         raise CheckpointError(
