@@ -7,13 +7,14 @@ of failure it was (`EXIT_CODES`); `--debug` shows the traceback instead.
 import argparse
 import sys
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any
 
 import numpy as np
 
 from .errors import EqxModelsError, InputError
 from .files import check_destination, interrupts_raise
+from .models._config import MAX_INT32, Range, Text, check_values
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 1  # an EqxModelsError or OSError: the message names the file, key or setting
@@ -49,14 +50,8 @@ def _verify(args: argparse.Namespace) -> None:
 
 
 def _sampling_options(args: argparse.Namespace) -> dict[str, Any]:
-    """`generate`/`stream` keyword arguments from the flags: sampling is on when any of
-    `--temperature`, `--top-k`, `--top-p` is given, except that `--temperature 0` is greedy."""
-    if args.max_new_tokens < 1:
-        raise InputError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if args.num_beams < 1:
-        raise InputError(f"--num-beams must be at least 1, got {args.num_beams}")
-    if args.temperature is not None and args.temperature < 0:
-        raise InputError(f"--temperature must be 0 (greedy) or positive, got {args.temperature}")
+    """`generate`/`stream` keyword arguments from the (checked) flags: sampling is on when any
+    of `--temperature`, `--top-k`, `--top-p` is given, except that `--temperature 0` is greedy."""
     options: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams}
     wants_sampling = any(v is not None for v in (args.temperature, args.top_k, args.top_p))
     if wants_sampling and args.temperature != 0:
@@ -65,6 +60,40 @@ def _sampling_options(args: argparse.Namespace) -> dict[str, Any]:
         options.update(do_sample=True, key=jax.random.key(args.seed))
         options.update({k: v for k in ("temperature", "top_k", "top_p") if (v := getattr(args, k)) is not None})
     return options
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _checked(flags: dict[str, Any], run: Callable[[argparse.Namespace], None]) -> Callable[[argparse.Namespace], None]:
+    """`run`, after checking the flags against their declared annotations: a value out of range
+    is a one-line error naming the flag, before anything is loaded."""
+
+    def checked(args: argparse.Namespace) -> None:
+        values = check_values(vars(args), flags, error=InputError, label=_flag)
+        run(argparse.Namespace(**{**vars(args), **values}))
+
+    return checked
+
+
+Seed = Annotated[int, Range(0, 2**63 - 1)]  # what jax.random.key takes, without negatives
+#: What each `generate` flag accepts.
+GENERATE_FLAGS = {
+    "prompt": Text,
+    "max_new_tokens": Annotated[int, Range(1, MAX_INT32)],
+    "temperature": Annotated[float, Range(0, None)] | None,
+    "top_k": Annotated[int, Range(1, MAX_INT32)] | None,
+    "top_p": Annotated[float, Range(0, 1)] | None,
+    "num_beams": Annotated[int, Range(1, MAX_INT32)],
+    "seed": Seed,
+}
+#: What each `verify` flag accepts (a NaN tolerance would pass every model).
+VERIFY_FLAGS = {
+    "seq_len": Annotated[int, Range(1, MAX_INT32)],
+    "seed": Seed,
+    "tolerance": Annotated[float, Range(0, None)],
+}
 
 
 def _until_eos(ids: list[int], eos_ids: set[int]) -> tuple[list[int], bool]:
@@ -175,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--seq-len", type=int, default=16)
     verify.add_argument("--seed", type=int, default=0)
     verify.add_argument("--tolerance", type=float, default=1e-4)
-    verify.set_defaults(run=_verify)
+    verify.set_defaults(run=_checked(VERIFY_FLAGS, _verify))
 
     gen = commands.add_parser(
         "generate",
@@ -193,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-beams", type=int, default=1, help="beam search with B beams (printed at the end)")
     gen.add_argument("--seed", type=int, default=0, help="random seed of the sampler (default 0)")
     gen.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
-    gen.set_defaults(run=_generate)
+    gen.set_defaults(run=_checked(GENERATE_FLAGS, _generate))
 
     train = commands.add_parser(
         "train",

@@ -138,9 +138,12 @@ def test_gemma_activation_is_resolved_as_hf_pytorch_does(tmp_path):
 @pytest.mark.parametrize(
     "overrides,match",
     [
-        (dict(num_attention_heads=4, num_key_value_heads=3), r"num_attention_heads \(4\) must be a multiple"),
-        (dict(head_dim=7), "even head_dim"),
-        (dict(hidden_act="gelu_quadratic"), "unsupported activation"),
+        (
+            dict(num_attention_heads=4, num_key_value_heads=3),
+            "num_attention_heads must be divisible by num_key_value_heads",
+        ),
+        (dict(head_dim=7), "head_dim must be an integer .* and even, got 7"),
+        (dict(hidden_act="gelu_quadratic"), "hidden_act must be .*supported activation.*'gelu_quadratic'"),
         (dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), "rope_scaling"),
     ],
 )
@@ -153,9 +156,11 @@ def test_xglm_bad_config_values_are_named():
     from eqx_models.models import XGLMConfig
 
     base = {"model_type": "xglm", **CASES["xglm"].config}
-    with pytest.raises(eqx_models.ConfigError, match="d_model 30 is not divisible by attention_heads 4"):
+    with pytest.raises(
+        eqx_models.ConfigError, match="d_model must be divisible by attention_heads; got d_model=30, attention_heads=4"
+    ):
         XGLMConfig.from_hf_config({**base, "d_model": 30})
-    with pytest.raises(eqx_models.ConfigError, match="unsupported activation 'swiglu2'"):
+    with pytest.raises(eqx_models.ConfigError, match="activation_function must be .*supported activation.*'swiglu2'"):
         XGLMConfig.from_hf_config({**base, "activation_function": "swiglu2"})
 
 

@@ -210,10 +210,13 @@ def test_dropout_is_active_only_with_a_key(getkey):
 @pytest.mark.parametrize(
     "overrides,match",
     [
-        (dict(num_layers=3), "expand to 4 layers but num_layers is 3"),
-        (dict(attention_types=[[["global", "sparse"], 2]]), "unsupported attention type"),
-        (dict(num_heads=5), "not divisible by num_heads"),
-        (dict(activation_function="gelu_quadratic"), "unsupported activation"),
+        (dict(num_layers=3), r"attention_types must expand to num_layers layers; got .*num_layers=3"),
+        (dict(attention_types=[[["global", "sparse"], 2]]), r"attention_types must be .*'global' or 'local'.*sparse"),
+        (dict(num_heads=5), "hidden_size must be divisible by num_heads; got hidden_size=32, num_heads=5"),
+        (
+            dict(activation_function="gelu_quadratic"),
+            r"activation_function must be .*supported activation.*'gelu_quadratic'",
+        ),
         (dict(window_size=0), "window_size"),
     ],
 )

@@ -126,8 +126,11 @@ def test_relative_position_buckets_match_hf():
 @pytest.mark.parametrize(
     "overrides,match",
     [
-        (dict(feed_forward_proj="gated-gelu-fast"), "not of the form"),
-        (dict(feed_forward_proj="swiglu"), "unsupported activation"),
+        (
+            dict(feed_forward_proj="gated-gelu-fast"),
+            "feed_forward_proj must be a string of the form 'ACT' or 'gated-ACT'",
+        ),
+        (dict(feed_forward_proj="swiglu"), "feed_forward_proj must be .*got 'swiglu'"),
         (dict(encoder_attention_type="sparse"), "must be 'local' or 'transient-global'"),
     ],
 )

@@ -190,7 +190,7 @@ BAD = [
     ({"tokenizer": "sentencepiece"}, "tokenizer must be"),
     ({"seq_len": 300}, "longer than the model's 256 positions"),
     ({"warmup_steps": 6}, "warmup_steps"),
-    ({"accumulate": 0}, "accumulate must be at least 1"),
+    ({"accumulate": 0}, "accumulate must be an integer in [1, 2**31 - 1], got 0"),
     ({"model_config": "/no/config.json"}, "no model config at /no/config.json"),
 ]
 

@@ -53,19 +53,67 @@ def resolve_dtype(dtype: Any) -> Any:
     return DTYPES[name]
 
 
-def read_config(folder: str | os.PathLike) -> dict[str, Any]:
+def read_config(folder: str | os.PathLike, *, name: str = CONFIG_NAME) -> dict[str, Any]:
+    """`folder`'s `config.json` (or another JSON file `name`) as a dict. Whatever the file holds, a failure is a
+    `CheckpointError` naming it: not UTF-8, not JSON, not an object, a key given twice,
+    nesting deeper than a config has, an integer too long to parse, a file far larger than
+    a config, an `eqx_models` entry of the wrong shape."""
+    from ..models._config import show_value
+
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is not a folder")
-    path = folder / CONFIG_NAME
+    path = folder / name
     if not path.is_file():
-        raise CheckpointError(f"{folder} has no {CONFIG_NAME}")
+        raise CheckpointError(f"{folder} has no {name}")
+    limit = 64 * 2**20  # HF configs are kilobytes; a label map of 100k classes is about 4 MB
     try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        with open(path, "rb") as file:
+            data = file.read(limit + 1)
+    except OSError as err:
+        raise CheckpointError(f"cannot read {path}: {err.strerror or err}") from None
+    if len(data) > limit:
+        raise CheckpointError(f"{path} is larger than {limit // 2**20} MiB: not a model config")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise CheckpointError(
+            f"{path} is not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start})"
+        ) from None
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [key for key, _ in pairs]
+        if len(set(keys)) < len(keys):
+            twice = sorted({key for key in keys if keys.count(key) > 1})
+            raise CheckpointError(f"{path} gives the key(s) {twice} more than once")
+        return dict(pairs)
+
+    try:
+        config = json.loads(text, object_pairs_hook=unique)
+    except CheckpointError:
+        raise
+    except RecursionError:
+        raise CheckpointError(f"{path} nests too deeply to be a model config") from None
+    except ValueError as err:  # JSONDecodeError, and integers of more than 4300 digits
         raise CheckpointError(f"{path} is not valid JSON: {err}") from None
     if not isinstance(config, dict):
-        raise CheckpointError(f"{path} must hold a JSON object")
+        raise CheckpointError(f"{path} must hold a JSON object, not {type(config).__name__}")
+    levels, depth = [config], 0
+    while levels:  # a config nests a few levels; deeper values would be recursed into later
+        depth += 1
+        if depth > 32:
+            raise CheckpointError(f"{path} nests more than 32 levels deep: not a model config")
+        levels = [v for level in levels for v in (level.values() if isinstance(level, dict) else level)]
+        levels = [v for v in levels if isinstance(v, dict | list)]
+    own = config.get("eqx_models")
+    if own is not None:
+        shapes = {"architecture": str, "dtype": str, "layout": str, "format_version": int}
+        wrong = [k for k, kind in shapes.items() if isinstance(own, dict) and k in own and not isinstance(own[k], kind)]
+        if not isinstance(own, dict) or wrong:
+            raise CheckpointError(
+                f"{path}: the eqx_models entry must be an object with string architecture, dtype and layout, "
+                f"got {show_value(own)}"
+            )
     return config
 
 

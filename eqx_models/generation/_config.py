@@ -1,12 +1,24 @@
 """What to generate: strategy, budget and logits processors, checked before anything compiles."""
 
 import dataclasses
-from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+import jax
 import numpy as np
 
 from ..errors import InputError
+from ..models._config import (
+    MAX_INT32,
+    Count,
+    PositiveFloat,
+    Probability,
+    Range,
+    Size,
+    TokenId,
+    check_fields,
+    check_values,
+    show_value,
+)
 
 #: Sentinel default meaning "take the value from the model's config".
 FROM_CONFIG: Any = type("FromConfig", (), {"__repr__": lambda self: "<from config>"})()
@@ -21,29 +33,36 @@ class GenerationConfig:
     recompile.
     """
 
-    max_new_tokens: int
-    min_length: int = 0
-    min_new_tokens: int = 0
+    max_new_tokens: Count  # 0 in `static()`; `resolve` asks for at least 1
+    min_length: Count = 0
+    min_new_tokens: Count = 0
     do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    min_p: float | None = None
-    num_beams: int = 1
+    temperature: PositiveFloat = 1.0
+    top_k: Count | None = None
+    top_p: Probability | None = None
+    min_p: Probability | None = None
+    num_beams: Size = 1
     length_penalty: float = 1.0
     early_stopping: bool | Literal["never"] = False
-    num_return_sequences: int = 1
-    repetition_penalty: float = 1.0
-    no_repeat_ngram_size: int = 0
-    bad_words_ids: tuple[tuple[int, ...], ...] = ()
-    forced_bos_token_id: int | None = None
-    forced_eos_token_id: tuple[int, ...] = ()
-    suppress_tokens: tuple[int, ...] = ()
-    begin_suppress_tokens: tuple[int, ...] = ()
+    num_return_sequences: Size = 1
+    repetition_penalty: PositiveFloat = 1.0
+    no_repeat_ngram_size: Count = 0
+    bad_words_ids: tuple[tuple[TokenId, ...], ...] = ()
+    forced_bos_token_id: TokenId | None = None
+    forced_eos_token_id: tuple[TokenId, ...] = ()
+    suppress_tokens: tuple[TokenId, ...] = ()
+    begin_suppress_tokens: tuple[TokenId, ...] = ()
     eos_token_id: tuple[int, ...] = ()
-    pad_token_id: int = 0
-    decoder_start_token_id: int | None = None
+    pad_token_id: TokenId = 0
+    decoder_start_token_id: TokenId | None = None
     output_scores: bool = False
+
+    # Checked by `check_fields` below, with our messages; jaxtyping's import hook (on in the
+    # tests) would otherwise check `__init__`'s arguments first, with beartype's.
+    __no_type_check__ = True
+
+    def __post_init__(self) -> None:
+        check_fields(self, error=InputError)
 
     @property
     def is_beam_search(self) -> bool:
@@ -57,22 +76,31 @@ class GenerationConfig:
 def _ids(value: Any, name: str, vocab_size: int | None) -> tuple[int, ...]:
     if value is None:
         return ()
-    ids = tuple(int(i) for i in np.atleast_1d(np.asarray(value)).ravel())
+    if isinstance(value, np.ndarray | jax.Array):
+        value = np.asarray(value).ravel().tolist()
+    ids = check_values({name: value}, {name: int | tuple[int, ...]}, error=InputError)[name]
+    ids = (ids,) if isinstance(ids, int) else ids
     bad = [i for i in ids if i < 0 or (vocab_size is not None and i >= vocab_size)]
     if bad:
-        raise InputError(f"{name} holds ids outside [0, {vocab_size}): {bad}")
+        raise InputError(f"{name} holds ids outside [0, {vocab_size}): {show_value(bad)}")
     return ids
 
 
 def _bad_words(value: Any, vocab_size: int) -> tuple[tuple[int, ...], ...]:
     if value is None:
         return ()
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
-        raise InputError(f"bad_words_ids must be a non-empty list of lists of token ids, got {value!r}")
+    if isinstance(value, np.ndarray | jax.Array):
+        value = np.asarray(value).tolist()
+    if not isinstance(value, list | tuple) or not value:
+        raise InputError(f"bad_words_ids must be a non-empty list of lists of token ids, got {show_value(value)}")
     words = []
     for word in value:
-        if isinstance(word, (int, np.integer)) or not len(word):
-            raise InputError(f"bad_words_ids must be a list of non-empty lists of token ids; got the entry {word!r}")
+        if isinstance(word, np.ndarray | jax.Array):
+            word = np.asarray(word).tolist()
+        if not isinstance(word, list | tuple) or not word:
+            raise InputError(
+                f"bad_words_ids must be a list of non-empty lists of token ids; got the entry {show_value(word)}"
+            )
         words.append(_ids(word, "bad_words_ids", vocab_size))
     return tuple(words)
 
@@ -89,27 +117,28 @@ def resolve(
     *,
     prompt_length: int,
     seq2seq: bool,
-    max_new_tokens: int | None = None,
-    max_length: int | None = None,
+    max_new_tokens: Any = None,  # user input: checked here, with messages naming it
+    max_length: Any = None,
     eos_token_id: Any = FROM_CONFIG,
     pad_token_id: Any = FROM_CONFIG,
     forced_eos_token_id: Any = None,
     bad_words_ids: Any = None,
     suppress_tokens: Any = None,
     begin_suppress_tokens: Any = None,
-    forced_bos_token_id: int | None = None,
+    forced_bos_token_id: Any = None,
     **options: Any,
 ) -> GenerationConfig:
     """Fills defaults from the model config and checks every option, naming the culprit."""
     vocab = model_config.vocab_size
     if (max_new_tokens is None) == (max_length is None):
         raise InputError("pass exactly one of max_new_tokens and max_length")
+    budget = Annotated[int, Range(1, MAX_INT32)] | None
+    lengths = {"max_new_tokens": max_new_tokens, "max_length": max_length}
+    check_values(lengths, dict.fromkeys(lengths, budget), error=InputError)
     if max_new_tokens is None:
         max_new_tokens = max_length - prompt_length
         if max_new_tokens < 1:
             raise InputError(f"max_length={max_length} leaves no room after the {prompt_length}-token prompt")
-    if max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
 
     # EOS ids are not range-checked: HF's tiny test configs carry ids beyond their vocabulary,
     # which simply never stop a row.
@@ -117,14 +146,12 @@ def resolve(
     pad = model_config.pad_token_id if pad_token_id is FROM_CONFIG else pad_token_id
     if pad is None:
         pad = eos[0] if eos else 0
-    if options.get("early_stopping", False) not in (True, False, "never"):
-        raise InputError(f"early_stopping must be True, False or 'never', got {options['early_stopping']!r}")
     if forced_bos_token_id is not None:
         _ids(forced_bos_token_id, "forced_bos_token_id", vocab)
     config = GenerationConfig(
         max_new_tokens=int(max_new_tokens),
         eos_token_id=eos,
-        pad_token_id=int(pad),
+        pad_token_id=pad,
         decoder_start_token_id=_start_token(model_config) if seq2seq else None,
         forced_eos_token_id=_ids(forced_eos_token_id, "forced_eos_token_id", vocab),
         bad_words_ids=_bad_words(bad_words_ids, vocab),
@@ -138,19 +165,12 @@ def resolve(
 
 
 def _check(c: GenerationConfig, vocab: int) -> None:
+    """The conditions between options (each option on its own is checked on creation)."""
+
     def need(ok: bool, message: str) -> None:
         if not ok:
             raise InputError(message)
 
-    need(c.min_length >= 0 and c.min_new_tokens >= 0, "min_length and min_new_tokens must be >= 0")
-    need(c.temperature > 0, f"temperature must be > 0, got {c.temperature} (use do_sample=False for greedy)")
-    need(c.top_k is None or c.top_k >= 0, f"top_k must be >= 0, got {c.top_k}")
-    need(c.top_p is None or 0 <= c.top_p <= 1, f"top_p must be in [0, 1], got {c.top_p}")
-    need(c.min_p is None or 0 <= c.min_p <= 1, f"min_p must be in [0, 1], got {c.min_p}")
-    need(c.repetition_penalty > 0, f"repetition_penalty must be > 0, got {c.repetition_penalty}")
-    need(c.no_repeat_ngram_size >= 0, f"no_repeat_ngram_size must be >= 0, got {c.no_repeat_ngram_size}")
-    need(c.num_beams >= 1, f"num_beams must be >= 1, got {c.num_beams}")
-    need(c.num_return_sequences >= 1, f"num_return_sequences must be >= 1, got {c.num_return_sequences}")
     if c.is_beam_search:
         need(
             c.num_return_sequences <= c.num_beams,
@@ -165,7 +185,6 @@ def _check(c: GenerationConfig, vocab: int) -> None:
         not (c.do_sample and c.is_beam_search),
         "do_sample=True with num_beams > 1 (beam sampling) is not offered; use one or the other",
     )
-    need(c.pad_token_id >= 0, f"pad_token_id must be >= 0, got {c.pad_token_id}")
     if c.top_k:
         need(c.do_sample, "top_k only applies when do_sample=True")
     if c.top_p is not None and c.top_p < 1 or c.min_p is not None or c.temperature != 1.0:

@@ -2,15 +2,19 @@
 compiled search, and trim the result the way HF's `generate` does."""
 
 import dataclasses
+import os
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ..errors import InputError
+from ..models._config import MAX_INT32
 from ._config import GenerationConfig, resolve
 from ._processors import LogitsProcessor, build_processors
 from ._search import Request, beam_advance, beam_start, sample_advance, sample_start
@@ -88,6 +92,7 @@ def _plan(model: Any, input_ids: Any, attention_mask: Any, custom: Sequence[Logi
             f"prompt of {width} tokens plus max_new_tokens={config.max_new_tokens} "
             f"exceeds the model's {limit} positions"
         )
+    _check_budget(model, config, batch, width, seq2seq)
     for processor in custom:
         if not isinstance(processor, LogitsProcessor):
             raise InputError(f"logits_processors must be LogitsProcessor modules, got {type(processor).__name__}")
@@ -117,6 +122,96 @@ def _plan(model: Any, input_ids: Any, attention_mask: Any, custom: Sequence[Logi
         new_capacity=size_class(config.max_new_tokens),
         width=width,
         seq2seq=seq2seq,
+    )
+
+
+#: Peak memory of a decoding run over the bytes of its KV cache, measured with `stream` on a
+#: tiny Gemma at 2**18 to 2**21 cache slots: 3.25 to 3.5 (XLA holds the cache given to the
+#: prefill, the one it returns and the one the loop updates). Rounded up.
+CACHE_COPIES = 4
+_CACHE_LAYOUT: dict[Any, tuple[int, int]] = {}  # (model class, config, dtype) -> (fixed, per-slot) bytes
+
+
+def _tree_bytes(tree: Any) -> int:
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree) if hasattr(leaf, "dtype"))
+
+
+def _cache_bytes(model: Any, slots: int) -> int:
+    """Bytes of one row's KV cache of `slots` slots. Linear in `slots`, so measured once per
+    model shape with `jax.eval_shape` (which allocates nothing)."""
+    dtype = next((leaf.dtype for leaf in jax.tree.leaves(model) if eqx.is_inexact_array(leaf)), None)
+    key = (type(model), model.config, dtype)
+    if key not in _CACHE_LAYOUT:
+        one, two = (_tree_bytes(jax.eval_shape(lambda n=n: model.init_cache(n))) for n in (1, 2))
+        _CACHE_LAYOUT[key] = (2 * one - two, two - one)
+    fixed, per_slot = _CACHE_LAYOUT[key]
+    return fixed + per_slot * slots
+
+
+def memory_limit() -> tuple[int, str]:
+    """The bytes a request may use, and what they are: the accelerator's memory if JAX
+    reports it, else the machine's physical memory (or its cgroup's limit, if lower)."""
+    device = jax.devices()[0]
+    limit = (device.memory_stats() or {}).get("bytes_limit")
+    if limit:
+        return int(limit), f"{device.platform} memory"
+    limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            limit = min(limit, int(Path(path).read_text()))
+        except (OSError, ValueError):  # absent, or "max"
+            pass
+    return limit, "memory"
+
+
+def _bytes(n: int) -> str:
+    """`n` bytes in decimal units: `38.8 GB`."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n} bytes"
+
+
+def _check_budget(model: Any, config: GenerationConfig, batch: int, width: int, seq2seq: bool) -> None:
+    """Refuses, before anything is allocated, a budget beyond int32 positions or one whose
+    cache and buffers need more memory than there is (rotary and relative positions place
+    any length, so memory is their only limit)."""
+    new = config.max_new_tokens
+    prompt_slots = 1 if seq2seq else size_class(width)
+    slots = prompt_slots + size_class(new)
+    if slots > MAX_INT32:
+        raise InputError(
+            f"max_new_tokens={new} is too large: with the {width}-token prompt the token buffer and cache need "
+            f"{slots} positions, beyond the {MAX_INT32} of JAX's int32 indices"
+        )
+    rows = batch * max(config.num_beams, config.num_return_sequences)
+    weights = _tree_bytes(eqx.filter(model, eqx.is_array))
+
+    def needed(capacity: int) -> tuple[int, int]:
+        """KV cache bytes and token (and score) buffer bytes for `capacity` new slots."""
+        cache = rows * _cache_bytes(model, prompt_slots + capacity)
+        buffers = rows * (prompt_slots + capacity) * 4 * (2 if config.is_beam_search else 1)
+        if config.output_scores:
+            buffers += rows * capacity * model.config.vocab_size * 4
+        return cache, buffers
+
+    def fits(capacity: int) -> bool:
+        cache, buffers = needed(capacity)
+        return weights + CACHE_COPIES * cache + buffers <= limit
+
+    limit, what = memory_limit()
+    capacity = size_class(new)
+    if fits(capacity):
+        return
+    cache, buffers = needed(capacity)
+    while capacity > 16 and not fits(capacity):
+        capacity //= 2
+    advice = f"at most about {capacity} new tokens fit" if fits(capacity) else "not even 16 new tokens fit"
+    raise InputError(
+        f"max_new_tokens={new} needs more memory than there is: {rows} row(s) of {slots} cache slots take about "
+        f"{_bytes(CACHE_COPIES * cache + buffers)} while decoding ({_bytes(cache)} of KV cache, held up to "
+        f"{CACHE_COPIES} times, and {_bytes(buffers)} of token buffers) beside the model's {_bytes(weights)}, "
+        f"but the machine has {_bytes(limit)} of {what}; {advice}"
     )
 
 

@@ -4,7 +4,7 @@ import dataclasses
 from typing import Any
 
 from ..errors import ConfigError
-from ._config import ModelConfig
+from ._config import ModelConfig, show_value
 from .big_bird import (
     BigBirdConfig,
     BigBirdForCausalLM,
@@ -57,25 +57,41 @@ FAMILIES: dict[str, Family] = {
 
 
 def family_of(model_type: Any) -> Family:
-    if model_type not in FAMILIES:
-        raise ConfigError(f"unknown model_type {model_type!r}; supported: {', '.join(sorted(FAMILIES))}")
+    """The family a `config.json`'s `model_type` names (anything else, a list included, is a
+    `ConfigError`)."""
+    supported = ", ".join(sorted(FAMILIES))
+    if model_type is None:
+        raise ConfigError(f"the config has no model_type; supported: {supported}")
+    if not isinstance(model_type, str) or model_type not in FAMILIES:
+        raise ConfigError(f"unknown model_type {show_value(model_type)}; supported: {supported}")
     return FAMILIES[model_type]
 
 
 def resolve_class(hf_config: dict[str, Any], architecture: str | None = None) -> tuple[Family, type]:
     """The class a `config.json` asks for: `architecture` if given, else the first of its
     `architectures` (HF's `Flax`/`TF` prefixes dropped), else the base model."""
+    if not isinstance(hf_config, dict):
+        raise ConfigError(f"a config must be a JSON object of settings, got {show_value(hf_config)}")
     family = family_of(hf_config.get("model_type"))
     names = family.by_name()
     if architecture is None:
-        listed = hf_config.get("architectures") or []
+        listed = hf_config.get("architectures")
+        if listed is not None and not (isinstance(listed, list) and all(isinstance(n, str) for n in listed)):
+            raise ConfigError(
+                f"architectures must be a list of class names such as [{family.base.__name__!r}], "
+                f"got {show_value(listed)}"
+            )
         architecture = listed[0] if listed else family.base.__name__
+    if not isinstance(architecture, str):
+        raise ConfigError(
+            f"architecture must be a class name such as {family.base.__name__!r}, got {show_value(architecture)}"
+        )
     for prefix in ("Flax", "TF"):
         if architecture.startswith(prefix) and architecture[len(prefix) :] in names:
             architecture = architecture[len(prefix) :]
     if architecture not in names:
         raise ConfigError(
-            f"architecture {architecture!r} is not supported for model_type {hf_config.get('model_type')!r}; "
+            f"architecture {show_value(architecture)} is not supported for model_type {family.config.model_type!r}; "
             f"supported: {', '.join(names)}"
         )
     return family, names[architecture]
@@ -83,9 +99,9 @@ def resolve_class(hf_config: dict[str, Any], architecture: str | None = None) ->
 
 def class_by_name(name: str) -> tuple[Family, type]:
     for family in FAMILIES.values():
-        if name in family.by_name():
+        if isinstance(name, str) and name in family.by_name():
             return family, family.by_name()[name]
-    raise ConfigError(f"unknown architecture {name!r}")
+    raise ConfigError(f"unknown architecture {show_value(name)}")
 
 
 __all__ = [

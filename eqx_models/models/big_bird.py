@@ -12,7 +12,8 @@ uses full attention.
 """
 
 import dataclasses
-from typing import Any, ClassVar, NamedTuple
+from collections.abc import Mapping
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple
 
 import equinox as eqx
 import jax
@@ -22,9 +23,23 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from .. import nn
 from ..checkpoint.keymap import KeyMap
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 from ._block_sparse import SparsePlan, block_sparse_attention, inference_plan, random_plan
-from ._config import ModelConfig, require
+from ._config import (
+    Activation,
+    Count,
+    Layers,
+    ModelConfig,
+    NonNegativeFloat,
+    Note,
+    PositiveFloat,
+    Probability,
+    Size,
+    TokenId,
+    TokenIds,
+    divisible,
+    show_value,
+)
 from ._decoder import DecoderInputs, LayerContext, check_token_ids, decoder_inputs, split_layer_keys
 
 
@@ -34,51 +49,44 @@ class BigBirdConfig(ModelConfig):
     it from `id2label`)."""
 
     model_type: ClassVar[str] = "big_bird"
-    vocab_size: int = 50358
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    intermediate_size: int = 3072
-    hidden_act: str = "gelu_new"
-    hidden_dropout_prob: float = 0.1
-    attention_probs_dropout_prob: float = 0.1
-    max_position_embeddings: int = 4096
-    type_vocab_size: int = 2
-    initializer_range: float = 0.02
-    layer_norm_eps: float = 1e-12
-    pad_token_id: int | None = 0
-    bos_token_id: int | None = 1
-    eos_token_id: int | tuple[int, ...] | None = 2
-    sep_token_id: int | None = 66
-    attention_type: str = "block_sparse"
+    vocab_size: Size = 50358
+    hidden_size: Size = 768
+    num_hidden_layers: Layers = 12
+    num_attention_heads: Size = 12
+    intermediate_size: Size = 3072
+    hidden_act: Activation = "gelu_new"
+    hidden_dropout_prob: Probability = 0.1
+    attention_probs_dropout_prob: Probability = 0.1
+    max_position_embeddings: Size = 4096
+    type_vocab_size: Size = 2
+    initializer_range: NonNegativeFloat = 0.02
+    layer_norm_eps: PositiveFloat = 1e-12
+    pad_token_id: TokenId | None = 0
+    bos_token_id: TokenId | None = 1
+    eos_token_id: TokenIds | None = 2
+    sep_token_id: TokenId | None = 66
+    attention_type: Literal["original_full", "block_sparse"] = "block_sparse"
     use_bias: bool = True
     rescale_embeddings: bool = False
-    block_size: int = 64
-    num_random_blocks: int = 3
-    classifier_dropout: float | None = None
-    num_labels: int = 2
+    block_size: Size = 64
+    num_random_blocks: Count = 3
+    classifier_dropout: Probability | None = None
+    num_labels: Size = 2
     is_decoder: bool = False
-    add_cross_attention: bool = False
+    add_cross_attention: Annotated[Literal[False], Note("cross-attention is not supported for BigBird")] = False
     tie_word_embeddings: bool = True
 
-    def __post_init__(self):
-        require(
-            self.hidden_size % self.num_attention_heads == 0,
-            f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}",
-        )
-        require(
-            self.attention_type in ("original_full", "block_sparse"),
-            f"attention_type must be 'original_full' or 'block_sparse', got {self.attention_type!r}",
-        )
-        require(self.block_size >= 1, f"block_size must be positive, got {self.block_size}")
-        require(not self.add_cross_attention, "add_cross_attention=True is not supported for BigBird")
-        require(self.num_labels >= 1, f"num_labels must be at least 1, got {self.num_labels}")
-        nn.activation(self.hidden_act)
+    RELATIONS: ClassVar = (divisible("hidden_size", "num_attention_heads"),)
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any], **overrides: Any):
-        if "id2label" in hf and "num_labels" not in overrides:
-            overrides = {**overrides, "num_labels": len(hf["id2label"])}
+        labels = hf.get("id2label") if isinstance(hf, Mapping) else None
+        if labels is not None and "num_labels" not in overrides:
+            if not isinstance(labels, dict):
+                raise ConfigError(
+                    f"big_bird config: id2label must be an object of labels by id, got {show_value(labels)}"
+                )
+            overrides = {**overrides, "num_labels": len(labels)}
         return super().from_hf_config(hf, **overrides)
 
     def to_hf_config(self) -> dict[str, Any]:

@@ -8,7 +8,7 @@ frequencies use `rope_theta` (HF Flax always used 10000).
 """
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Annotated, ClassVar
 
 import equinox as eqx
 import jax
@@ -18,7 +18,22 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from .. import nn
 from ..checkpoint.keymap import KeyMap
-from ._config import ModelConfig, require
+from ._config import (
+    MAX_INT32,
+    Activation,
+    Layers,
+    ModelConfig,
+    MultipleOf,
+    NonNegativeFloat,
+    Note,
+    PositiveFloat,
+    Probability,
+    Range,
+    Size,
+    TokenId,
+    TokenIds,
+    divisible,
+)
 from ._decoder import CausalLM, DecoderModel, LayerContext, make_lm_head
 
 
@@ -27,40 +42,29 @@ class GemmaConfig(ModelConfig):
     """HF's `GemmaConfig` fields (same names and defaults)."""
 
     model_type: ClassVar[str] = "gemma"
-    vocab_size: int = 256000
-    hidden_size: int = 3072
-    intermediate_size: int = 24576
-    num_hidden_layers: int = 28
-    num_attention_heads: int = 16
-    num_key_value_heads: int = 16  # 1 is multi-query (gemma-2b); < heads is grouped
-    head_dim: int = 256  # independent of hidden_size / num_attention_heads
-    hidden_act: str = "gelu_pytorch_tanh"
+    vocab_size: Size = 256000
+    hidden_size: Size = 3072
+    intermediate_size: Size = 24576
+    num_hidden_layers: Layers = 28
+    num_attention_heads: Size = 16
+    num_key_value_heads: Size = 16  # 1 is multi-query (gemma-2b); < heads is grouped
+    # independent of hidden_size / num_attention_heads; rotary embeddings turn pairs of dimensions
+    head_dim: Annotated[int, Range(2, MAX_INT32), MultipleOf(2)] = 256
+    hidden_act: Activation = "gelu_pytorch_tanh"
     hidden_activation: str | None = None  # kept for export; HF PyTorch uses `hidden_act`
-    max_position_embeddings: int = 8192
-    initializer_range: float = 0.02
-    rms_norm_eps: float = 1e-6
-    pad_token_id: int | None = 0
-    eos_token_id: int | tuple[int, ...] | None = 1
-    bos_token_id: int | None = 2
+    max_position_embeddings: Size = 8192
+    initializer_range: NonNegativeFloat = 0.02
+    rms_norm_eps: PositiveFloat = 1e-6
+    pad_token_id: TokenId | None = 0
+    eos_token_id: TokenIds | None = 1
+    bos_token_id: TokenId | None = 2
     tie_word_embeddings: bool = True
-    rope_theta: float = 10000.0
-    rope_scaling: Any = None
+    rope_theta: PositiveFloat = 10000.0
+    rope_scaling: Annotated[None, Note("Gemma has plain rotary embeddings only")] = None
     attention_bias: bool = False
-    attention_dropout: float = 0.0
+    attention_dropout: Probability = 0.0
 
-    def __post_init__(self):
-        heads, kv_heads = self.num_attention_heads, self.num_key_value_heads
-        require(heads >= 1 and kv_heads >= 1, f"head counts must be positive, got {heads} and {kv_heads}")
-        require(
-            heads % kv_heads == 0,
-            f"num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})",
-        )
-        require(self.head_dim % 2 == 0, f"rotary embeddings need an even head_dim, got {self.head_dim}")
-        require(
-            self.rope_scaling is None,
-            f"rope_scaling {self.rope_scaling!r} is not supported for Gemma (only plain rotary embeddings)",
-        )
-        nn.activation(self.hidden_act)
+    RELATIONS: ClassVar = (divisible("num_attention_heads", "num_key_value_heads"),)
 
     @property
     def num_layers(self) -> int:

@@ -5,7 +5,7 @@ Reference: HF `modeling_flax_gpt_neo.py` and `modeling_gpt_neo.py` (4.57.6).
 """
 
 import dataclasses
-from typing import ClassVar
+from typing import Annotated, ClassVar, Literal
 
 import equinox as eqx
 import jax
@@ -15,9 +15,29 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from .. import nn
 from ..checkpoint.keymap import KeyMap
-from ..errors import ConfigError
-from ._config import ModelConfig, require
+from ._config import (
+    MAX_LAYERS,
+    Activation,
+    Example,
+    Layers,
+    ModelConfig,
+    NonNegativeFloat,
+    PositiveFloat,
+    Probability,
+    Range,
+    Relation,
+    Size,
+    TokenId,
+    TokenIds,
+    divisible,
+)
 from ._decoder import CausalLM, DecoderModel, LayerContext, SelfAttention, make_lm_head
+
+# [[pattern, repeats], ...]: each pattern of "global"/"local" repeated, e.g. [[["global", "local"], 12]]
+AttentionTypes = Annotated[
+    tuple[tuple[tuple[Literal["global", "local"], ...], Annotated[int, Range(0, MAX_LAYERS)]], ...],
+    Example("[[['global', 'local'], 12]] ('global' or 'local' entries, each pattern repeated)"),
+]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -25,52 +45,40 @@ class GPTNeoConfig(ModelConfig):
     """HF's `GPTNeoConfig` fields (same names and defaults)."""
 
     model_type: ClassVar[str] = "gpt_neo"
-    vocab_size: int = 50257
-    max_position_embeddings: int = 2048
-    hidden_size: int = 2048
-    num_layers: int = 24
+    vocab_size: Size = 50257
+    max_position_embeddings: Size = 2048
+    hidden_size: Size = 2048
+    num_layers: Layers = 24
     # [[pattern, repeats], ...]; e.g. [[["global", "local"], 12]] alternates over 24 layers
-    attention_types: tuple = ((("global", "local"), 12),)
-    num_heads: int = 16
-    intermediate_size: int | None = None  # None means 4 * hidden_size
-    window_size: int = 256
-    activation_function: str = "gelu_new"
-    resid_dropout: float = 0.0
-    embed_dropout: float = 0.0
-    attention_dropout: float = 0.0
-    classifier_dropout: float = 0.1
-    layer_norm_epsilon: float = 1e-5
-    initializer_range: float = 0.02
-    bos_token_id: int | None = 50256
-    eos_token_id: int | tuple[int, ...] | None = 50256
-    pad_token_id: int | None = None
+    attention_types: AttentionTypes = ((("global", "local"), 12),)
+    num_heads: Size = 16
+    intermediate_size: Size | None = None  # None means 4 * hidden_size
+    window_size: Size = 256
+    activation_function: Activation = "gelu_new"
+    resid_dropout: Probability = 0.0
+    embed_dropout: Probability = 0.0
+    attention_dropout: Probability = 0.0
+    classifier_dropout: Probability = 0.1
+    layer_norm_epsilon: PositiveFloat = 1e-5
+    initializer_range: NonNegativeFloat = 0.02
+    bos_token_id: TokenId | None = 50256
+    eos_token_id: TokenIds | None = 50256
+    pad_token_id: TokenId | None = None
     tie_word_embeddings: bool = True
 
-    def __post_init__(self):
-        layers = self.attention_layers
-        require(
-            len(layers) == self.num_layers,
-            f"attention_types {list(self.attention_types)!r} expand to {len(layers)} layers "
-            f"but num_layers is {self.num_layers}",
-        )
-        unknown = sorted(set(layers) - {"global", "local"})
-        require(not unknown, f"unsupported attention type(s) {unknown}; GPT-Neo has 'global' and 'local'")
-        require(
-            self.hidden_size % self.num_heads == 0,
-            f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}",
-        )
-        require(self.window_size >= 1, f"window_size must be >= 1, got {self.window_size}")
-        nn.activation(self.activation_function)
+    RELATIONS: ClassVar = (
+        divisible("hidden_size", "num_heads"),
+        Relation(
+            ("attention_types", "num_layers"),
+            lambda types, layers: sum(len(pattern) * repeats for pattern, repeats in types) == layers,
+            "attention_types must expand to num_layers layers",
+        ),
+    )
 
     @property
     def attention_layers(self) -> tuple[str, ...]:
         """One entry per layer, `"global"` or `"local"`."""
-        try:
-            return tuple(kind for pattern, repeats in self.attention_types for _ in range(repeats) for kind in pattern)
-        except (TypeError, ValueError):
-            raise ConfigError(
-                f"attention_types must look like [[['global', 'local'], 12]], got {self.attention_types!r}"
-            ) from None
+        return tuple(kind for pattern, repeats in self.attention_types for _ in range(repeats) for kind in pattern)
 
     @property
     def head_dim(self) -> int:

@@ -9,7 +9,7 @@ stack so that the blocks can be scanned.
 """
 
 import dataclasses
-from typing import ClassVar
+from typing import Annotated, ClassVar, Literal
 
 import equinox as eqx
 import jax
@@ -19,11 +19,36 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, Shaped
 
 from .. import nn
 from ..checkpoint.keymap import KeyMap
-from ..errors import ConfigError
-from ._config import ModelConfig, require
+from ..nn._activations import ACTIVATIONS
+from ._config import (
+    MAX_INT32,
+    Count,
+    Layers,
+    ModelConfig,
+    NonNegativeFloat,
+    Note,
+    PositiveFloat,
+    Probability,
+    Range,
+    Relation,
+    Satisfies,
+    Size,
+    TokenId,
+    TokenIds,
+)
 from ._decoder import DecoderInputs, check_token_ids, decoder_inputs, split_layer_keys
 
 MASKED = -1e10  # HF's additive mask value for LongT5
+
+
+def _feed_forward(proj: str) -> tuple[str, bool] | None:
+    """`(activation name, gated)` parsed from `feed_forward_proj` as HF does: `"relu"`,
+    `"gelu"`, `"gated-gelu"` (which means tanh GELU), `"gated-silu"`...; `None` if invalid."""
+    parts = proj.split("-")
+    if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
+        return None
+    name = "gelu_new" if proj == "gated-gelu" else parts[-1]
+    return (name, parts[0] == "gated") if name in ACTIVATIONS else None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -31,47 +56,46 @@ class LongT5Config(ModelConfig):
     """HF's `LongT5Config` fields (same names and defaults)."""
 
     model_type: ClassVar[str] = "longt5"
-    vocab_size: int = 32128
-    d_model: int = 512
-    d_kv: int = 64
-    d_ff: int = 2048
-    num_layers: int = 6
-    num_decoder_layers: int | None = None
-    num_heads: int = 8
-    local_radius: int = 127
-    global_block_size: int = 16
-    relative_attention_num_buckets: int = 32
-    relative_attention_max_distance: int = 128
-    dropout_rate: float = 0.1
-    layer_norm_epsilon: float = 1e-6
-    initializer_factor: float = 1.0
-    feed_forward_proj: str = "relu"
+    vocab_size: Size = 32128
+    d_model: Size = 512
+    d_kv: Size = 64
+    d_ff: Size = 2048
+    num_layers: Layers = 6
+    num_decoder_layers: Layers | None = None
+    num_heads: Size = 8
+    local_radius: Count = 127
+    global_block_size: Size = 16
+    # T5's buckets: half per direction, half of those exact: 4 leaves one exact bucket each way
+    relative_attention_num_buckets: Annotated[int, Range(4, MAX_INT32)] = 32
+    relative_attention_max_distance: Size = 128
+    dropout_rate: Probability = 0.1
+    layer_norm_epsilon: PositiveFloat = 1e-6
+    initializer_factor: NonNegativeFloat = 1.0
+    feed_forward_proj: Annotated[
+        str,
+        Satisfies(lambda proj: _feed_forward(proj) is not None, "of the form 'ACT' or 'gated-ACT'"),
+        Note(f"ACT one of {', '.join(sorted(ACTIVATIONS))}"),
+    ] = "relu"
     is_encoder_decoder: bool = True
-    encoder_attention_type: str = "local"
-    pad_token_id: int | None = 0
-    eos_token_id: int | tuple[int, ...] | None = 1
-    decoder_start_token_id: int | None = None  # HF leaves it unset; released checkpoints use 0
+    encoder_attention_type: Literal["local", "transient-global"] = "local"
+    pad_token_id: TokenId | None = 0
+    eos_token_id: TokenIds | None = 1
+    decoder_start_token_id: TokenId | None = None  # HF leaves it unset; released checkpoints use 0
     tie_word_embeddings: bool = True
 
-    def __post_init__(self):
-        require(
-            self.encoder_attention_type in ("local", "transient-global"),
-            f"encoder_attention_type must be 'local' or 'transient-global', got {self.encoder_attention_type!r}",
-        )
-        require(self.global_block_size >= 1, f"global_block_size must be >= 1, got {self.global_block_size}")
-        require(self.local_radius >= 0, f"local_radius must be >= 0, got {self.local_radius}")
-        self.activation  # validates feed_forward_proj
+    RELATIONS: ClassVar = (
+        # the logarithmic buckets span the distances from the exact ones to the maximum
+        Relation(
+            ("relative_attention_max_distance", "relative_attention_num_buckets"),
+            lambda distance, buckets: distance > buckets // 2,
+            "relative_attention_max_distance must exceed half of relative_attention_num_buckets",
+        ),
+    )
 
     @property
     def activation(self) -> tuple[str, bool]:
-        """`(activation name, gated)` parsed from `feed_forward_proj` as HF does:
-        `"relu"`, `"gelu"`, `"gated-gelu"` (which means tanh GELU), `"gated-silu"`..."""
-        parts = self.feed_forward_proj.split("-")
-        if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
-            raise ConfigError(f"feed_forward_proj {self.feed_forward_proj!r} is not of the form 'ACT' or 'gated-ACT'")
-        name = "gelu_new" if self.feed_forward_proj == "gated-gelu" else parts[-1]
-        nn.activation(name)
-        return name, parts[0] == "gated"
+        """`(activation name, gated)` parsed from `feed_forward_proj`."""
+        return _feed_forward(self.feed_forward_proj)  # type: ignore[return-value]  # checked on creation
 
     @property
     def block_len(self) -> int:

@@ -6,7 +6,7 @@ Reference: HF `modeling_flax_xglm.py` and `modeling_xglm.py` (4.57.6).
 """
 
 import dataclasses
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import equinox as eqx
 import jax
@@ -16,7 +16,20 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from .. import nn
 from ..checkpoint.keymap import KeyMap
-from ._config import ModelConfig, require
+from ._config import (
+    MAX_INT32,
+    Activation,
+    Layers,
+    ModelConfig,
+    NonNegativeFloat,
+    Note,
+    Probability,
+    Range,
+    Size,
+    TokenId,
+    TokenIds,
+    divisible,
+)
 from ._decoder import CausalLM, DecoderModel, LayerContext, SelfAttention, make_lm_head
 
 # Position p reads row p + 2 of the sinusoid table; row `padding_idx` is all zeros.
@@ -28,32 +41,26 @@ class XGLMConfig(ModelConfig):
     """HF's `XGLMConfig` fields (same names and defaults)."""
 
     model_type: ClassVar[str] = "xglm"
-    vocab_size: int = 256008
-    max_position_embeddings: int = 2048  # sinusoids extend past it, as upstream
-    d_model: int = 1024
-    ffn_dim: int = 4096
-    num_layers: int = 24
-    attention_heads: int = 16
-    activation_function: str = "gelu"
-    dropout: float = 0.1
-    attention_dropout: float = 0.1
-    activation_dropout: float = 0.0
-    layerdrop: float = 0.0  # training-time layer skipping; not applied (inference is unaffected)
-    init_std: float = 0.02
+    vocab_size: Size = 256008
+    max_position_embeddings: Size = 2048  # sinusoids extend past it, as upstream
+    d_model: Annotated[int, Range(4, MAX_INT32), Note("sinusoidal positions need at least 4")] = 1024
+    ffn_dim: Size = 4096
+    num_layers: Layers = 24
+    attention_heads: Size = 16
+    activation_function: Activation = "gelu"
+    dropout: Probability = 0.1
+    attention_dropout: Probability = 0.1
+    activation_dropout: Probability = 0.0
+    layerdrop: Probability = 0.0  # training-time layer skipping; not applied (inference is unaffected)
+    init_std: NonNegativeFloat = 0.02
     scale_embedding: bool = True
-    decoder_start_token_id: int | None = 2
-    pad_token_id: int | None = 1
-    bos_token_id: int | None = 0
-    eos_token_id: int | tuple[int, ...] | None = 2
+    decoder_start_token_id: TokenId | None = 2
+    pad_token_id: TokenId | None = 1
+    bos_token_id: TokenId | None = 0
+    eos_token_id: TokenIds | None = 2
     tie_word_embeddings: bool = True
 
-    def __post_init__(self):
-        require(
-            self.d_model % self.attention_heads == 0,
-            f"d_model {self.d_model} is not divisible by attention_heads {self.attention_heads}",
-        )
-        require(self.d_model >= 4, f"d_model must be at least 4 for sinusoidal positions, got {self.d_model}")
-        nn.activation(self.activation_function)
+    RELATIONS: ClassVar = (divisible("d_model", "attention_heads"),)
 
     @property
     def head_dim(self) -> int:

@@ -36,7 +36,7 @@ import time
 import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import equinox as eqx
 import jax
@@ -45,6 +45,18 @@ import numpy as np
 
 from ..errors import ConfigError, InputError
 from ..files import check_destination
+from ..models._config import (
+    MAX_INT32,
+    Count,
+    NonNegativeFloat,
+    PositiveFloat,
+    Range,
+    Relation,
+    Satisfies,
+    Size,
+    Text,
+    check_fields,
+)
 from .checkpoint import CheckpointManager, barrier, gather_to_host
 from .data import (
     Document,
@@ -69,10 +81,31 @@ def _field(default: Any, help: str, **kwargs: Any) -> Any:
     return dataclasses.field(default=default, metadata={"help": help, **kwargs})
 
 
+def _is_mesh(spec: str) -> bool:
+    parts = spec.lower().split("x")
+    return len(parts) == 3 and all(part.strip().lstrip("-").isdigit() for part in parts)
+
+
+def _is_tokenizer(spec: str) -> bool:
+    """`bpe:N` must give a usable size; `bytes` and paths are checked when the run starts."""
+    if not spec.startswith("bpe:"):
+        return True
+    size = spec[4:]
+    return size.isdigit() and len(size) < 11 and 258 <= int(size) <= MAX_INT32
+
+
+Mesh = Annotated[str, Satisfies(_is_mesh, "of the form DATAxFSDPxTENSOR, e.g. '2x4x1' or '-1x1x1'")]
+Tokenizer = Annotated[
+    str,
+    Satisfies(_is_tokenizer, "naming 'bytes', 'bpe:N' (N >= 258: the bytes and 2 special tokens) or a tokenizer.json"),
+]
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Everything a run needs. The CLI flags are these fields (`--seq-len` for `seq_len`);
-    a TOML or JSON file holds the same names."""
+    a TOML or JSON file holds the same names. Each field's annotation declares what it
+    accepts (see `eqx_models.models._config.check_fields`), checked on creation."""
 
     # What to train.
     family: str = _field("gpt_neo", "model family: gpt_neo, gemma, xglm, big_bird, longt5")
@@ -80,33 +113,39 @@ class TrainConfig:
     model_config: str | None = _field(None, "an HF config.json to train from scratch instead of a preset")
     init_from: str | None = _field(None, "fine-tune: start from this checkpoint folder (HF or eqx) and its tokenizer")
     # Data.
-    data: tuple[str, ...] = _field((STDLIB,), "text files, folders, globs or .jsonl; 'stdlib' is Python's own sources")
-    jsonl_field: str = _field("text", "the key holding the text in .jsonl records")
-    tokenizer: str = _field("bpe:4096", "'bytes', 'bpe:N' (trained here on the training split) or a tokenizer.json")
-    eval_fraction: float = _field(0.05, "share of documents held out for evaluation (by a hash of their path)")
-    seq_len: int = _field(256, "tokens per training row")
+    data: Annotated[tuple[str, ...], Satisfies(len, "with at least one entry")] = _field(
+        (STDLIB,), "text files, folders, globs or .jsonl; 'stdlib' is Python's own sources"
+    )
+    jsonl_field: Text = _field("text", "the key holding the text in .jsonl records")
+    tokenizer: Tokenizer = _field(
+        "bpe:4096", "'bytes', 'bpe:N' (trained here on the training split) or a tokenizer.json"
+    )
+    eval_fraction: Annotated[float, Range(0, 1, open_high=True)] = _field(
+        0.05, "share of documents held out for evaluation (by a hash of their path)"
+    )
+    seq_len: Size = _field(256, "tokens per training row")
     # Optimisation.
-    batch_size: int = _field(16, "rows per step (across all devices)")
-    steps: int = _field(1000, "optimizer steps in total")
-    learning_rate: float = _field(1e-3, "peak learning rate")
-    warmup_steps: int = _field(100, "linear warmup steps, then cosine decay to 10%")
-    weight_decay: float = _field(0.1, "AdamW weight decay (Linear weights only)")
-    clip_norm: float = _field(1.0, "global gradient-norm clip; 0 turns it off")
-    accumulate: int = _field(1, "gradient accumulation: one update every N steps")
+    batch_size: Size = _field(16, "rows per step (across all devices)")
+    steps: Size = _field(1000, "optimizer steps in total")
+    learning_rate: PositiveFloat = _field(1e-3, "peak learning rate")
+    warmup_steps: Count = _field(100, "linear warmup steps, then cosine decay to 10%")
+    weight_decay: NonNegativeFloat = _field(0.1, "AdamW weight decay (Linear weights only)")
+    clip_norm: NonNegativeFloat = _field(1.0, "global gradient-norm clip; 0 turns it off")
+    accumulate: Size = _field(1, "gradient accumulation: one update every N steps")
     # Schedule of side work.
-    eval_every: int = _field(250, "evaluate every N steps (and at the end); 0: only at the end")
-    eval_batches: int = _field(0, "evaluate on at most N batches; 0: the whole evaluation split")
-    checkpoint_every: int = _field(500, "save a checkpoint every N steps (and at the end)")
-    keep_checkpoints: int = _field(2, "checkpoints kept")
+    eval_every: Count = _field(250, "evaluate every N steps (and at the end); 0: only at the end")
+    eval_batches: Count = _field(0, "evaluate on at most N batches; 0: the whole evaluation split")
+    checkpoint_every: Size = _field(500, "save a checkpoint every N steps (and at the end)")
+    keep_checkpoints: Size = _field(2, "checkpoints kept")
     # Hardware and numerics.
-    mesh: str = _field("-1x1x1", "device mesh DATAxFSDPxTENSOR; -1 is all remaining devices")
+    mesh: Mesh = _field("-1x1x1", "device mesh DATAxFSDPxTENSOR; -1 is all remaining devices")
     bf16: bool = _field(False, "bfloat16 compute over float32 master weights")
     remat: bool = _field(False, "recompute each layer's activations in the backward pass (less memory)")
-    seed: int = _field(0, "seed of the initialisation, data order, split and dropout")
+    seed: Annotated[int, Range(0, 2**63 - 1)] = _field(0, "seed of the initialisation, data order, split and dropout")
     # Output.
     output: str = _field("runs/train", "the run folder")
     resume: bool = _field(False, "continue from the newest checkpoint in the run folder")
-    sample_prompt: str = _field("def ", "greedy sample printed at the end ('' for none)")
+    sample_prompt: Text = _field("def ", "greedy sample printed at the end ('' for none)")
     progress: bool = _field(True, "show a progress bar")
 
     # Fields that define the run: resuming with other values would train something else.
@@ -123,6 +162,22 @@ class TrainConfig:
         "batch_size",
         "seed",
     )
+    RELATIONS = (
+        Relation(
+            ("warmup_steps", "steps"), lambda warmup, steps: warmup < steps, "warmup_steps must be fewer than steps"
+        ),
+        Relation(
+            ("model_config", "init_from"),
+            lambda scratch, tune: not (scratch and tune),
+            "give model_config (train from scratch) or init_from (fine-tune), not both",
+        ),
+    )
+    # Our checks run in `__post_init__`, with our messages; jaxtyping's import hook (on in the
+    # tests) would otherwise check `__init__`'s arguments first, with beartype's.
+    __no_type_check__ = True
+
+    def __post_init__(self) -> None:
+        check_fields(self, relations=self.RELATIONS, error=InputError)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, **overrides: Any) -> "TrainConfig":
@@ -131,25 +186,35 @@ class TrainConfig:
         if not path.is_file():
             raise InputError(f"no config file at {path}")
         try:
-            values = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as err:
+            text = path.read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError as err:
+            raise InputError(f"{path} is not UTF-8 text (byte offset {err.start})") from None
+        try:
+            values = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        except RecursionError:
+            raise InputError(f"cannot parse {path}: it nests too deeply") from None
+        except ValueError as err:  # TOML and JSON syntax errors, integers of over 4300 digits
             raise InputError(f"cannot parse {path}: {err}") from None
         if not isinstance(values, dict):
             raise InputError(f"{path} must hold a table of settings, got {type(values).__name__}")
         return cls.from_dict({**values, **overrides}, source=str(path))
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], *, source: str = "the config") -> "TrainConfig":
+    def from_dict(cls, values: dict[str, Any], *, source: str | None = None) -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
-            raise InputError(f"unknown setting(s) {unknown} in {source}; known: {sorted(names)}")
+            where = f" in {source}" if source else ""
+            raise InputError(f"unknown setting(s) {unknown}{where}; known: {sorted(names)}")
         values = dict(values)
         if isinstance(values.get("data"), str):
             values["data"] = (values["data"],)
-        if "data" in values:
-            values["data"] = tuple(str(v) for v in values["data"])
-        return cls(**values)
+        try:
+            return cls(**values)
+        except InputError as err:
+            if source is None:
+                raise
+            raise InputError(f"{err} (in {source})") from None
 
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
@@ -157,34 +222,11 @@ class TrainConfig:
         return values
 
     def mesh_shape(self) -> tuple[int, int, int]:
-        try:
-            sizes = tuple(int(part) for part in self.mesh.lower().split("x"))
-        except ValueError:
-            sizes = ()
-        if len(sizes) != 3:
-            raise InputError(f"mesh must be DATAxFSDPxTENSOR, e.g. '2x4x1' or '-1x1x1', got {self.mesh!r}")
-        return sizes  # type: ignore[return-value]
+        data, fsdp, tensor = (int(part) for part in self.mesh.lower().split("x"))
+        return data, fsdp, tensor
 
     def validate(self) -> None:
-        """Checks the numbers, without touching files or devices."""
-        positive = ("seq_len", "batch_size", "steps", "accumulate", "keep_checkpoints", "checkpoint_every")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "eval_batches", "weight_decay", "clip_norm", "seed"):
-            if getattr(self, name) < 0:
-                raise InputError(f"{name} must not be negative, got {getattr(self, name)}")
-        if not self.learning_rate > 0:
-            raise InputError(f"learning_rate must be positive, got {self.learning_rate}")
-        if self.warmup_steps >= self.steps:
-            raise InputError(f"warmup_steps ({self.warmup_steps}) must be fewer than steps ({self.steps})")
-        if not 0 <= self.eval_fraction < 1:
-            raise InputError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        if not self.data:
-            raise InputError("no data given")
-        if self.model_config and self.init_from:
-            raise InputError("give model_config (train from scratch) or init_from (fine-tune), not both")
-        self.mesh_shape()
+        """The checks that need the file system (every value was checked on creation)."""
         _parse_tokenizer(self.tokenizer)
 
 
@@ -268,9 +310,14 @@ def _hf_config(config: TrainConfig, tokens: Tokens) -> dict[str, Any]:
             path = path / "config.json"
         if not path.is_file():
             raise InputError(f"no model config at {config.model_config}")
-        hf = json.loads(path.read_text())
-        hf.setdefault("architectures", [TEXT_HEADS.get(hf.get("model_type"), "")])
-        if hf.get("vocab_size", 0) < tokens.vocab_size:
+        from ..checkpoint.io import read_config
+        from ..models import family_of
+
+        hf = read_config(path.parent, name=path.name)
+        family = family_of(hf.get("model_type"))
+        hf.setdefault("architectures", [TEXT_HEADS[family.config.model_type]])
+        vocab = hf.get("vocab_size", family.config.vocab_size)  # not an integer: the config names it later
+        if isinstance(vocab, int) and vocab < tokens.vocab_size:
             raise InputError(
                 f"{path} has vocab_size {hf.get('vocab_size')} but the tokenizer has {tokens.vocab_size} ids"
             )
