@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from .. import nn
 from ..errors import CheckpointError
 from ..models import class_by_name, resolve_class
 from .keymap import KeyMap, LoadReport, _progress, array_leaves, fill_tree, from_flax_names, tree_to_state
@@ -89,7 +90,7 @@ def from_pretrained(
     - `architecture`: a class name overriding `config.json`'s `architectures`
       (e.g. load a causal-LM checkpoint as the base model).
     - `key`: initialises heads absent from the checkpoint (default `PRNGKey(0)`).
-    - `options`: config run options such as `scan_layers=False` or `remat=True`.
+    - `options`: run options (`nn.RunOptions`) such as `scan_layers=False` or `remat=True`.
     """
     model, _ = load_with_report(path, dtype=dtype, architecture=architecture, key=key, **options)
     return model
@@ -114,7 +115,7 @@ def load_with_report(
         options = {**{k: own[k] for k in ("scan_layers", "remat") if k in own}, **options}
         dtype = own.get("dtype") if dtype is None else dtype
     family, cls = resolve_class(hf_config, architecture)
-    config = family.config.from_hf_config(hf_config, **options)
+    config = family.config.from_hf_config(hf_config)
     dtype = resolve_dtype(dtype)
     skeleton = eqx.filter_eval_shape(cls, config, dtype=dtype, key=jax.random.key(0))
     if own is not None:
@@ -131,7 +132,7 @@ def load_with_report(
     if missing:
         fresh = _initialise(cls, config, dtype, missing, key if key is not None else jax.random.key(0))
         values = [fresh.pop(0) if v is None else v for v in values]
-    model = _replace_array_leaves(skeleton, values)
+    model = nn.with_run_options(_replace_array_leaves(skeleton, values), **options)
     return eqx.nn.inference_mode(model), report
 
 
@@ -249,7 +250,7 @@ def save_pretrained(
 
     `extra_files` are copied in as they are, inside the same atomic write (the converter
     passes the source folder's `tokenizer_files`)."""
-    cls, config = type(model), model.config
+    cls = type(model)
     class_by_name(cls.__name__)  # fails clearly for an unregistered model
     hf = _hf_config(model)
     hf["eqx_models"] = {
@@ -257,7 +258,7 @@ def save_pretrained(
         "architecture": cls.__name__,
         "dtype": model_dtype(model),
         "layout": "stacked",
-        **config.run_options(),
+        **nn.run_options(model).as_dict(),
     }
     arrays = {path: np.asarray(leaf) for path, leaf in _progress(list(array_leaves(model)), progress, "saving")}
     with atomic_folder(path) as tmp:

@@ -1,10 +1,25 @@
-"""The registry of architectures: HF `model_type` and class names to our classes."""
+"""The registry of architectures: HF `model_type` and class names to our classes.
 
-import dataclasses
+Each family file ends with its `Family` (config class and model classes); this registry is
+the one list of them. Everything else that needs "every model" or "every head" (the loss
+dispatch, training presets, the CLI, docs tables, tests) derives from it.
+"""
+
 from typing import Any
 
 from ..errors import ConfigError
+from . import big_bird, gemma, gpt_neo, long_t5, t5, xglm
 from ._config import ModelConfig
+from ._contract import (
+    TASKS,
+    Cached,
+    CausalLM,
+    Decoder,
+    EncoderDecoder,
+    Family,
+    Model,
+    Seq2SeqLM,
+)
 from .big_bird import (
     BigBirdConfig,
     BigBirdForCausalLM,
@@ -19,57 +34,59 @@ from .big_bird import (
 from .gemma import GemmaConfig, GemmaForCausalLM, GemmaModel
 from .gpt_neo import GPTNeoConfig, GPTNeoForCausalLM, GPTNeoModel
 from .long_t5 import LongT5Config, LongT5EncoderModel, LongT5ForConditionalGeneration, LongT5Model
+from .t5 import (
+    MT5Config,
+    MT5EncoderModel,
+    MT5ForConditionalGeneration,
+    MT5Model,
+    T5Config,
+    T5EncoderModel,
+    T5ForConditionalGeneration,
+    T5Model,
+    shift_tokens_right,
+)
 from .xglm import XGLMConfig, XGLMForCausalLM, XGLMModel
 
-
-@dataclasses.dataclass(frozen=True)
-class Family:
-    """One architecture: its config class, base model and every head, by HF class name."""
-
-    config: type[ModelConfig]
-    base: type
-    classes: tuple[type, ...]
-
-    def by_name(self) -> dict[str, type]:
-        return {cls.__name__: cls for cls in self.classes}
-
-
 FAMILIES: dict[str, Family] = {
-    "gpt_neo": Family(GPTNeoConfig, GPTNeoModel, (GPTNeoModel, GPTNeoForCausalLM)),
-    "gemma": Family(GemmaConfig, GemmaModel, (GemmaModel, GemmaForCausalLM)),
-    "xglm": Family(XGLMConfig, XGLMModel, (XGLMModel, XGLMForCausalLM)),
-    "longt5": Family(LongT5Config, LongT5Model, (LongT5Model, LongT5ForConditionalGeneration, LongT5EncoderModel)),
-    "big_bird": Family(
-        BigBirdConfig,
-        BigBirdModel,
-        (
-            BigBirdModel,
-            BigBirdForPreTraining,
-            BigBirdForMaskedLM,
-            BigBirdForCausalLM,
-            BigBirdForSequenceClassification,
-            BigBirdForMultipleChoice,
-            BigBirdForTokenClassification,
-            BigBirdForQuestionAnswering,
-        ),
-    ),
+    family.model_type: family
+    for family in (
+        gpt_neo.FAMILY,
+        gemma.FAMILY,
+        xglm.FAMILY,
+        big_bird.FAMILY,
+        long_t5.FAMILY,
+        t5.FAMILY,
+        t5.MT5_FAMILY,
+    )
 }
 
 
+def all_classes() -> list[type[Model]]:
+    """Every registered model class, family by family."""
+    return [cls for family in FAMILIES.values() for cls in family.classes]
+
+
+def classes_for_task(task: str | None) -> list[type[Model]]:
+    """The registered classes whose `task` is `task` (`None`: the base models)."""
+    return [cls for cls in all_classes() if cls.task == task]
+
+
 def family_of(model_type: Any) -> Family:
-    if model_type not in FAMILIES:
+    if not isinstance(model_type, str) or model_type not in FAMILIES:
         raise ConfigError(f"unknown model_type {model_type!r}; supported: {', '.join(sorted(FAMILIES))}")
     return FAMILIES[model_type]
 
 
-def resolve_class(hf_config: dict[str, Any], architecture: str | None = None) -> tuple[Family, type]:
+def resolve_class(hf_config: dict[str, Any], architecture: str | None = None) -> tuple[Family, type[Model]]:
     """The class a `config.json` asks for: `architecture` if given, else the first of its
     `architectures` (HF's `Flax`/`TF` prefixes dropped), else the base model."""
     family = family_of(hf_config.get("model_type"))
     names = family.by_name()
     if architecture is None:
         listed = hf_config.get("architectures") or []
-        architecture = listed[0] if listed else family.base.__name__
+        architecture = listed[0] if isinstance(listed, list) and listed else family.base.__name__
+    if not isinstance(architecture, str):
+        raise ConfigError(f"architectures must be a list of class names, got {architecture!r}")
     for prefix in ("Flax", "TF"):
         if architecture.startswith(prefix) and architecture[len(prefix) :] in names:
             architecture = architecture[len(prefix) :]
@@ -81,7 +98,7 @@ def resolve_class(hf_config: dict[str, Any], architecture: str | None = None) ->
     return family, names[architecture]
 
 
-def class_by_name(name: str) -> tuple[Family, type]:
+def class_by_name(name: str) -> tuple[Family, type[Model]]:
     for family in FAMILIES.values():
         if name in family.by_name():
             return family, family.by_name()[name]
@@ -90,11 +107,49 @@ def class_by_name(name: str) -> tuple[Family, type]:
 
 __all__ = [
     "FAMILIES",
+    "TASKS",
+    "BigBirdConfig",
+    "BigBirdForCausalLM",
+    "BigBirdForMaskedLM",
+    "BigBirdForMultipleChoice",
+    "BigBirdForPreTraining",
+    "BigBirdForQuestionAnswering",
+    "BigBirdForSequenceClassification",
+    "BigBirdForTokenClassification",
+    "BigBirdModel",
+    "Cached",
+    "CausalLM",
+    "Decoder",
+    "EncoderDecoder",
     "Family",
     "GPTNeoConfig",
     "GPTNeoForCausalLM",
     "GPTNeoModel",
+    "GemmaConfig",
+    "GemmaForCausalLM",
+    "GemmaModel",
+    "LongT5Config",
+    "LongT5EncoderModel",
+    "LongT5ForConditionalGeneration",
+    "LongT5Model",
+    "MT5Config",
+    "MT5EncoderModel",
+    "MT5ForConditionalGeneration",
+    "MT5Model",
+    "Model",
+    "ModelConfig",
+    "Seq2SeqLM",
+    "T5Config",
+    "T5EncoderModel",
+    "T5ForConditionalGeneration",
+    "T5Model",
+    "XGLMConfig",
+    "XGLMForCausalLM",
+    "XGLMModel",
+    "all_classes",
     "class_by_name",
+    "classes_for_task",
     "family_of",
     "resolve_class",
+    "shift_tokens_right",
 ]
