@@ -22,7 +22,7 @@ from safetensors.numpy import load_file, save_file
 
 from .. import nn
 from ..errors import CheckpointError
-from ..models import class_by_name, resolve_class
+from ..models import Model, class_by_name, resolve_class
 from .keymap import KeyMap, LoadReport, _progress, array_leaves, fill_tree, from_flax_names, tree_to_state
 
 FORMAT_VERSION = 1
@@ -79,7 +79,7 @@ def from_pretrained(
     architecture: str | None = None,
     key: jax.Array | None = None,
     **options: Any,
-) -> Any:
+) -> Model:
     """Loads a HF checkpoint folder (safetensors, sharded or not; `pytorch_model.bin`;
     `flax_model.msgpack`) or an eqx_models folder, in inference mode.
 
@@ -104,7 +104,7 @@ def load_with_report(
     key: jax.Array | None = None,
     progress: bool = False,
     **options: Any,
-) -> tuple[Any, LoadReport]:
+) -> tuple[Model, LoadReport]:
     """`from_pretrained`, also returning what was ignored or freshly initialised."""
     folder = Path(path)
     hf_config = read_config(folder)
@@ -173,7 +173,7 @@ def _read_own_weights(folder: Path) -> dict[str, np.ndarray]:
         raise CheckpointError(f"cannot read {path}: {err}") from None
 
 
-def model_dtype(model: Any) -> str:
+def model_dtype(model: Model) -> str:
     for _, leaf in array_leaves(model):
         if jnp.issubdtype(leaf.dtype, jnp.floating):
             return jnp.dtype(leaf.dtype).name
@@ -233,7 +233,7 @@ def _write_config(folder: Path, config: dict[str, Any]) -> None:
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _hf_config(model: Any) -> dict[str, Any]:
+def _hf_config(model: Model) -> dict[str, Any]:
     """The HF `config.json` of `model`: its config, class and parameter dtype (under both
     the current `dtype` key and the older `torch_dtype`)."""
     hf = model.config.to_hf_config()
@@ -243,7 +243,7 @@ def _hf_config(model: Any) -> dict[str, Any]:
 
 
 def save_pretrained(
-    model: Any, path: str | os.PathLike, *, progress: bool = False, extra_files: Iterable[str | os.PathLike] = ()
+    model: Model, path: str | os.PathLike, *, progress: bool = False, extra_files: Iterable[str | os.PathLike] = ()
 ) -> None:
     """Writes our own folder: `config.json` (HF fields plus `eqx_models` metadata) and
     `model.safetensors` keyed by tree path, layers stacked. Atomic.
@@ -268,7 +268,7 @@ def save_pretrained(
 
 
 def export_hf(
-    model: Any, path: str | os.PathLike, *, progress: bool = False, extra_files: Iterable[str | os.PathLike] = ()
+    model: Model, path: str | os.PathLike, *, progress: bool = False, extra_files: Iterable[str | os.PathLike] = ()
 ) -> None:
     """Writes a HF folder (`config.json` + `model.safetensors`, PyTorch names) that
     `transformers` loads with identical weights. Atomic; `extra_files` as in

@@ -71,6 +71,15 @@ def classes_for_task(task: str | None) -> list[type[Model]]:
     return [cls for cls in all_classes() if cls.task == task]
 
 
+def registry_table() -> str:
+    """The registry as a markdown table (`docs/index.md` holds it verbatim; a test checks)."""
+    rows = ["| `model_type` | config | classes (task) |", "|---|---|---|"]
+    for model_type, family in FAMILIES.items():
+        classes = ", ".join(f"`{cls.__name__}` ({cls.task or 'base'})" for cls in family.classes)
+        rows.append(f"| `{model_type}` | `{family.config.__name__}` | {classes} |")
+    return "\n".join(rows)
+
+
 def family_of(model_type: Any) -> Family:
     if not isinstance(model_type, str) or model_type not in FAMILIES:
         raise ConfigError(f"unknown model_type {model_type!r}; supported: {', '.join(sorted(FAMILIES))}")
@@ -150,6 +159,7 @@ __all__ = [
     "class_by_name",
     "classes_for_task",
     "family_of",
+    "registry_table",
     "resolve_class",
     "shift_tokens_right",
 ]
