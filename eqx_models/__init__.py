@@ -5,7 +5,7 @@ from .checkpoint.io import export_hf, from_pretrained, load_with_report, save_pr
 from .errors import CheckpointError, ConfigError, EqxModelsError, InputError
 from .generation import generate
 from .models import FAMILIES
-from .models._config import with_run_options
+from .nn import with_run_options
 
 __version__ = "0.1.0"
 

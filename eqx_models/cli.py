@@ -107,6 +107,7 @@ def _until_eos(ids: list[int], eos_ids: set[int]) -> tuple[list[int], bool]:
 def _generate(args: argparse.Namespace) -> None:
     from . import from_pretrained
     from .generation import generate, stream
+    from .models import Seq2SeqLM
     from .text import StreamDecoder, load_codec
 
     options = _sampling_options(args)
@@ -117,7 +118,7 @@ def _generate(args: argparse.Namespace) -> None:
     eos = model.config.eos_token_id
     eos_ids = set() if eos is None else {int(e) for e in np.atleast_1d(eos)}
     # An encoder-decoder model reads the prompt and writes new text: show only its output.
-    seq2seq = hasattr(model, "encode")
+    seq2seq = isinstance(model, Seq2SeqLM)
     text = StreamDecoder(codec) if seq2seq else StreamDecoder(codec, prefix=prompt_ids)
     if not seq2seq:
         print(args.prompt, end="", flush=True)

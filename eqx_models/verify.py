@@ -10,37 +10,37 @@ import jax.numpy as jnp
 import numpy as np
 
 from .errors import EqxModelsError
-from .generation._decoding import hf_positions
+from .generation import hf_positions
+from .models import CausalLM, EncoderDecoder, Model
 
 
-def _inputs(model, seq_len: int, seed: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def _inputs(model: Model, seq_len: int, seed: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Two random rows, the second padded by a third: on the left for causal LMs (with HF's
-    generation positions), on the right for encoders. Multiple choice gets one example with
-    the two rows as its choices."""
+    generation positions), on the right for encoders and encoder-decoders (whose decoder
+    reads random ids of its own). Multiple choice gets one example with the two rows as its
+    choices."""
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, model.config.vocab_size, (2, seq_len))
     mask = np.ones_like(ids)
     inputs = {"input_ids": ids, "attention_mask": mask}
-    if type(model).__name__.endswith("CausalLM"):
+    if isinstance(model, CausalLM):
         mask[1, : seq_len // 3] = 0
         inputs["position_ids"] = np.asarray(hf_positions(jnp.asarray(mask, bool)))
     else:
         mask[1, seq_len - seq_len // 3 :] = 0
-    if type(model).__name__.endswith("MultipleChoice"):
+    if isinstance(model, EncoderDecoder):
+        inputs["decoder_input_ids"] = rng.integers(0, model.config.vocab_size, (2, seq_len))
+        mask = np.ones_like(ids)  # decoder outputs are compared at every position
+    if model.task == "multiple_choice":
         inputs = {name: value[None] for name, value in inputs.items()}
     return inputs, mask.astype(bool)
 
 
-def _pairs(ours, theirs) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Our outputs with HF's of the same name (NamedTuples) or HF's logits / first output."""
-    if hasattr(ours, "_fields"):
-        return [
-            (np.asarray(getattr(ours, f)), getattr(theirs, f).numpy())
-            for f in ours._fields
-            if getattr(ours, f) is not None
-        ]
-    reference = theirs.logits if getattr(theirs, "logits", None) is not None else theirs[0]
-    return [(np.asarray(ours), reference.numpy())]
+def _pairs(model: Model, ours, theirs) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each of the model's declared outputs, ours beside HF's of the same name."""
+    names = type(model).outputs
+    mine = [ours] if len(names) == 1 and not isinstance(ours, tuple) else [getattr(ours, n) for n in names]
+    return [(np.asarray(m), getattr(theirs, n).numpy()) for n, m in zip(names, mine) if m is not None]
 
 
 def _difference(mine: np.ndarray, expected: np.ndarray) -> np.ndarray:
@@ -83,10 +83,9 @@ def verify(path: str | os.PathLike, *, seq_len: int = 16, seed: int = 0) -> floa
     inputs, valid = _inputs(model, seq_len, seed)
     with torch.no_grad():
         theirs = reference(**{name: torch.tensor(value) for name, value in inputs.items()})
-    names = list(inputs)
-    ours = jax.vmap(lambda *args: model(args[0], **dict(zip(names[1:], args[1:]))))(*inputs.values())
+    ours = jax.vmap(lambda arrays: model(**arrays))(inputs)
     worst = 0.0
-    for mine, expected in _pairs(ours, theirs):
+    for mine, expected in _pairs(model, ours, theirs):
         diff = _difference(mine, expected)
         if diff.ndim >= 2 and diff.shape[:2] == valid.shape:  # per-token outputs: real tokens only
             diff = diff[valid]

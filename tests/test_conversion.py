@@ -12,6 +12,7 @@ import transformers
 from oracle import randomise
 
 import eqx_models
+from eqx_models import nn
 from eqx_models.checkpoint.keymap import array_leaves
 from eqx_models.cli import EXIT_BAD_INPUT
 from eqx_models.cli import main as cli
@@ -97,7 +98,7 @@ def test_own_folder_round_trips_and_keeps_run_options(checkpoints, tmp_path):
     assert config["eqx_models"]["architecture"] == "GPTNeoForCausalLM"
     assert config["eqx_models"]["layout"] == "stacked"
     again = eqx_models.from_pretrained(tmp_path / "ours")
-    assert again.config.scan_layers is False
+    assert nn.run_options(again).scan_layers is False
     assert again.config == model.config
     assert_same_tree(again, model)
 

@@ -222,7 +222,10 @@ def test_max_length_and_several_samples_per_prompt(neo):
 BAD_REQUESTS = [
     (dict(max_new_tokens=4, do_sample=True), "needs a PRNG key"),
     (dict(max_new_tokens=4, top_k=5), "do_sample=True"),
-    (dict(max_new_tokens=4, do_sample=True, temperature=0.0, key=jax.random.key(0)), "temperature must be a finite number > 0"),
+    (
+        dict(max_new_tokens=4, do_sample=True, temperature=0.0, key=jax.random.key(0)),
+        "temperature must be a finite number > 0",
+    ),
     (dict(max_new_tokens=4, num_beams=2, num_return_sequences=3), "cannot exceed num_beams"),
     (dict(max_new_tokens=4, num_return_sequences=2), "needs do_sample or num_beams"),
     (dict(max_new_tokens=4, num_beams=2, do_sample=True, key=jax.random.key(0)), "beam sampling"),

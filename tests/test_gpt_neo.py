@@ -8,6 +8,7 @@ import transformers
 from oracle import hf_positions, left_padded, max_diff_valid, randomise, torch_logits
 
 import eqx_models
+from eqx_models import nn
 from eqx_models.generation import batched_decode, init_batched_cache
 from eqx_models.models import GPTNeoConfig, GPTNeoForCausalLM, GPTNeoModel
 
@@ -39,7 +40,7 @@ def test_causal_lm_logits_match_hf_on_left_padded_batch(
 ):
     reference = hf_neo(tmp_path, attention_types=attention_types, num_layers=num_layers, window_size=window_size)
     model = eqx_models.from_pretrained(tmp_path, scan_layers=scan_layers)
-    assert model.config.scan_layers is scan_layers
+    assert nn.run_options(model).scan_layers is scan_layers
     ids, mask = left_padded(np.random.default_rng(1), TINY["vocab_size"], [13, 9, 4])
     positions = hf_positions(mask)
     expected = torch_logits(reference, ids, mask, positions)

@@ -69,14 +69,16 @@ def test_encoder_matches_hf_on_right_padded_batch(
 
 
 def test_local_attention_cost_is_linear_in_length(tmp_path):
-    """The bias (and so the attention) is [blocks, heads, block, 3 * block]: linear in length."""
+    """The bias is [heads, block, 3 * block] for any length and the mask (and so the attention)
+    [blocks, 1, block, 3 * block]: linear in length."""
     hf_encoder(tmp_path)
     model = eqx_models.from_pretrained(tmp_path)
     from eqx_models.models.long_t5 import local_bias
 
     for length in (30, 3000):
-        bias = local_bias(model.encoder.relative_attention_bias, jnp.ones((length,), bool), model.config)
-        assert bias.shape == (-(-length // 3), CONFIG["num_heads"], 3, 9)
+        bias, allowed = local_bias(model.encoder.relative_attention_bias, jnp.ones((length,), bool), model.config)
+        assert bias.shape == (CONFIG["num_heads"], 3, 9)
+        assert allowed.shape == (-(-length // 3), 1, 3, 9)
 
 
 def test_formats_export_and_our_folder(tmp_path):
@@ -196,7 +198,7 @@ def test_conditional_generation_logits_match_hf(tmp_path, attention, feed_forwar
 
 
 def test_shift_tokens_right_matches_hf():
-    from eqx_models.models.long_t5 import shift_tokens_right
+    from eqx_models.models import shift_tokens_right
 
     reference = transformers.LongT5ForConditionalGeneration(
         transformers.LongT5Config(**CONFIG, decoder_start_token_id=0)

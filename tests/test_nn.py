@@ -76,7 +76,7 @@ def test_scan_loop_and_remat_agree_in_value_and_gradient(getkey):
     results = []
     for scan_layers, remat in [(True, False), (False, False), (True, True)]:
         variant = with_run_options(model, scan_layers=scan_layers, remat=remat)
-        assert variant.config.scan_layers is scan_layers and variant.config.remat is remat
+        assert nn.run_options(variant) == nn.RunOptions(scan_layers, remat)
         results.append(eqx.filter_value_and_grad(loss)(variant))
     (v0, g0), *others = results
     for value, grads in others:
@@ -97,7 +97,7 @@ def test_program_size_does_not_grow_with_depth(getkey):
 
 
 def test_stacked_layer_unstacks_one_layer(getkey):
-    stack = nn.Stacked(lambda k: nn.Linear(3, 4, key=k), 5, key=getkey())
+    stack = nn.Stacked.build(lambda k: nn.Linear(3, 4, key=k), 5, key=getkey())
     assert stack.layers.weight.shape == (5, 4, 3)
     np.testing.assert_array_equal(stack.layer(2).weight, stack.layers.weight[2])
 

@@ -17,9 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import save_file
 
+from .. import nn
 from ..errors import CheckpointError
 from ..files import atomic_folder, check_destination, copy_file_into, give_usual_permissions
-from ..models import class_by_name, resolve_class
+from ..models import Model, class_by_name, resolve_class
 from .keymap import KeyMap, LoadReport, _progress, array_leaves, fill_tree, from_flax_names, tree_to_state
 
 FORMAT_VERSION = 1
@@ -125,7 +126,7 @@ def from_pretrained(
     key: jax.Array | None = None,
     strict: bool = False,
     **options: Any,
-) -> Any:
+) -> Model:
     """Loads a HF checkpoint folder (safetensors, sharded or not; `pytorch_model.bin`;
     `flax_model.msgpack`) or an eqx_models folder, in inference mode.
 
@@ -138,7 +139,7 @@ def from_pretrained(
     - `key`: initialises heads absent from the checkpoint (default `PRNGKey(0)`).
     - `strict`: weights holding NaN or Inf are an error (`CheckpointError`) instead of a
       `NonFiniteWeightsWarning` naming them.
-    - `options`: config run options such as `scan_layers=False` or `remat=True`.
+    - `options`: run options (`nn.RunOptions`) such as `scan_layers=False` or `remat=True`.
     """
     model, _ = load_with_report(path, dtype=dtype, architecture=architecture, key=key, strict=strict, **options)
     return model
@@ -153,7 +154,7 @@ def load_with_report(
     progress: bool = False,
     strict: bool = False,
     **options: Any,
-) -> tuple[Any, LoadReport]:
+) -> tuple[Model, LoadReport]:
     """`from_pretrained`, also returning what was ignored, freshly initialised or non-finite.
 
     Reading is bounded by the file's and the model's size whatever the bytes: tensors are
@@ -168,7 +169,7 @@ def load_with_report(
         options = {**{k: own[k] for k in ("scan_layers", "remat") if k in own}, **options}
         dtype = own.get("dtype") if dtype is None else dtype
     family, cls = resolve_class(hf_config, architecture)
-    config = family.config.from_hf_config(hf_config, **options)
+    config = family.config.from_hf_config(hf_config)
     dtype = resolve_dtype(dtype)
     skeleton = eqx.filter_eval_shape(cls, config, dtype=dtype, key=jax.random.key(0))
     if own is not None:
@@ -194,7 +195,7 @@ def load_with_report(
     if missing:
         fresh = _initialise(cls, config, dtype, missing, key if key is not None else jax.random.key(0))
         values = [fresh.pop(0) if v is None else v for v in values]
-    model = _replace_array_leaves(skeleton, values)
+    model = nn.with_run_options(_replace_array_leaves(skeleton, values), **options)
     return eqx.nn.inference_mode(model), report
 
 
@@ -235,7 +236,7 @@ def _read_own_weights(folder: Path) -> dict[str, Any]:
     return lazy_safetensors(path)
 
 
-def model_dtype(model: Any) -> str:
+def model_dtype(model: Model) -> str:
     for _, leaf in array_leaves(model):
         if jnp.issubdtype(leaf.dtype, jnp.floating):
             return jnp.dtype(leaf.dtype).name
@@ -271,7 +272,7 @@ def _write_weights(folder: Path, arrays: dict[str, np.ndarray], fmt: str) -> Non
     give_usual_permissions(folder / WEIGHTS_NAME)  # safetensors writes private (0600) files
 
 
-def _hf_config(model: Any) -> dict[str, Any]:
+def _hf_config(model: Model) -> dict[str, Any]:
     """The HF `config.json` of `model`: its config, class and parameter dtype (under both
     the current `dtype` key and the older `torch_dtype`)."""
     hf = model.config.to_hf_config()
@@ -281,7 +282,7 @@ def _hf_config(model: Any) -> dict[str, Any]:
 
 
 def save_pretrained(
-    model: Any,
+    model: Model,
     path: str | os.PathLike,
     *,
     overwrite: bool = False,
@@ -300,7 +301,7 @@ def save_pretrained(
     passes the source folder's `tokenizer_files`): regular files only, never through a link
     out of their folder, never more readable than the source."""
     check_destination(path, overwrite=overwrite)  # before any work
-    cls, config = type(model), model.config
+    cls = type(model)
     class_by_name(cls.__name__)  # fails clearly for an unregistered model
     hf = _hf_config(model)
     hf["eqx_models"] = {
@@ -308,7 +309,7 @@ def save_pretrained(
         "architecture": cls.__name__,
         "dtype": model_dtype(model),
         "layout": "stacked",
-        **config.run_options(),
+        **nn.run_options(model).as_dict(),
     }
     arrays = {path: np.asarray(leaf) for path, leaf in _progress(list(array_leaves(model)), progress, "saving")}
     with atomic_folder(path, overwrite=overwrite) as tmp:
@@ -318,7 +319,7 @@ def save_pretrained(
 
 
 def export_hf(
-    model: Any,
+    model: Model,
     path: str | os.PathLike,
     *,
     overwrite: bool = False,

@@ -277,10 +277,10 @@ def fill_tree(
     return values, missing_paths, report
 
 
-def tree_to_state(model: Any, key_map: KeyMap, *, progress: bool = False) -> dict[str, np.ndarray]:
-    """The model's parameters under HF (PyTorch) names, unstacking layers."""
+def tree_to_state(tree: Any, key_map: KeyMap, *, progress: bool = False) -> dict[str, np.ndarray]:
+    """A model tree's parameters under HF (PyTorch) names, unstacking layers."""
     state: dict[str, np.ndarray] = {}
-    for path, leaf in _progress(list(array_leaves(model)), progress, "exporting"):
+    for path, leaf in _progress(list(array_leaves(tree)), progress, "exporting"):
         array = np.asarray(leaf)
         names, stacked = key_map.hf_names(path, array.shape[0] if array.ndim else None)
         for i, name in enumerate(names):

@@ -2,6 +2,7 @@
 
 from ._config import GenerationConfig as GenerationConfig
 from ._decoding import batched_decode as batched_decode
+from ._decoding import hf_positions as hf_positions
 from ._decoding import init_batched_cache as init_batched_cache
 from ._generate import GenerateOutput as GenerateOutput
 from ._generate import generate as generate
@@ -40,6 +41,7 @@ __all__ = [
     "Temperature",
     "TopK",
     "TopP",
+    "hf_positions",
     "batched_decode",
     "generate",
     "init_batched_cache",

@@ -2,14 +2,15 @@
 and row reordering for beam search. One interface for decoder-only and encoder-decoder
 models, so the search loops never ask which kind they drive."""
 
-from typing import Any
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int, PyTree
+from jaxtyping import Array, Bool, Float, Int
 
-from ..nn import KVCache
+from ..models import CausalLM, Seq2SeqLM
+from ..nn import CrossKV, KVCache
+
+Generator = CausalLM | Seq2SeqLM
 
 
 def cache_axes(cache: KVCache) -> KVCache:
@@ -19,7 +20,7 @@ def cache_axes(cache: KVCache) -> KVCache:
     return eqx.tree_at(lambda c: c.index, axes, None, is_leaf=lambda x: x is None)
 
 
-def init_batched_cache(model: Any, batch: int, max_len: int) -> KVCache:
+def init_batched_cache(model: Generator, batch: int, max_len: int) -> KVCache:
     """`batch` empty caches of `max_len` slots sharing one write index."""
     cache = model.init_cache(max_len)
     return eqx.tree_at(
@@ -30,7 +31,7 @@ def init_batched_cache(model: Any, batch: int, max_len: int) -> KVCache:
 
 
 def batched_decode(
-    model: Any,
+    model: CausalLM,
     input_ids: Int[Array, "batch new"],
     cache: KVCache,
     attention_mask: Bool[Array, "batch new"],
@@ -74,8 +75,8 @@ class Decoder(eqx.Module):
     """Runs one new token per row through `model`. `cross` holds an encoder-decoder model's
     per-row cross-attention keys and values; `None` for decoder-only models."""
 
-    model: Any
-    cross: PyTree | None
+    model: Generator
+    cross: CrossKV | None
 
     def step(self, token: Int[Array, " rows"], rows: Rows) -> tuple[Float[Array, "rows vocab"], Rows]:
         if self.cross is None:
@@ -99,7 +100,7 @@ class Decoder(eqx.Module):
 
 
 def prefill(
-    model: Any,
+    model: Generator,
     input_ids: Int[Array, "batch prompt"],
     attention_mask: Bool[Array, "batch prompt"],
     capacity: int,
@@ -107,13 +108,13 @@ def prefill(
 ) -> tuple[Decoder, Float[Array, "batch vocab"], Rows]:
     """Runs the prompt and returns the next-token logits and a cache of `capacity` slots.
 
-    Decoder-only models (`start_token is None`): the left-padded prompt fills the cache.
+    Decoder-only models: the left-padded prompt fills the cache.
     Encoder-decoder models: the prompt is encoded once, every layer's cross-attention keys
     and values are computed once, and the decoder starts from `start_token`.
     """
     batch = input_ids.shape[0]
     cache = init_batched_cache(model, batch, capacity)
-    if start_token is None:
+    if isinstance(model, CausalLM):
         positions = hf_positions(attention_mask)
         logits, cache = batched_decode(model, input_ids, cache, attention_mask, positions, last_only=True)
         decoder, position = Decoder(model, None), positions[:, -1]

@@ -14,6 +14,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ..errors import InputError
+from ..models import CausalLM, Model, Seq2SeqLM
 from ..models._config import MAX_INT32
 from ._config import GenerationConfig, resolve
 from ._processors import LogitsProcessor, build_processors
@@ -48,7 +49,7 @@ def _as_ids(value: Any, name: str) -> np.ndarray:
     return array
 
 
-def _checked_inputs(model: Any, input_ids: Any, attention_mask: Any) -> tuple[np.ndarray, np.ndarray]:
+def _checked_inputs(model: Model, input_ids: Any, attention_mask: Any) -> tuple[np.ndarray, np.ndarray]:
     ids = _as_ids(input_ids, "input_ids")
     if not np.issubdtype(ids.dtype, np.integer):
         raise InputError(f"input_ids must hold integers, got dtype {ids.dtype}")
@@ -77,9 +78,14 @@ class _Plan:
     seq2seq: bool
 
 
-def _plan(model: Any, input_ids: Any, attention_mask: Any, custom: Sequence[LogitsProcessor], options) -> _Plan:
+def _plan(model: Model, input_ids: Any, attention_mask: Any, custom: Sequence[LogitsProcessor], options) -> _Plan:
     ids, mask = _checked_inputs(model, input_ids, attention_mask)
-    seq2seq = hasattr(model, "encode")
+    if not isinstance(model, CausalLM | Seq2SeqLM):
+        raise InputError(
+            f"{type(model).__name__} cannot generate: generation needs a causal LM or a seq2seq LM "
+            "(a ...ForCausalLM or ...ForConditionalGeneration class)"
+        )
+    seq2seq = isinstance(model, Seq2SeqLM)
     batch, width = ids.shape
     unknown = set(options) - {f.name for f in dataclasses.fields(GenerationConfig)} - {"max_length"}
     if unknown:
@@ -255,7 +261,7 @@ def _prompt_columns(plan: _Plan) -> slice:
 
 
 def generate(
-    model: Any,
+    model: Model,
     input_ids: Any,
     attention_mask: Any = None,
     *,
@@ -334,7 +340,7 @@ def _collect(chunks: Iterator[np.ndarray], streamer: Callable[[np.ndarray], None
 
 
 def stream(
-    model: Any,
+    model: Model,
     input_ids: Any,
     attention_mask: Any = None,
     *,
@@ -362,7 +368,7 @@ def stream(
     return _stream_chunks(plan, model, key, chunk_size)
 
 
-def _stream_chunks(plan: _Plan, model: Any, key: Any, chunk_size: int) -> Iterator[np.ndarray]:
+def _stream_chunks(plan: _Plan, model: CausalLM | Seq2SeqLM, key: Any, chunk_size: int) -> Iterator[np.ndarray]:
     config, request = plan.config, plan.request
     decoder, state = compiled_sample_start(
         model, plan.ids, plan.mask, request, config, plan.processors, key, plan.new_capacity

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
+from ..models import CausalLM, Seq2SeqLM
 from ._config import GenerationConfig
 from ._decoding import Decoder, Rows, prefill
 from ._processors import Processors, StepContext, apply_processors
@@ -94,7 +95,7 @@ def _choose(
 
 
 def sample_start(
-    model,
+    model: CausalLM | Seq2SeqLM,
     input_ids: Int[Array, "batch prompt"],
     attention_mask: Bool[Array, "batch prompt"],
     request: Request,
@@ -103,7 +104,7 @@ def sample_start(
     key: PRNGKeyArray | None,
     new_capacity: int,
 ) -> tuple[Decoder, SampleState]:
-    seq2seq = config.decoder_start_token_id is not None
+    seq2seq = isinstance(model, Seq2SeqLM)
     tokens = _initial_tokens(input_ids, config, new_capacity, config.pad_token_id, seq2seq)
     decoder, logits, rows = prefill(model, input_ids, attention_mask, tokens.shape[1], config.decoder_start_token_id)
     copies = config.num_return_sequences
@@ -249,7 +250,7 @@ def _beam_update(
 
 
 def beam_start(
-    model,
+    model: CausalLM | Seq2SeqLM,
     input_ids: Int[Array, "batch prompt"],
     attention_mask: Bool[Array, "batch prompt"],
     request: Request,
@@ -257,7 +258,7 @@ def beam_start(
     processors: Processors,
     new_capacity: int,
 ) -> tuple[Decoder, BeamState]:
-    seq2seq = config.decoder_start_token_id is not None
+    seq2seq = isinstance(model, Seq2SeqLM)
     beams = config.num_beams
     tokens = _initial_tokens(input_ids, config, new_capacity, beam_fill_value(config), seq2seq)
     batch, capacity = tokens.shape

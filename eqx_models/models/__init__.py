@@ -1,10 +1,25 @@
-"""The registry of architectures: HF `model_type` and class names to our classes."""
+"""The registry of architectures: HF `model_type` and class names to our classes.
 
-import dataclasses
+Each family file ends with its `Family` (config class and model classes); this registry is
+the one list of them. Everything else that needs "every model" or "every head" (the loss
+dispatch, training presets, the CLI, docs tables, tests) derives from it.
+"""
+
 from typing import Any
 
 from ..errors import ConfigError
+from . import big_bird, gemma, gpt_neo, long_t5, t5, xglm
 from ._config import ModelConfig, show_value
+from ._contract import (
+    TASKS,
+    Cached,
+    CausalLM,
+    Decoder,
+    EncoderDecoder,
+    Family,
+    Model,
+    Seq2SeqLM,
+)
 from .big_bird import (
     BigBirdConfig,
     BigBirdForCausalLM,
@@ -19,41 +34,50 @@ from .big_bird import (
 from .gemma import GemmaConfig, GemmaForCausalLM, GemmaModel
 from .gpt_neo import GPTNeoConfig, GPTNeoForCausalLM, GPTNeoModel
 from .long_t5 import LongT5Config, LongT5EncoderModel, LongT5ForConditionalGeneration, LongT5Model
+from .t5 import (
+    MT5Config,
+    MT5EncoderModel,
+    MT5ForConditionalGeneration,
+    MT5Model,
+    T5Config,
+    T5EncoderModel,
+    T5ForConditionalGeneration,
+    T5Model,
+    shift_tokens_right,
+)
 from .xglm import XGLMConfig, XGLMForCausalLM, XGLMModel
 
-
-@dataclasses.dataclass(frozen=True)
-class Family:
-    """One architecture: its config class, base model and every head, by HF class name."""
-
-    config: type[ModelConfig]
-    base: type
-    classes: tuple[type, ...]
-
-    def by_name(self) -> dict[str, type]:
-        return {cls.__name__: cls for cls in self.classes}
-
-
 FAMILIES: dict[str, Family] = {
-    "gpt_neo": Family(GPTNeoConfig, GPTNeoModel, (GPTNeoModel, GPTNeoForCausalLM)),
-    "gemma": Family(GemmaConfig, GemmaModel, (GemmaModel, GemmaForCausalLM)),
-    "xglm": Family(XGLMConfig, XGLMModel, (XGLMModel, XGLMForCausalLM)),
-    "longt5": Family(LongT5Config, LongT5Model, (LongT5Model, LongT5ForConditionalGeneration, LongT5EncoderModel)),
-    "big_bird": Family(
-        BigBirdConfig,
-        BigBirdModel,
-        (
-            BigBirdModel,
-            BigBirdForPreTraining,
-            BigBirdForMaskedLM,
-            BigBirdForCausalLM,
-            BigBirdForSequenceClassification,
-            BigBirdForMultipleChoice,
-            BigBirdForTokenClassification,
-            BigBirdForQuestionAnswering,
-        ),
-    ),
+    family.model_type: family
+    for family in (
+        gpt_neo.FAMILY,
+        gemma.FAMILY,
+        xglm.FAMILY,
+        big_bird.FAMILY,
+        long_t5.FAMILY,
+        t5.FAMILY,
+        t5.MT5_FAMILY,
+    )
 }
+
+
+def all_classes() -> list[type[Model]]:
+    """Every registered model class, family by family."""
+    return [cls for family in FAMILIES.values() for cls in family.classes]
+
+
+def classes_for_task(task: str | None) -> list[type[Model]]:
+    """The registered classes whose `task` is `task` (`None`: the base models)."""
+    return [cls for cls in all_classes() if cls.task == task]
+
+
+def registry_table() -> str:
+    """The registry as a markdown table (`docs/index.md` holds it verbatim; a test checks)."""
+    rows = ["| `model_type` | config | classes (task) |", "|---|---|---|"]
+    for model_type, family in FAMILIES.items():
+        classes = ", ".join(f"`{cls.__name__}` ({cls.task or 'base'})" for cls in family.classes)
+        rows.append(f"| `{model_type}` | `{family.config.__name__}` | {classes} |")
+    return "\n".join(rows)
 
 
 def family_of(model_type: Any) -> Family:
@@ -67,7 +91,7 @@ def family_of(model_type: Any) -> Family:
     return FAMILIES[model_type]
 
 
-def resolve_class(hf_config: dict[str, Any], architecture: str | None = None) -> tuple[Family, type]:
+def resolve_class(hf_config: dict[str, Any], architecture: str | None = None) -> tuple[Family, type[Model]]:
     """The class a `config.json` asks for: `architecture` if given, else the first of its
     `architectures` (HF's `Flax`/`TF` prefixes dropped), else the base model."""
     if not isinstance(hf_config, dict):
@@ -97,7 +121,7 @@ def resolve_class(hf_config: dict[str, Any], architecture: str | None = None) ->
     return family, names[architecture]
 
 
-def class_by_name(name: str) -> tuple[Family, type]:
+def class_by_name(name: str) -> tuple[Family, type[Model]]:
     for family in FAMILIES.values():
         if isinstance(name, str) and name in family.by_name():
             return family, family.by_name()[name]
@@ -106,11 +130,50 @@ def class_by_name(name: str) -> tuple[Family, type]:
 
 __all__ = [
     "FAMILIES",
+    "TASKS",
+    "BigBirdConfig",
+    "BigBirdForCausalLM",
+    "BigBirdForMaskedLM",
+    "BigBirdForMultipleChoice",
+    "BigBirdForPreTraining",
+    "BigBirdForQuestionAnswering",
+    "BigBirdForSequenceClassification",
+    "BigBirdForTokenClassification",
+    "BigBirdModel",
+    "Cached",
+    "CausalLM",
+    "Decoder",
+    "EncoderDecoder",
     "Family",
     "GPTNeoConfig",
     "GPTNeoForCausalLM",
     "GPTNeoModel",
+    "GemmaConfig",
+    "GemmaForCausalLM",
+    "GemmaModel",
+    "LongT5Config",
+    "LongT5EncoderModel",
+    "LongT5ForConditionalGeneration",
+    "LongT5Model",
+    "MT5Config",
+    "MT5EncoderModel",
+    "MT5ForConditionalGeneration",
+    "MT5Model",
+    "Model",
+    "ModelConfig",
+    "Seq2SeqLM",
+    "T5Config",
+    "T5EncoderModel",
+    "T5ForConditionalGeneration",
+    "T5Model",
+    "XGLMConfig",
+    "XGLMForCausalLM",
+    "XGLMModel",
+    "all_classes",
     "class_by_name",
+    "classes_for_task",
     "family_of",
+    "registry_table",
     "resolve_class",
+    "shift_tokens_right",
 ]

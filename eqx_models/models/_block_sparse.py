@@ -12,7 +12,7 @@ With `nb` blocks of `b` tokens, each query block attends to:
 The random blocks come from a plan `[heads, nb - 2, r]` (one row per non-global query block).
 At inference HF's plan is all zeros (block 0, repeated `r` times, so it counts `r + 1` times
 in the softmax); `random_plan` draws a fresh one from a PRNG key for training. Masked keys get
-HF's additive -10000 penalty; padded queries output zeros.
+HF's additive -10000 penalty (`nn.BIGBIRD_ADD`); padded queries output zeros.
 """
 
 import equinox as eqx
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-PENALTY = -10000.0
+from .. import nn
 
 
 class SparsePlan(eqx.Module):
@@ -68,7 +68,7 @@ def block_sparse_attention(
     scale = d**-0.5
     qh, kh, vh = (t.transpose(1, 0, 2) for t in (q, k, v))  # [h, n, d]
     qb, kb, vb = (t.reshape(h, nb, b, d) for t in (qh, kh, vh))  # [h, nb, b, d]
-    key_ok = plan.valid.astype(jnp.float32)
+    key_ok = plan.valid
     blocked_ok = key_ok.reshape(nb, b)
     # random blocks gathered per head: [h, nb - 2, r, b, d] -> [h, nb - 2, r * b, d]
     rand_k = jax.vmap(lambda blocks, idx: blocks[idx])(kb, plan.rand_blocks)
@@ -80,8 +80,7 @@ def block_sparse_attention(
     def attend(queries, keys, values, ok):
         # [h, m, b, d] x [h, m, K, d] -> [h, m, b, K]; ok: [.., m, K] (broadcast over heads if 2-d)
         scores = jnp.einsum("hmqd,hmkd->hmqk", queries, keys, preferred_element_type=jnp.float32) * scale
-        scores = scores + (1.0 - ok)[..., None, :] * PENALTY
-        probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+        probs = nn.masked_softmax(scores, ok[..., None, :], nn.BIGBIRD_ADD).astype(values.dtype)
         return jnp.einsum("hmqk,hmkd->hmqd", probs, values)
 
     # global query blocks 0 and nb - 1: every key
@@ -131,7 +130,7 @@ def block_sparse_attention(
         ],
         axis=2,
     )
-    probs = jax.nn.softmax(scores + (1.0 - mid_ok)[:, :, None, :] * PENALTY, axis=-1).astype(v.dtype)
+    probs = nn.masked_softmax(scores, mid_ok[:, :, None, :], nn.BIGBIRD_ADD).astype(v.dtype)
     first_p, window_p, rand_p, last_p = jnp.split(probs, [b, 4 * b, (4 + r) * b], axis=-1)
     mid_ctx = jnp.einsum("hmqk,hkd->hmqd", first_p, vb[:, 0]) + jnp.einsum("hmqk,hkd->hmqd", last_p, vb[:, nb - 1])
     for j, w in enumerate(windows):

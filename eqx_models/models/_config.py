@@ -21,11 +21,10 @@ import types
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin
 
-import equinox as eqx
 import numpy as np
 
 from ..errors import ConfigError
-from ..nn._activations import ACTIVATIONS
+from ..nn import ACTIVATIONS
 
 # HF bookkeeping keys that describe a file, not a model; rewritten on export.
 _HF_BOOKKEEPING = ("model_type", "architectures", "transformers_version", "_name_or_path", "dtype", "torch_dtype")
@@ -379,18 +378,13 @@ C = TypeVar("C", bound="ModelConfig")
 class ModelConfig:
     """Fields shared by every config.
 
-    `extra` keeps the HF keys a model does not use, so export writes them back.
-    `scan_layers` and `remat` are eqx_models run options, not HF fields.
+    `extra` keeps the HF keys a model does not use, so export writes them back. How the
+    layers run (scan, remat) is not part of the config: see `nn.RunOptions`.
     """
 
     model_type: ClassVar[str]
-    # eqx_models options: scan over stacked layers (compile time independent of depth),
-    # and rematerialise each layer's activations in the backward pass.
-    scan_layers: bool = True
-    remat: bool = False
     extra: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
-    _RUN_OPTIONS: ClassVar[tuple[str, ...]] = ("scan_layers", "remat")
     #: Conditions between fields (divisibility...), declared by each family.
     RELATIONS: ClassVar[tuple[Relation, ...]] = ()
     # Opts out of jaxtyping's import hook (on in the tests), which would check `__init__`'s
@@ -425,7 +419,7 @@ class ModelConfig:
         """The HF `config.json` dict (without `architectures`, which depends on the head)."""
         out = dict(self.extra)
         for f in dataclasses.fields(self):
-            if f.name != "extra" and f.name not in self._RUN_OPTIONS:
+            if f.name != "extra":
                 out[f.name] = _thaw(getattr(self, f.name))
         out["model_type"] = self.model_type
         return out
@@ -436,9 +430,6 @@ class ModelConfig:
         when positions are computed (rotary, sinusoidal) and any length works."""
         return None
 
-    def run_options(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self._RUN_OPTIONS}
-
     def replace(self: C, **changes: Any) -> C:
         return dataclasses.replace(self, **changes)
 
@@ -447,29 +438,3 @@ def require(condition: bool, message: str) -> None:
     """Raises `ConfigError(message)` unless `condition` holds."""
     if not condition:
         raise ConfigError(message)
-
-
-def with_run_options(model: Any, **options: Any) -> Any:
-    """A copy of `model` whose configs carry new run options, e.g.
-    `with_run_options(model, scan_layers=False, remat=True)`. Parameters are shared.
-
-    Configs are static fields (part of the tree structure, not leaves), so `eqx.tree_at`
-    cannot replace them; this rebuilds the modules that hold one.
-    """
-    unknown = set(options) - set(ModelConfig._RUN_OPTIONS)
-    if unknown:
-        raise ConfigError(f"unknown run option(s) {sorted(unknown)}; known: {list(ModelConfig._RUN_OPTIONS)}")
-
-    def rebuild(node: Any) -> Any:
-        if isinstance(node, (list, tuple)) and not hasattr(node, "_fields"):
-            return type(node)(rebuild(item) for item in node)
-        if not isinstance(node, eqx.Module):
-            return node
-        copy = object.__new__(type(node))
-        for field in dataclasses.fields(node):
-            value = getattr(node, field.name)
-            value = value.replace(**options) if isinstance(value, ModelConfig) else rebuild(value)
-            object.__setattr__(copy, field.name, value)
-        return copy
-
-    return rebuild(model)

@@ -2,47 +2,42 @@
 over layers with the KV cache, and the causal-LM head.
 
 A family subclasses `DecoderModel` (its embeddings, stacked blocks and final norm) and
-`CausalLM` (the base model plus an optionally tied output projection); the forward pass,
-cached decoding and cache allocation are written once here.
+`DecoderLM` (the base model plus an optionally tied output projection); the forward pass,
+cached decoding and cross-attention inputs are written once here, on the shared runner.
 """
 
-from typing import Any, ClassVar, NamedTuple
+import abc
+from typing import ClassVar, NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
-from jaxtyping import Array, Bool, Float, Int, Key, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from .. import nn
 from ..checkpoint.keymap import KeyMap
-from ..errors import InputError
+from ._config import ModelConfig
+from ._contract import CausalLM, Decoder
+from ._runner import LayerStep, TokenInputs, check_token_ids, cross_inputs, run_stack, token_inputs
 
 
-class DecoderInputs(NamedTuple):
-    """What every layer of a decoder needs besides its hidden states."""
+class CrossLayer(NamedTuple):
+    """One layer's cross-attention keys and values (heads first) and the encoder's padding."""
 
-    positions: Int[Array, " seq"]  # feed the position embeddings / rotary angles
-    slots: Int[Array, " seq"]  # the queries' slots, for causal / window masks
-    kv_slots: Int[Array, " kv"]  # the keys' slots (the whole cache when decoding)
-    kv_valid: Bool[Array, " kv"]  # keys that are real tokens, not padding or empty cache
-    cache: nn.KVCache | None  # the cache with these tokens' slots marked, if decoding
-    write: nn.LayerWrite | None
-
-    def finish(self, write: nn.LayerWrite | None) -> nn.KVCache | None:
-        """The cache after every layer wrote its keys and values."""
-        if self.cache is None or write is None:
-            return None
-        return nn.KVCache(write.keys, write.values, self.cache.valid, self.cache.index)
+    keys: Float[Array, "kv_heads src head_dim"]
+    values: Float[Array, "kv_heads src head_dim"]
+    valid: Bool[Array, " src"]
 
 
 class LayerContext(NamedTuple):
-    """A block's inputs besides its hidden states, one layer's view of `DecoderInputs`."""
+    """A block's inputs besides its hidden states."""
 
     mask: Bool[Array, "seq kv"]
     positions: Int[Array, " seq"]
     write: nn.LayerWrite | None  # where to put this layer's keys/values, when decoding
     layer: Int[Array, ""]
+    cross: CrossLayer | None = None  # the encoder states to attend, for cross-attention layers
 
     @property
     def causal(self) -> bool:
@@ -50,68 +45,37 @@ class LayerContext(NamedTuple):
         return self.write is None
 
 
-def decoder_inputs(
-    input_ids: Int[Array, " seq"],
-    attention_mask: Int[Array, " seq"] | Bool[Array, " seq"] | None,
-    position_ids: Int[Array, " seq"] | None,
-    cache: nn.KVCache | None,
-) -> DecoderInputs:
-    """Slots, positions and key validity for a forward pass or a cached decode step.
+class DecoderModel(Decoder):
+    """Base of decoder-only stacks (GPT-Neo, Gemma, XGLM). A subclass provides `embed`,
+    `stack`, `final_norm`, `kv_shape` and `input_embeddings` (and `layer_windows` for
+    sliding windows); the forward pass, cached decoding and the cache are written here once."""
 
-    Default positions are the slots `0..seq-1` (offset by the cache index), as in HF;
-    pass explicit `position_ids` for left-padded batches.
-    """
-    seq = input_ids.shape[0]
-    valid = jnp.ones((seq,), bool) if attention_mask is None else attention_mask.astype(bool)
-    if cache is None:
-        slots = jnp.arange(seq, dtype=jnp.int32)
-        positions = slots if position_ids is None else position_ids
-        return DecoderInputs(positions, slots, slots, valid, None, None)
-    if seq > cache.max_len:
-        raise InputError(f"{seq} tokens do not fit a KV cache of {cache.max_len} slots")
-    slots = cache.slots(seq)
-    slots = eqx.error_if(
-        slots, slots[-1] >= cache.max_len, "decode step writes past the end of the KV cache; allocate a longer one"
-    )
-    positions = slots if position_ids is None else position_ids
-    write = nn.LayerWrite(cache.keys, cache.values, cache.index)
-    cache = cache.with_tokens(valid)
-    kv_slots = jnp.arange(cache.max_len, dtype=jnp.int32)
-    return DecoderInputs(positions, slots, kv_slots, cache.valid, cache, write)
+    config: eqx.AbstractVar[ModelConfig]
 
-
-def check_token_ids(input_ids: Int[Array, " seq"], vocab_size: int) -> Int[Array, " seq"]:
-    """Returns `input_ids`, failing at run time if any id is outside `[0, vocab_size)`."""
-    bad = jnp.any((input_ids < 0) | (input_ids >= vocab_size))
-    return eqx.error_if(input_ids, bad, f"input_ids contain a token id outside [0, {vocab_size})")
-
-
-def split_layer_keys(
-    key: PRNGKeyArray | None, num_layers: int
-) -> tuple[PRNGKeyArray | None, Key[Array, " layers"] | None]:
-    """One key for the embeddings and one per layer (stacked), or `None`s without dropout."""
-    if key is None:
-        return None, None
-    embed_key, layers_key = jax.random.split(key)
-    return embed_key, jax.random.split(layers_key, num_layers)
-
-
-class DecoderModel(eqx.Module):
-    """Base of decoder-only stacks. A subclass provides `config`, `embed`, `stack`,
-    `final_norm`, `kv_shape`, `input_embeddings` and, for sliding windows,
-    `layer_windows`; this class runs them."""
-
+    @abc.abstractmethod
     def embed(
         self, input_ids: Int[Array, " seq"], positions: Int[Array, " seq"], *, key: PRNGKeyArray | None
     ) -> Float[Array, "seq hidden"]:
-        raise NotImplementedError  # pragma: no cover - every subclass defines it
+        """Token (and position) embeddings with their dropout."""
 
     @property
+    @abc.abstractmethod
     def stack(self) -> nn.Stacked:
-        raise NotImplementedError  # pragma: no cover
+        """The stacked decoder layers."""
 
+    @abc.abstractmethod
     def final_norm(self, x: Float[Array, "seq hidden"]) -> Float[Array, "seq hidden"]:
-        raise NotImplementedError  # pragma: no cover
+        """The norm after the last layer."""
+
+    @property
+    @abc.abstractmethod
+    def kv_shape(self) -> tuple[int, int]:
+        """`(kv_heads, head_dim)` of the cache."""
+
+    @property
+    @abc.abstractmethod
+    def input_embeddings(self) -> nn.Embedding:
+        """The token embedding table (what a tied LM head multiplies by)."""
 
     @property
     def layer_windows(self) -> tuple[int, ...]:
@@ -119,14 +83,8 @@ class DecoderModel(eqx.Module):
         return (nn.NO_WINDOW,) * self.stack.num_layers
 
     @property
-    def kv_shape(self) -> tuple[int, int]:
-        """`(kv_heads, head_dim)` of the cache."""
-        raise NotImplementedError  # pragma: no cover
-
-    @property
-    def input_embeddings(self) -> nn.Embedding:
-        """The token embedding table (what a tied LM head multiplies by)."""
-        raise NotImplementedError  # pragma: no cover
+    def cache_shape(self) -> tuple[int, int, int]:
+        return (self.stack.num_layers, *self.kv_shape)
 
     def __call__(
         self,
@@ -134,6 +92,8 @@ class DecoderModel(eqx.Module):
         *,
         attention_mask: Int[Array, " seq"] | Bool[Array, " seq"] | None = None,
         position_ids: Int[Array, " seq"] | None = None,
+        encoder_hidden_states: Float[Array, "enc_seq hidden"] | None = None,
+        encoder_attention_mask: Int[Array, " enc_seq"] | Bool[Array, " enc_seq"] | None = None,
         key: PRNGKeyArray | None = None,
     ) -> Float[Array, "seq hidden"]:
         """**Arguments:**
@@ -141,12 +101,15 @@ class DecoderModel(eqx.Module):
         - `input_ids`: one sequence of token ids.
         - `attention_mask`: 1 for real tokens, 0 for padding (left padding for batches).
         - `position_ids`: default `0..seq-1`, as HF; pass `cumsum(mask) - 1` for left padding.
+        - `encoder_hidden_states`, `encoder_attention_mask`: what cross-attention layers
+          attend to (configs with `add_cross_attention`).
         - `key`: enables dropout (the model must not be in inference mode).
 
         **Returns:** final hidden states `[seq, hidden]`.
         """
-        inputs = decoder_inputs(input_ids, attention_mask, position_ids, None)
-        hidden, _ = self._forward(input_ids, inputs, key)
+        cross = cross_inputs(self.stack, encoder_hidden_states, encoder_attention_mask)
+        inputs = token_inputs(input_ids, attention_mask, position_ids, None)
+        hidden, _ = self._forward(input_ids, inputs, key, cross)
         return hidden
 
     def decode(
@@ -156,43 +119,46 @@ class DecoderModel(eqx.Module):
         *,
         attention_mask: Int[Array, " new"] | Bool[Array, " new"] | None = None,
         position_ids: Int[Array, " new"] | None = None,
+        cross: nn.CrossKV | None = None,
     ) -> tuple[Float[Array, "new hidden"], nn.KVCache]:
-        """Runs `new` tokens against the cache (a prompt, or one token at a time).
+        """Runs `new` tokens against the cache (a prompt, or one token at a time); `cross`
+        from `cross_kv` for cross-attention layers.
 
         **Returns:** hidden states `[new, hidden]` and the cache with them appended.
         """
-        inputs = decoder_inputs(input_ids, attention_mask, position_ids, cache)
-        return self._forward(input_ids, inputs, None)
+        inputs = token_inputs(input_ids, attention_mask, position_ids, cache)
+        return self._forward(input_ids, inputs, None, cross)
 
-    def init_cache(self, max_len: int, dtype: DTypeLike | None = None) -> nn.KVCache:
-        """An empty cache for `max_len` slots (prompt plus new tokens), in the parameters'
-        dtype unless `dtype` is given."""
-        if dtype is None:
-            dtype = jax.tree.leaves(eqx.filter(self.stack, eqx.is_inexact_array))[0].dtype
-        return nn.KVCache.empty(self.stack.num_layers, max_len, *self.kv_shape, dtype)
+    def cross_kv(
+        self,
+        encoder_hidden_states: Float[Array, "enc_seq hidden"],
+        encoder_attention_mask: Int[Array, " enc_seq"] | Bool[Array, " enc_seq"] | None = None,
+    ) -> nn.CrossKV:
+        """Every layer's cross-attention keys and values, computed once for `decode`."""
+        return cross_inputs(self.stack, encoder_hidden_states, encoder_attention_mask)
 
-    def _forward(self, input_ids: Int[Array, " seq"], inputs: DecoderInputs, key: PRNGKeyArray | None):
-        config = self.config
-        input_ids = check_token_ids(input_ids, config.vocab_size)
-        embed_key, layer_keys = split_layer_keys(key, self.stack.num_layers)
-        x = self.embed(input_ids, inputs.positions, key=embed_key)
+    def _forward(
+        self, input_ids: Int[Array, " seq"], inputs: TokenInputs, key: PRNGKeyArray | None, cross: nn.CrossKV | None
+    ) -> tuple[Float[Array, "seq hidden"], nn.KVCache | None]:
+        input_ids = check_token_ids(input_ids, self.config.vocab_size)
 
-        def step(block, carry, per_layer):
-            x, write = carry
-            layer, window, layer_key = per_layer
+        def layer(block, x, step: LayerStep, layer_key):
+            window, cross_kv = step.inputs
             mask = nn.causal_mask(inputs.slots, inputs.kv_slots, inputs.kv_valid, window)
-            x, write = block(x, LayerContext(mask, inputs.positions, write, layer), key=layer_key)
-            return (x, write), None
+            crossing = None if cross_kv is None else CrossLayer(*cross_kv, cross.valid)
+            return block(x, LayerContext(mask, inputs.positions, step.write, step.index, crossing), key=layer_key)
 
-        per_layer = (
-            jnp.arange(self.stack.num_layers, dtype=jnp.int32),
-            jnp.asarray(self.layer_windows, jnp.int32),
-            layer_keys,
+        windows = jnp.asarray(self.layer_windows, jnp.int32)
+        x, write = run_stack(
+            self.stack,
+            embed=lambda k: self.embed(input_ids, inputs.positions, key=k),
+            layer=layer,
+            finish=lambda x, _: self.final_norm(x),
+            key=key,
+            write=inputs.write,
+            per_layer=(windows, None if cross is None else (cross.keys, cross.values)),
         )
-        (x, write), _ = self.stack.scan(
-            step, (x, inputs.write), per_layer, scan_layers=config.scan_layers, remat=config.remat
-        )
-        return self.final_norm(x), inputs.finish(write)
+        return x, inputs.finish(write)
 
 
 class SelfAttention(eqx.Module):
@@ -239,12 +205,13 @@ class SelfAttention(eqx.Module):
         return self.out_proj(out.reshape(seq, dim)), write
 
 
-class CausalLM(eqx.Module):
-    """Base of causal language models: a `DecoderModel` plus an output projection,
+class DecoderLM(CausalLM):
+    """Base of the decoder-only causal LMs: a `DecoderModel` plus an output projection,
     `lm_head`, which is `None` when tied to the input embeddings. A subclass declares the
     base model's class (`base_class`) and HF's attribute name for it (`base_name`)."""
 
-    base_class: ClassVar[type]
+    lm_head: eqx.AbstractVar[nn.Linear | None]
+    base_class: ClassVar[type[DecoderModel]]
     base_name: ClassVar[str]
 
     @property
@@ -256,8 +223,12 @@ class CausalLM(eqx.Module):
         return self.base.input_embeddings
 
     @property
-    def config(self) -> Any:
+    def config(self) -> ModelConfig:
         return self.base.config
+
+    @property
+    def cache_shape(self) -> tuple[int, int, int]:
+        return self.base.cache_shape
 
     def __call__(
         self,
@@ -265,10 +236,19 @@ class CausalLM(eqx.Module):
         *,
         attention_mask: Int[Array, " seq"] | Bool[Array, " seq"] | None = None,
         position_ids: Int[Array, " seq"] | None = None,
+        encoder_hidden_states: Float[Array, "enc_seq hidden"] | None = None,
+        encoder_attention_mask: Int[Array, " enc_seq"] | Bool[Array, " enc_seq"] | None = None,
         key: PRNGKeyArray | None = None,
     ) -> Float[Array, "seq vocab"]:
         """Next-token logits `[seq, vocab]` in float32; arguments as the base model's."""
-        hidden = self.base(input_ids, attention_mask=attention_mask, position_ids=position_ids, key=key)
+        hidden = self.base(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask,
+            key=key,
+        )
         return self.logits(hidden)
 
     def decode(
@@ -279,17 +259,22 @@ class CausalLM(eqx.Module):
         attention_mask: Int[Array, " new"] | Bool[Array, " new"] | None = None,
         position_ids: Int[Array, " new"] | None = None,
         last_only: bool = False,
+        cross: nn.CrossKV | None = None,
     ) -> tuple[Float[Array, "out vocab"], nn.KVCache]:
-        """Cached step: logits for the `new` tokens (only the last one's with `last_only`,
-        which spares a prompt's LM head) and the updated cache."""
-        hidden, cache = self.base.decode(input_ids, cache, attention_mask=attention_mask, position_ids=position_ids)
+        hidden, cache = self.base.decode(
+            input_ids, cache, attention_mask=attention_mask, position_ids=position_ids, cross=cross
+        )
         return self.logits(hidden[-1:] if last_only else hidden), cache
 
-    def init_cache(self, max_len: int, dtype: DTypeLike | None = None) -> nn.KVCache:
-        return self.base.init_cache(max_len, dtype)
+    def cross_kv(
+        self,
+        encoder_hidden_states: Float[Array, "enc_seq hidden"],
+        encoder_attention_mask: Int[Array, " enc_seq"] | Bool[Array, " enc_seq"] | None = None,
+    ) -> nn.CrossKV:
+        return self.base.cross_kv(encoder_hidden_states, encoder_attention_mask)
 
     @classmethod
-    def key_map(cls, config: Any) -> KeyMap:
+    def key_map(cls, config: ModelConfig) -> KeyMap:
         """The base model's map nested under its prefix, plus the head; a tied head's
         `lm_head.weight` (written by some savers) is read and dropped."""
         tied = ("lm_head.weight",) if config.tie_word_embeddings else ()
@@ -300,7 +285,7 @@ class CausalLM(eqx.Module):
         return head(hidden).astype(jnp.float32)
 
 
-def make_lm_head(config: Any, hidden_size: int, init_std: float, dtype: DTypeLike, key: PRNGKeyArray):
+def make_lm_head(config: ModelConfig, hidden_size: int, init_std: float, dtype: DTypeLike, key: PRNGKeyArray):
     """`None` when the head is tied to the input embeddings, else a bias-free `Linear`."""
     if config.tie_word_embeddings:
         return None

@@ -40,7 +40,9 @@ from ._config import (
     divisible,
     show_value,
 )
-from ._decoder import DecoderInputs, LayerContext, check_token_ids, decoder_inputs, split_layer_keys
+from ._contract import CausalLM, Decoder, Family, Model
+from ._decoder import LayerContext
+from ._runner import LayerStep, TokenInputs, check_token_ids, run_stack, token_inputs, valid_mask
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -223,7 +225,7 @@ class BigBirdAttention(eqx.Module):
         key: PRNGKeyArray | None = None,
         sparse: SparsePlan | None = None,
     ) -> tuple[Float[Array, "seq hidden"], nn.LayerWrite | None]:
-        k1, k2 = (None, None) if key is None else jax.random.split(key)
+        k1, k2 = nn.split_key(key, 2)
         h, write = self.self_attn(x, ctx, key=k1, sparse=sparse)
         return self.output(h, x, key=k2), write
 
@@ -261,7 +263,7 @@ class BigBirdLayer(eqx.Module):
         key: PRNGKeyArray | None = None,
         sparse: SparsePlan | None = None,
     ) -> tuple[Float[Array, "seq hidden"], nn.LayerWrite | None]:
-        k1, k2 = (None, None) if key is None else jax.random.split(key)
+        k1, k2 = nn.split_key(key, 2)
         x, write = self.attention(x, ctx, key=k1, sparse=sparse)
         return self.output(self.intermediate(x), x, key=k2), write
 
@@ -273,12 +275,14 @@ class BigBirdOutput(NamedTuple):
     pooler_output: Float[Array, " hidden"] | None
 
 
-class BigBirdModel(eqx.Module):
+class BigBirdModel(Decoder):
     """The BigBird encoder (with its pooler unless built with `add_pooling_layer=False`).
 
     `model(input_ids, *, attention_mask, token_type_ids, position_ids, key)` returns a
     `BigBirdOutput(last_hidden_state [seq, hidden], pooler_output [hidden] | None)`.
     """
+
+    outputs: ClassVar[tuple[str, ...]] = ("last_hidden_state", "pooler_output")
 
     embeddings: BigBirdEmbeddings
     encoder: nn.Stacked[BigBirdLayer]
@@ -295,7 +299,7 @@ class BigBirdModel(eqx.Module):
     ):
         k_emb, k_enc, k_pool = jax.random.split(key, 3)
         self.embeddings = BigBirdEmbeddings(config, dtype=dtype, key=k_emb)
-        self.encoder = nn.Stacked(
+        self.encoder = nn.Stacked.build(
             lambda k: BigBirdLayer(config, dtype=dtype, key=k), config.num_hidden_layers, key=k_enc
         )
         dim = config.hidden_size
@@ -316,14 +320,14 @@ class BigBirdModel(eqx.Module):
         sparse = cfg.attention_type == "block_sparse" and seq > cfg.max_full_attention_tokens
         if sparse:  # pad to whole blocks as upstream; the padding is masked and cut off after
             pad = -seq % cfg.block_size
-            valid = jnp.ones((seq,), bool) if attention_mask is None else attention_mask.astype(bool)
+            valid = valid_mask(input_ids, attention_mask)
             input_ids = jnp.pad(input_ids, (0, pad), constant_values=cfg.pad_token_id or 0)
             attention_mask = jnp.pad(valid, (0, pad))
             if token_type_ids is not None:
                 token_type_ids = jnp.pad(token_type_ids, (0, pad))
             if position_ids is not None:
                 position_ids = jnp.pad(position_ids, (0, pad), constant_values=cfg.pad_token_id or 0)
-        inputs = decoder_inputs(input_ids, attention_mask, position_ids, None)
+        inputs = token_inputs(input_ids, attention_mask, position_ids, None)
         x, _ = self._forward(input_ids, inputs, token_type_ids, key, sparse=sparse)
         pooled = None if self.pooler is None else jnp.tanh(self.pooler(x[0]))
         return BigBirdOutput(x[:seq], pooled)
@@ -341,32 +345,27 @@ class BigBirdModel(eqx.Module):
         and the cache with them appended."""
         if not self.config.is_decoder:
             raise InputError("cached decoding needs a decoder config (is_decoder=True), as HF's BigBirdForCausalLM")
-        inputs = decoder_inputs(input_ids, attention_mask, position_ids, cache)
+        inputs = token_inputs(input_ids, attention_mask, position_ids, cache)
         return self._forward(input_ids, inputs, token_type_ids, None)
 
-    def init_cache(self, max_len: int, dtype: DTypeLike | None = None) -> nn.KVCache:
+    @property
+    def cache_shape(self) -> tuple[int, int, int]:
         cfg = self.config
-        dtype = dtype or self.embeddings.word_embeddings.weight.dtype
-        return nn.KVCache.empty(cfg.num_hidden_layers, max_len, cfg.num_attention_heads, cfg.head_dim, dtype)
+        return cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_dim
 
-    def _forward(self, input_ids, inputs: DecoderInputs, token_type_ids, key, *, sparse: bool = False):
+    def _forward(self, input_ids, inputs: TokenInputs, token_type_ids, key, *, sparse: bool = False):
         cfg = self.config
         seq = input_ids.shape[0]
         input_ids = check_token_ids(input_ids, cfg.vocab_size)
         token_type_ids = jnp.zeros((seq,), jnp.int32) if token_type_ids is None else token_type_ids
-        embed_key, layer_keys = split_layer_keys(key, cfg.num_hidden_layers)
-        x = self.embeddings(input_ids, token_type_ids, inputs.positions, key=embed_key)
         if cfg.is_decoder:
             mask = nn.causal_mask(inputs.slots, inputs.kv_slots, inputs.kv_valid)
         else:
             mask = nn.padding_mask(seq, inputs.kv_valid)
-
         num_blocks = seq // cfg.block_size
         heads, rand = cfg.num_attention_heads, cfg.num_random_blocks
 
-        def step(layer: BigBirdLayer, carry, per_layer):
-            x, write = carry
-            index, layer_key = per_layer
+        def layer(block: BigBirdLayer, x, step: LayerStep, layer_key):
             plan = None
             if sparse:  # HF's fixed plan at inference; a fresh random one per layer and step in training
                 if layer_key is None:
@@ -375,13 +374,16 @@ class BigBirdModel(eqx.Module):
                     layer_key, plan_key = jax.random.split(layer_key)
                     rand_blocks = random_plan(plan_key, heads, num_blocks, rand)
                 plan = SparsePlan(inputs.kv_valid, rand_blocks, cfg.block_size)
-            ctx = LayerContext(mask, inputs.positions, write, index)
-            x, write = layer(x, ctx, key=layer_key, sparse=plan)
-            return (x, write), None
+            ctx = LayerContext(mask, inputs.positions, step.write, step.index)
+            return block(x, ctx, key=layer_key, sparse=plan)
 
-        per_layer = (jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32), layer_keys)
-        (x, write), _ = self.encoder.scan(
-            step, (x, inputs.write), per_layer, scan_layers=cfg.scan_layers, remat=cfg.remat
+        x, write = run_stack(
+            self.encoder,
+            embed=lambda k: self.embeddings(input_ids, token_type_ids, inputs.positions, key=k),
+            layer=layer,
+            finish=lambda x, _: x,
+            key=key,
+            write=inputs.write,
         )
         return x, inputs.finish(write)
 
@@ -469,7 +471,7 @@ class BigBirdClassificationHead(eqx.Module):
         self.hidden_act = config.hidden_act
 
     def __call__(self, x: Float[Array, "seq hidden"], *, key: PRNGKeyArray | None = None) -> Float[Array, " labels"]:
-        k1, k2 = (None, None) if key is None else jax.random.split(key)
+        k1, k2 = nn.split_key(key, 2)
         h = nn.activation(self.hidden_act)(self.dense(self.dropout(x[0], key=k1)))
         return self.out_proj(self.dropout(h, key=k2))
 
@@ -488,12 +490,12 @@ class BigBirdForQuestionAnsweringHead(eqx.Module):
         self.qa_outputs = _linear(config, config.hidden_size, config.num_labels, dtype, k3)
 
     def __call__(self, x: Float[Array, "seq hidden"], *, key: PRNGKeyArray | None = None) -> Float[Array, "seq labels"]:
-        k1, k2 = (None, None) if key is None else jax.random.split(key)
+        k1, k2 = nn.split_key(key, 2)
         h = self.output(self.intermediate(self.dropout(x, key=k1)), x, key=k2)
         return self.qa_outputs(h)
 
 
-class _BigBirdHead(eqx.Module):
+class _BigBirdHead(Model):
     """What every head shares: the `bert` base model, its inputs and its key map."""
 
     bert: BigBirdModel
@@ -513,11 +515,12 @@ class _BigBirdHead(eqx.Module):
         key: PRNGKeyArray | None = None,
     ) -> Any:
         """Runs `bert` on one sequence, then the head (`head`, typed with its output shape)."""
-        k1, k2 = _two_keys(key)
+        k1, k2 = nn.split_key(key, 2)
         return self.head(self._encode(input_ids, attention_mask, token_type_ids, position_ids, k1), key=k2)
 
     def head(self, out: BigBirdOutput, *, key: PRNGKeyArray | None = None) -> Any:
-        raise NotImplementedError  # pragma: no cover - heads with their own __call__ skip it
+        """The head on the base model's outputs (heads with their own `__call__` skip it)."""
+        raise TypeError(f"{type(self).__name__} has no separate head")  # pragma: no cover
 
     def _encode(self, input_ids, attention_mask, token_type_ids, position_ids, key) -> BigBirdOutput:
         return self.bert(
@@ -535,10 +538,6 @@ class _BigBirdHead(eqx.Module):
         )
 
 
-def _two_keys(key: PRNGKeyArray | None) -> tuple[PRNGKeyArray | None, PRNGKeyArray | None]:
-    return (None, None) if key is None else tuple(jax.random.split(key))
-
-
 class BigBirdForPreTrainingOutput(NamedTuple):
     prediction_logits: Float[Array, "seq vocab"]
     seq_relationship_logits: Float[Array, " 2"]
@@ -548,6 +547,8 @@ class BigBirdForPreTraining(_BigBirdHead):
     """Masked-LM and next-sentence heads; returns `BigBirdForPreTrainingOutput`."""
 
     cls: BigBirdPreTrainingHeads
+    task: ClassVar[str | None] = "pretraining"
+    outputs: ClassVar[tuple[str, ...]] = ("prediction_logits", "seq_relationship_logits")
     head_rules: ClassVar = (("cls.", "cls."),)
 
     def __init__(self, config: BigBirdConfig, *, dtype: DTypeLike = jnp.float32, key: PRNGKeyArray):
@@ -564,6 +565,8 @@ class BigBirdForMaskedLM(_BigBirdHead):
     """Masked-LM logits `[seq, vocab]`."""
 
     cls: BigBirdOnlyMLMHead
+    task: ClassVar[str | None] = "masked_lm"
+    outputs: ClassVar[tuple[str, ...]] = ("logits",)
     head_rules: ClassVar = (("cls.", "cls."),)
 
     def __init__(self, config: BigBirdConfig, *, dtype: DTypeLike = jnp.float32, key: PRNGKeyArray):
@@ -575,7 +578,7 @@ class BigBirdForMaskedLM(_BigBirdHead):
         return self.cls.predictions(out.last_hidden_state, self.bert.input_embeddings)
 
 
-class BigBirdForCausalLM(_BigBirdHead):
+class BigBirdForCausalLM(_BigBirdHead, CausalLM):
     """Next-token logits `[seq, vocab]` from the MLM head. With `is_decoder=True` (as HF
     expects for this class) attention is causal and `decode`/`init_cache` give cached
     generation through `eqx_models.generate`."""
@@ -604,14 +607,17 @@ class BigBirdForCausalLM(_BigBirdHead):
         hidden, cache = self.bert.decode(input_ids, cache, attention_mask=attention_mask, position_ids=position_ids)
         return self.head(BigBirdOutput(hidden[-1:] if last_only else hidden, None)), cache
 
-    def init_cache(self, max_len: int, dtype: DTypeLike | None = None) -> nn.KVCache:
-        return self.bert.init_cache(max_len, dtype)
+    @property
+    def cache_shape(self) -> tuple[int, int, int]:
+        return self.bert.cache_shape
 
 
 class BigBirdForSequenceClassification(_BigBirdHead):
     """Logits `[num_labels]` from the first token (regression when `num_labels == 1`)."""
 
     classifier: BigBirdClassificationHead
+    task: ClassVar[str | None] = "sequence_classification"
+    outputs: ClassVar[tuple[str, ...]] = ("logits",)
     head_rules: ClassVar = (("classifier.", "classifier."),)
 
     def __init__(self, config: BigBirdConfig, *, dtype: DTypeLike = jnp.float32, key: PRNGKeyArray):
@@ -628,6 +634,8 @@ class BigBirdForMultipleChoice(_BigBirdHead):
 
     dropout: eqx.nn.Dropout
     classifier: nn.Linear
+    task: ClassVar[str | None] = "multiple_choice"
+    outputs: ClassVar[tuple[str, ...]] = ("logits",)
     head_rules: ClassVar = (("classifier.", "classifier."),)
 
     def __init__(self, config: BigBirdConfig, *, dtype: DTypeLike = jnp.float32, key: PRNGKeyArray):
@@ -646,7 +654,7 @@ class BigBirdForMultipleChoice(_BigBirdHead):
         key: PRNGKeyArray | None = None,
     ) -> Float[Array, " choices"]:
         choices = input_ids.shape[0]
-        k1, k2 = _two_keys(key)
+        k1, k2 = nn.split_key(key, 2)
         keys = None if k1 is None else jax.random.split(k1, choices)
 
         def score(ids, mask, types, positions, choice_key, drop_key):
@@ -664,6 +672,8 @@ class BigBirdForTokenClassification(_BigBirdHead):
 
     dropout: eqx.nn.Dropout
     classifier: nn.Linear
+    task: ClassVar[str | None] = "token_classification"
+    outputs: ClassVar[tuple[str, ...]] = ("logits",)
     head_rules: ClassVar = (("classifier.", "classifier."),)
 
     def __init__(self, config: BigBirdConfig, *, dtype: DTypeLike = jnp.float32, key: PRNGKeyArray):
@@ -688,6 +698,8 @@ class BigBirdForQuestionAnswering(_BigBirdHead):
     after the first are pushed down by 1e6 in both logits."""
 
     qa_classifier: BigBirdForQuestionAnsweringHead
+    task: ClassVar[str | None] = "question_answering"
+    outputs: ClassVar[tuple[str, ...]] = ("start_logits", "end_logits")
     head_rules: ClassVar = (("qa_classifier.", "qa_classifier."),)
 
     def __init__(
@@ -718,9 +730,24 @@ class BigBirdForQuestionAnswering(_BigBirdHead):
         in_question = jnp.arange(seq) < question_lengths
         if token_type_ids is None:
             token_type_ids = (~in_question).astype(jnp.int32)
-        k1, k2 = _two_keys(key)
+        k1, k2 = nn.split_key(key, 2)
         out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, k1)
         logits = self.qa_classifier(out.last_hidden_state, key=k2).astype(jnp.float32)
         penalty = in_question.at[0].set(False).astype(jnp.float32) * 1e6
         logits = logits - penalty[:, None]
         return BigBirdForQuestionAnsweringOutput(logits[:, 0], logits[:, 1])
+
+
+FAMILY = Family(
+    BigBirdConfig,
+    (
+        BigBirdModel,
+        BigBirdForPreTraining,
+        BigBirdForMaskedLM,
+        BigBirdForCausalLM,
+        BigBirdForSequenceClassification,
+        BigBirdForMultipleChoice,
+        BigBirdForTokenClassification,
+        BigBirdForQuestionAnswering,
+    ),
+)

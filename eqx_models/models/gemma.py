@@ -34,7 +34,8 @@ from ._config import (
     TokenIds,
     divisible,
 )
-from ._decoder import CausalLM, DecoderModel, LayerContext, make_lm_head
+from ._contract import Family
+from ._decoder import DecoderLM, DecoderModel, LayerContext, make_lm_head
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -162,7 +163,7 @@ class GemmaModel(DecoderModel):
         self.embed_tokens = nn.Embedding(
             config.vocab_size, config.hidden_size, init_std=config.initializer_range, dtype=dtype, key=k_embed
         )
-        self.layers = nn.Stacked(
+        self.layers = nn.Stacked.build(
             lambda k: GemmaDecoderLayer(config, dtype=dtype, key=k), config.num_hidden_layers, key=k_layers
         )
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps, offset=1.0, dtype=dtype)
@@ -199,7 +200,7 @@ class GemmaModel(DecoderModel):
         )
 
 
-class GemmaForCausalLM(CausalLM):
+class GemmaForCausalLM(DecoderLM):
     """Gemma with a language-model head (tied to `embed_tokens` by default)."""
 
     model: GemmaModel
@@ -211,3 +212,6 @@ class GemmaForCausalLM(CausalLM):
         k_model, k_head = jax.random.split(key)
         self.model = GemmaModel(config, dtype=dtype, key=k_model)
         self.lm_head = make_lm_head(config, config.hidden_size, config.initializer_range, dtype, k_head)
+
+
+FAMILY = Family(GemmaConfig, (GemmaModel, GemmaForCausalLM))

@@ -31,7 +31,8 @@ from ._config import (
     TokenIds,
     divisible,
 )
-from ._decoder import CausalLM, DecoderModel, LayerContext, SelfAttention, make_lm_head
+from ._contract import Family
+from ._decoder import DecoderLM, DecoderModel, LayerContext, SelfAttention, make_lm_head
 
 # [[pattern, repeats], ...]: each pattern of "global"/"local" repeated, e.g. [[["global", "local"], 12]]
 AttentionTypes = Annotated[
@@ -145,7 +146,7 @@ class GPTNeoBlock(eqx.Module):
     def __call__(
         self, x: Float[Array, "seq dim"], ctx: LayerContext, *, key: PRNGKeyArray | None = None
     ) -> tuple[Float[Array, "seq dim"], nn.LayerWrite | None]:
-        attn_key, resid_key, mlp_key = (None,) * 3 if key is None else jax.random.split(key, 3)
+        attn_key, resid_key, mlp_key = nn.split_key(key, 3)
         h, write = self.attn(self.ln_1(x), ctx, key=attn_key)
         x = x + self.resid_dropout(h, key=resid_key)
         return x + self.mlp(self.ln_2(x), key=mlp_key), write
@@ -170,7 +171,7 @@ class GPTNeoModel(DecoderModel):
             config.max_position_embeddings, config.hidden_size, init_std=std, dtype=dtype, key=k_wpe
         )
         self.drop = eqx.nn.Dropout(config.embed_dropout)
-        self.h = nn.Stacked(lambda k: GPTNeoBlock(config, dtype=dtype, key=k), config.num_layers, key=k_h)
+        self.h = nn.Stacked.build(lambda k: GPTNeoBlock(config, dtype=dtype, key=k), config.num_layers, key=k_h)
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon, dtype=dtype)
         self.config = config
 
@@ -211,7 +212,7 @@ class GPTNeoModel(DecoderModel):
         )
 
 
-class GPTNeoForCausalLM(CausalLM):
+class GPTNeoForCausalLM(DecoderLM):
     """GPT-Neo with a language-model head (tied to `wte` unless `tie_word_embeddings=False`);
     `model(input_ids)` returns float32 logits `[seq, vocab]`."""
 
@@ -224,3 +225,6 @@ class GPTNeoForCausalLM(CausalLM):
         k_model, k_head = jax.random.split(key)
         self.transformer = GPTNeoModel(config, dtype=dtype, key=k_model)
         self.lm_head = make_lm_head(config, config.hidden_size, config.initializer_range, dtype, k_head)
+
+
+FAMILY = Family(GPTNeoConfig, (GPTNeoModel, GPTNeoForCausalLM))

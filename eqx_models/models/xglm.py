@@ -30,7 +30,8 @@ from ._config import (
     TokenIds,
     divisible,
 )
-from ._decoder import CausalLM, DecoderModel, LayerContext, SelfAttention, make_lm_head
+from ._contract import Family
+from ._decoder import DecoderLM, DecoderModel, LayerContext, SelfAttention, make_lm_head
 
 # Position p reads row p + 2 of the sinusoid table; row `padding_idx` is all zeros.
 POSITION_OFFSET = 2
@@ -103,7 +104,7 @@ class XGLMDecoderLayer(eqx.Module):
     def __call__(
         self, x: Float[Array, "seq dim"], ctx: LayerContext, *, key: PRNGKeyArray | None = None
     ) -> tuple[Float[Array, "seq dim"], nn.LayerWrite | None]:
-        k_attn, k_drop1, k_act, k_drop2 = (None,) * 4 if key is None else jax.random.split(key, 4)
+        k_attn, k_drop1, k_act, k_drop2 = nn.split_key(key, 4)
         h, write = self.self_attn(self.self_attn_layer_norm(x), ctx, key=k_attn)
         x = x + self.dropout(h, key=k_drop1)
         h = nn.activation(self.activation_function)(self.fc1(self.final_layer_norm(x)))
@@ -126,7 +127,7 @@ class XGLMModel(DecoderModel):
             config.vocab_size, config.d_model, init_std=config.init_std, dtype=dtype, key=k_embed
         )
         self.dropout = eqx.nn.Dropout(config.dropout)
-        self.layers = nn.Stacked(
+        self.layers = nn.Stacked.build(
             lambda k: XGLMDecoderLayer(config, dtype=dtype, key=k), config.num_layers, key=k_layers
         )
         self.layer_norm = nn.LayerNorm(config.d_model, dtype=dtype)
@@ -167,7 +168,7 @@ class XGLMModel(DecoderModel):
         )
 
 
-class XGLMForCausalLM(CausalLM):
+class XGLMForCausalLM(DecoderLM):
     """XGLM with its language-model head (tied to `embed_tokens` by default)."""
 
     model: XGLMModel
@@ -179,3 +180,6 @@ class XGLMForCausalLM(CausalLM):
         k_model, k_head = jax.random.split(key)
         self.model = XGLMModel(config, dtype=dtype, key=k_model)
         self.lm_head = make_lm_head(config, config.d_model, config.init_std, dtype, k_head)
+
+
+FAMILY = Family(XGLMConfig, (XGLMModel, XGLMForCausalLM))

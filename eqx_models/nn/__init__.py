@@ -1,21 +1,42 @@
 """Layers shared by every architecture."""
 
-from ._activations import activation
-from ._attention import NO_WINDOW, causal_mask, dot_product_attention, heads_first, padding_mask
-from ._cache import KVCache, LayerWrite, cached_kv
+from ._activations import ACTIVATIONS, activation
+from ._attention import (
+    BIGBIRD_ADD,
+    LONGT5_ADD,
+    NO_WINDOW,
+    REPLACE_WITH_MIN,
+    T5_ADD_MIN,
+    Masking,
+    causal_mask,
+    dot_product_attention,
+    heads_first,
+    masked_softmax,
+    padding_mask,
+)
+from ._cache import CrossKV, KVCache, LayerWrite, cached_kv
 from ._linear import Embedding, Linear, fused_projections
 from ._norm import LayerNorm, RMSNorm
 from ._positions import apply_rotary, relative_position_bucket, rotary_angles, sinusoidal_embedding
-from ._stack import Stacked
+from ._stack import RunOptions, Stacked, run_options, split_key, with_run_options
 
 __all__ = [
+    "ACTIVATIONS",
+    "BIGBIRD_ADD",
+    "LONGT5_ADD",
     "NO_WINDOW",
+    "REPLACE_WITH_MIN",
+    "T5_ADD_MIN",
+    "Masking",
+    "masked_softmax",
+    "CrossKV",
     "Embedding",
     "KVCache",
     "LayerNorm",
     "LayerWrite",
     "RMSNorm",
     "Linear",
+    "RunOptions",
     "Stacked",
     "activation",
     "apply_rotary",
@@ -27,5 +48,8 @@ __all__ = [
     "padding_mask",
     "relative_position_bucket",
     "rotary_angles",
+    "run_options",
     "sinusoidal_embedding",
+    "split_key",
+    "with_run_options",
 ]

@@ -5,6 +5,8 @@ not from position ids: HF's causal and sliding-window masks count padding slots 
 and positions only feed the position embeddings.
 """
 
+import dataclasses
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -12,6 +14,43 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 # A window this wide masks nothing: used for "global" layers stored beside "local" ones.
 NO_WINDOW = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Masking:
+    """How a masked key leaves the softmax: its score replaced by `value`, or `value`
+    added to it (`additive`), as the upstream implementation being reproduced does. The two
+    differ only for a query with no allowed key at all (padding), whose output upstream
+    defines through them."""
+
+    value: float
+    additive: bool
+
+
+#: HF PyTorch's causal and padding masks: a masked score becomes float32's lowest value.
+REPLACE_WITH_MIN = Masking(float(jnp.finfo(jnp.float32).min), additive=False)
+#: HF T5's extended attention mask: float32's lowest value added to the score.
+T5_ADD_MIN = Masking(float(jnp.finfo(jnp.float32).min), additive=True)
+#: HF LongT5's local and transient-global masks: -1e10 added to the score.
+LONGT5_ADD = Masking(-1e10, additive=True)
+#: HF BigBird's block-sparse attention: -10000 added to the score.
+BIGBIRD_ADD = Masking(-10000.0, additive=True)
+
+
+def masked_softmax(
+    scores: Float[Array, "*batch kv"],
+    allowed: Bool[Array, "..."] | None = None,
+    masking: Masking = REPLACE_WITH_MIN,
+) -> Float[Array, "*batch kv"]:
+    """The one softmax of every attention kind: float32 probabilities over the last axis,
+    keys where `allowed` is `False` masked as `masking` says."""
+    scores = scores.astype(jnp.float32)
+    if allowed is not None:
+        if masking.additive:
+            scores = scores + jnp.where(allowed, 0.0, masking.value)
+        else:
+            scores = jnp.where(allowed, scores, masking.value)
+    return jax.nn.softmax(scores, axis=-1)
 
 
 def causal_mask(
@@ -47,6 +86,7 @@ def dot_product_attention(
     dropout: eqx.nn.Dropout | None = None,
     key: PRNGKeyArray | None = None,
     causal: bool = False,
+    masking: Masking = REPLACE_WITH_MIN,
 ) -> Float[Array, "q heads head_dim"]:
     """Softmax attention with grouped KV heads (MHA, GQA and MQA alike).
 
@@ -59,6 +99,7 @@ def dot_product_attention(
     - `mask`: `True` where attention is allowed.
     - `scale`: multiplies the scores; `None` means `head_dim ** -0.5`, `1.0` none (GPT-Neo, T5).
     - `bias`: added to the scores before masking (relative position bias).
+    - `masking`: how masked keys leave the softmax (see `Masking`).
     - `dropout`, `key`: dropout on the attention probabilities.
     - `causal`: promise that query `i` never attends key `j > i` (queries and keys are the
       same slots); long inputs are then split into query blocks that skip the key blocks
@@ -68,7 +109,7 @@ def dot_product_attention(
     """
     q_len, kv_len = q.shape[0], k.shape[1]
     if not causal or q_len != kv_len or q_len < 2 * _MIN_CAUSAL_BLOCK:
-        return _attend(q, k, v, mask, scale, bias, dropout, key)
+        return _attend(q, k, v, mask, scale, bias, dropout, key, masking)
     block = max(_MIN_CAUSAL_BLOCK, -(-q_len // _MAX_CAUSAL_BLOCKS))
     outputs = []
     for start in range(0, q_len, block):
@@ -83,6 +124,7 @@ def dot_product_attention(
                 None if bias is None else bias[:, start:stop, :stop],
                 dropout,
                 None if key is None else jax.random.fold_in(key, start),
+                masking,
             )
         )
     return jnp.concatenate(outputs)
@@ -92,7 +134,7 @@ _MIN_CAUSAL_BLOCK = 256
 _MAX_CAUSAL_BLOCKS = 8
 
 
-def _attend(q, k, v, mask, scale, bias, dropout, key):
+def _attend(q, k, v, mask, scale, bias, dropout, key, masking):
     q_len, heads, head_dim = q.shape
     kv_heads, kv_len, _ = k.shape
     groups = heads // kv_heads
@@ -110,9 +152,7 @@ def _attend(q, k, v, mask, scale, bias, dropout, key):
         scores = scores * scale
     if bias is not None:
         scores = scores + bias.astype(jnp.float32).reshape(kv_heads, groups, q_len, kv_len)
-    if mask is not None:
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    probs = masked_softmax(scores, mask, masking).astype(v.dtype)
     if dropout is not None:
         probs = dropout(probs, key=key)
     # [kv_heads, groups * q, kv] x [kv_heads, kv, d] -> [kv_heads, groups * q, d]

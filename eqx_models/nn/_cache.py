@@ -79,3 +79,12 @@ def cached_kv(
     layer_k = lax.dynamic_index_in_dim(keys, layer, keepdims=False)
     layer_v = lax.dynamic_index_in_dim(values, layer, keepdims=False)
     return LayerWrite(keys, values, write.start), layer_k, layer_v
+
+
+class CrossKV(eqx.Module):
+    """Every decoder layer's cross-attention keys and values (heads first) for one encoded
+    input, and which input tokens are real. Computed once per input, read by every step."""
+
+    keys: Float[Array, "layers kv_heads src head_dim"]
+    values: Float[Array, "layers kv_heads src head_dim"]
+    valid: Bool[Array, " src"]

@@ -22,13 +22,13 @@ Batch = dict[str, Any]
 
 
 @eqx.filter_jit
-def _eval_step(model: Any, batch: Batch, loss_fn: Callable) -> tuple[Any, dict[str, Any]]:
+def _eval_step(model: eqx.Module, batch: Batch, loss_fn: Callable) -> tuple[Any, dict[str, Any]]:
     # Module-level, with `loss_fn` a static argument: every evaluation reuses one compile.
     return loss_fn(model, batch, key=None)
 
 
 def evaluate(
-    model: Any,
+    model: eqx.Module,
     batches: Iterable[Batch],
     *,
     loss_fn: Callable = head_loss,

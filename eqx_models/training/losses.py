@@ -3,7 +3,7 @@
 Every loss is a float32 mean over the valid items (labels equal to `IGNORE_INDEX`, -100,
 are skipped, as in HF); with no valid item the loss is 0, where PyTorch would return NaN.
 `head_loss` runs a model on a batch of HF-named arrays (vmapping the unbatched module) and
-picks the matching loss from the model's class.
+picks the loss of the model class's declared `task` (`LOSSES`).
 """
 
 from collections.abc import Callable
@@ -15,17 +15,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from ..errors import InputError
-from ..models._decoder import CausalLM
-from ..models.big_bird import (
-    BigBirdForCausalLM,
-    BigBirdForMaskedLM,
-    BigBirdForMultipleChoice,
-    BigBirdForPreTraining,
-    BigBirdForQuestionAnswering,
-    BigBirdForSequenceClassification,
-    BigBirdForTokenClassification,
-)
-from ..models.long_t5 import LongT5ForConditionalGeneration, shift_tokens_right
+from ..models import TASKS, Model, shift_tokens_right
 
 IGNORE_INDEX = -100
 
@@ -90,27 +80,11 @@ def causal_lm_loss(
     return _cross_entropy(logits, *_causal_targets(labels, attention_mask))
 
 
-def masked_lm_loss(logits: Float[Array, "batch seq vocab"], labels: Int[Array, "batch seq"]) -> Float[Array, ""]:
-    """Cross-entropy at the positions whose label is not -100 (labels aligned with logits).
-
-    **Returns:** the mean loss, a float32 scalar.
-    """
-    return _cross_entropy(logits, labels, labels != IGNORE_INDEX)
-
-
-def seq2seq_loss(logits: Float[Array, "batch tgt vocab"], labels: Int[Array, "batch tgt"]) -> Float[Array, ""]:
-    """Decoder cross-entropy, labels aligned with the logits (the decoder inputs are the
-    labels shifted right), -100 skipped, as HF's T5-style models.
-
-    **Returns:** the mean loss, a float32 scalar.
-    """
-    return _cross_entropy(logits, labels, labels != IGNORE_INDEX)
-
-
-def token_classification_loss(
-    logits: Float[Array, "batch seq labels"], labels: Int[Array, "batch seq"]
-) -> Float[Array, ""]:
-    """Per-token cross-entropy over `labels` classes, -100 skipped.
+def label_cross_entropy(logits: Float[Array, "*items n"], labels: Int[Array, "*items"]) -> Float[Array, ""]:
+    """Cross-entropy with labels aligned with the logits, -100 skipped: the loss of masked
+    LM (`[batch, seq, vocab]`), seq2seq (decoder inputs are the labels shifted right, as HF's
+    T5-style models), token classification (`[batch, seq, labels]`) and multiple choice
+    (`[batch, choices]`).
 
     **Returns:** the mean loss, a float32 scalar.
     """
@@ -128,7 +102,7 @@ def pretraining_loss(
 
     **Returns:** the summed loss, a float32 scalar.
     """
-    loss = masked_lm_loss(prediction_logits, labels)
+    loss = label_cross_entropy(prediction_logits, labels)
     if next_sentence_label is not None:
         loss = loss + _cross_entropy(seq_relationship_logits, next_sentence_label, next_sentence_label != IGNORE_INDEX)
     return loss
@@ -168,14 +142,6 @@ def sequence_classification_loss(
     # the numerically stable form of BCEWithLogitsLoss, as PyTorch's
     per_item = jnp.maximum(logits, 0.0) - logits * target + jnp.log1p(jnp.exp(-jnp.abs(logits)))
     return jnp.mean(per_item)
-
-
-def multiple_choice_loss(logits: Float[Array, "batch choices"], labels: Int[Array, " batch"]) -> Float[Array, ""]:
-    """Cross-entropy over the choices, -100 skipped.
-
-    **Returns:** the mean loss, a float32 scalar.
-    """
-    return _cross_entropy(logits, labels, labels != IGNORE_INDEX)
 
 
 def _span_loss(logits: Float[Array, "batch seq"], positions: Int[Array, " batch"]) -> Float[Array, ""]:
@@ -240,7 +206,7 @@ def mask_tokens(
 # --- the dispatcher ---------------------------------------------------------------------
 
 
-def _require(batch: dict[str, Array], name: str, model: Any) -> Array:
+def _require(batch: dict[str, Array], name: str, model: Model) -> Array:
     if name not in batch:
         raise InputError(f"{type(model).__name__} needs the batch key {name!r} for its loss; got keys {sorted(batch)}")
     return jnp.asarray(batch[name])
@@ -250,15 +216,24 @@ def _optional(batch: dict[str, Array], name: str) -> Array | None:
     return None if batch.get(name) is None else jnp.asarray(batch[name])
 
 
-def _vmap(fn: Callable, args: tuple, key: PRNGKeyArray | None, size: int) -> Any:
-    """`fn(*args, key)` over the leading batch axis; one dropout key per example."""
+#: Optional per-example inputs passed to the model when the batch has them.
+_OPTIONAL_INPUTS = ("attention_mask", "token_type_ids", "position_ids", "question_lengths")
+
+
+def _run(model: Model, batch: dict[str, Array], key: PRNGKeyArray | None, *positional: str) -> Any:
+    """The model on the batch, vmapped: `positional` keys in order, then the optional inputs
+    the batch holds (`question_lengths` flattened), one dropout key per example."""
+    args = [_require(batch, name, model) for name in positional]
+    names = [name for name in _OPTIONAL_INPUTS if _optional(batch, name) is not None]
+    args += [_optional(batch, name).reshape(-1) if name == "question_lengths" else batch[name] for name in names]
+    size = args[0].shape[0]
     keys = None if key is None else jax.random.split(key, size)
-    return jax.vmap(fn)(*args, keys)
 
+    def one(keys_, *values):
+        inputs = dict(zip(names, values[len(positional) :]))
+        return model(*values[: len(positional)], **inputs, key=keys_)
 
-def _encoder_inputs(batch: dict[str, Array], model: Any) -> tuple[Array, Array | None, Array | None, Array | None]:
-    ids = _require(batch, "input_ids", model)
-    return ids, _optional(batch, "attention_mask"), _optional(batch, "token_type_ids"), _optional(batch, "position_ids")
+    return jax.vmap(one)(keys, *(jnp.asarray(a) for a in args))
 
 
 def _token_metrics(loss, logits, labels, valid) -> Metrics:
@@ -270,61 +245,39 @@ def _token_metrics(loss, logits, labels, valid) -> Metrics:
 
 
 def _causal_lm(model, batch, key) -> tuple[Float[Array, ""], Metrics]:
-    ids = _require(batch, "input_ids", model)
     labels = _require(batch, "labels", model)
-    mask, positions = _optional(batch, "attention_mask"), _optional(batch, "position_ids")
-    if isinstance(model, BigBirdForCausalLM):  # also takes token_type_ids
-        logits = _run_head(model, batch, key)
-    else:
-
-        def run(i, m, p, k):
-            return model(i, attention_mask=m, position_ids=p, key=k)
-
-        logits = _vmap(run, (ids, mask, positions), key, ids.shape[0])
-    targets, valid = _causal_targets(labels, mask)
+    logits = _run(model, batch, key, "input_ids")
+    targets, valid = _causal_targets(labels, _optional(batch, "attention_mask"))
     loss = _cross_entropy(logits, targets, valid)
     return loss, _token_metrics(loss, logits, targets, valid)
 
 
-def _run_head(model, batch, key):
-    """A BigBird head with the usual encoder inputs, vmapped."""
-    ids, mask, types, positions = _encoder_inputs(batch, model)
-
-    def run(i, m, t, p, k):
-        return model(i, attention_mask=m, token_type_ids=t, position_ids=p, key=k)
-
-    return _vmap(run, (ids, mask, types, positions), key, ids.shape[0])
-
-
-def _masked_lm(model, batch, key):
+def _labelled_tokens(model, batch, key):
+    """Masked LM and token classification: one label per position."""
     labels = _require(batch, "labels", model)
-    logits = _run_head(model, batch, key)
-    loss = masked_lm_loss(logits, labels)
+    logits = _run(model, batch, key, "input_ids")
+    loss = label_cross_entropy(logits, labels)
     return loss, _token_metrics(loss, logits, labels, labels != IGNORE_INDEX)
 
 
 def _pretraining(model, batch, key):
     labels = _require(batch, "labels", model)
     nsp_label = _optional(batch, "next_sentence_label")
-    out = _run_head(model, batch, key)
-    mlm = masked_lm_loss(out.prediction_logits, labels)
-    metrics = _token_metrics(mlm, out.prediction_logits, labels, labels != IGNORE_INDEX)
-    metrics["mlm_loss"] = metrics.pop("loss")
-    loss = mlm
+    out = _run(model, batch, key, "input_ids")
+    nsp_label = None if nsp_label is None else nsp_label.reshape(-1)
+    loss = pretraining_loss(out.prediction_logits, out.seq_relationship_logits, labels, nsp_label)
+    metrics = _token_metrics(loss, out.prediction_logits, labels, labels != IGNORE_INDEX)
+    metrics["mlm_loss"] = label_cross_entropy(out.prediction_logits, labels)
     if nsp_label is not None:
-        nsp_label = nsp_label.reshape(-1)
         nsp_valid = nsp_label != IGNORE_INDEX
-        nsp = _cross_entropy(out.seq_relationship_logits, nsp_label, nsp_valid)
-        metrics["nsp_loss"] = nsp
+        metrics["nsp_loss"] = loss - metrics["mlm_loss"]
         metrics["nsp_accuracy"] = _accuracy(out.seq_relationship_logits, nsp_label, nsp_valid)
-        loss = mlm + nsp
-    metrics["loss"] = loss
     return loss, metrics
 
 
 def _sequence_classification(model, batch, key):
     labels = _require(batch, "labels", model)
-    logits = _run_head(model, batch, key)
+    logits = _run(model, batch, key, "input_ids")
     loss = sequence_classification_loss(logits, labels)
     metrics = {"loss": loss}
     if logits.shape[1] > 1 and jnp.issubdtype(labels.dtype, jnp.integer):
@@ -334,42 +287,22 @@ def _sequence_classification(model, batch, key):
 
 def _multiple_choice(model, batch, key):
     labels = _require(batch, "labels", model)
-    logits = _run_head(model, batch, key)
-    loss = multiple_choice_loss(logits, labels)
+    logits = _run(model, batch, key, "input_ids")
+    loss = label_cross_entropy(logits, labels)
     return loss, {"loss": loss, "accuracy": _accuracy(logits, labels, labels != IGNORE_INDEX)}
 
 
-def _token_classification(model, batch, key):
-    labels = _require(batch, "labels", model)
-    logits = _run_head(model, batch, key)
-    loss = token_classification_loss(logits, labels)
-    return loss, _token_metrics(loss, logits, labels, labels != IGNORE_INDEX)
-
-
 def _question_answering(model, batch, key):
-    ids, mask, types, positions = _encoder_inputs(batch, model)
     start, end = _require(batch, "start_positions", model), _require(batch, "end_positions", model)
-    lengths = _optional(batch, "question_lengths")
-    if lengths is not None:
-        lengths = lengths.reshape(-1)
-
-    def run(i, m, t, p, q, k):
-        return model(i, attention_mask=m, token_type_ids=t, position_ids=p, question_lengths=q, key=k)
-
-    out = _vmap(run, (ids, mask, types, positions, lengths), key, ids.shape[0])
-    start_loss = _span_loss(out.start_logits, start)
-    end_loss = _span_loss(out.end_logits, end)
-    loss = (start_loss + end_loss) / 2
+    out = _run(model, batch, key, "input_ids")
+    start_loss, end_loss = _span_loss(out.start_logits, start), _span_loss(out.end_logits, end)
+    loss = question_answering_loss(out.start_logits, out.end_logits, start, end)
     return loss, {"loss": loss, "start_loss": start_loss, "end_loss": end_loss}
 
 
 def _seq2seq(model, batch, key):
-    ids = _require(batch, "input_ids", model)
     labels = _require(batch, "labels", model)
-    mask = _optional(batch, "attention_mask")
-    decoder_ids = _optional(batch, "decoder_input_ids")
-    decoder_mask = _optional(batch, "decoder_attention_mask")
-    if decoder_ids is None:
+    if _optional(batch, "decoder_input_ids") is None:
         config = model.config
         if config.decoder_start_token_id is None or config.pad_token_id is None:
             raise InputError(
@@ -377,40 +310,43 @@ def _seq2seq(model, batch, key):
                 f"decoder_start_token_id={config.decoder_start_token_id}, pad_token_id={config.pad_token_id}; "
                 "set both, or pass 'decoder_input_ids'"
             )
-        decoder_ids = jax.vmap(lambda lab: shift_tokens_right(lab, config.decoder_start_token_id, config.pad_token_id))(
-            labels
-        )
+        shift = lambda lab: shift_tokens_right(lab, config.decoder_start_token_id, config.pad_token_id)  # noqa: E731
+        batch = {**batch, "decoder_input_ids": jax.vmap(shift)(labels)}
+    ids, decoder_ids = _require(batch, "input_ids", model), batch["decoder_input_ids"]
+    mask, decoder_mask = _optional(batch, "attention_mask"), _optional(batch, "decoder_attention_mask")
+    keys = None if key is None else jax.random.split(key, ids.shape[0])
 
     def run(i, d, m, dm, k):
         return model(i, d, attention_mask=m, decoder_attention_mask=dm, key=k)
 
-    logits = _vmap(run, (ids, decoder_ids, mask, decoder_mask), key, ids.shape[0])
-    loss = seq2seq_loss(logits, labels)
+    logits = jax.vmap(run)(ids, jnp.asarray(decoder_ids), mask, decoder_mask, keys)
+    loss = label_cross_entropy(logits, labels)
     return loss, _token_metrics(loss, logits, labels, labels != IGNORE_INDEX)
 
 
-_HEADS: tuple[tuple[type, Callable], ...] = (
-    (CausalLM, _causal_lm),
-    (BigBirdForCausalLM, _causal_lm),
-    (BigBirdForMaskedLM, _masked_lm),
-    (BigBirdForPreTraining, _pretraining),
-    (BigBirdForSequenceClassification, _sequence_classification),
-    (BigBirdForMultipleChoice, _multiple_choice),
-    (BigBirdForTokenClassification, _token_classification),
-    (BigBirdForQuestionAnswering, _question_answering),
-    (LongT5ForConditionalGeneration, _seq2seq),
-)
+#: The loss of each task a model class declares (`Model.task`).
+LOSSES: dict[str, Callable[[Model, dict[str, Array], PRNGKeyArray | None], tuple[Float[Array, ""], Metrics]]] = {
+    "causal_lm": _causal_lm,
+    "masked_lm": _labelled_tokens,
+    "pretraining": _pretraining,
+    "sequence_classification": _sequence_classification,
+    "multiple_choice": _multiple_choice,
+    "token_classification": _labelled_tokens,
+    "question_answering": _question_answering,
+    "seq2seq_lm": _seq2seq,
+}
+assert set(LOSSES) == set(TASKS), "every task has a loss"
 
 
 def head_loss(
-    model: eqx.Module, batch: dict[str, Array], *, key: PRNGKeyArray | None = None
+    model: Model, batch: dict[str, Array], *, key: PRNGKeyArray | None = None
 ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
     """The training loss of `model` on a batch, as HF's head computes it from `labels`.
 
     **Arguments:**
 
-    - `model`: an unbatched head (GPT-Neo / Gemma / XGLM / BigBird causal LM, a BigBird
-      head, or `LongT5ForConditionalGeneration`); it is vmapped over the batch.
+    - `model`: an unbatched model whose class declares a `task` (every causal LM, BigBird
+      head and seq2seq LM); it is vmapped over the batch.
     - `batch`: arrays with HF's names and a leading batch axis: `input_ids`, `labels`
       and, as the head needs, `attention_mask`, `token_type_ids`, `position_ids`,
       `next_sentence_label`, `start_positions`, `end_positions`, `question_lengths`,
@@ -425,10 +361,11 @@ def head_loss(
     scalars (`loss` and, per head, `accuracy`, `tokens`, `mlm_loss`, `nsp_loss`,
     `start_loss`, `end_loss`).
     """
-    for cls, run in _HEADS:
-        if isinstance(model, cls):
-            if key is None:  # deterministic, whatever mode the model is in
-                model = eqx.nn.inference_mode(model)
-            return run(model, batch, key)
-    supported = ", ".join(cls.__name__ for cls, _ in _HEADS)
-    raise InputError(f"no loss for model class {type(model).__name__}; supported: {supported} (and subclasses)")
+    if model.task is None:
+        raise InputError(
+            f"{type(model).__name__} is a base model without a loss; train a head "
+            f"(a class whose task is one of {', '.join(TASKS)})"
+        )
+    if key is None:  # deterministic, whatever mode the model is in
+        model = eqx.nn.inference_mode(model)
+    return LOSSES[model.task](model, batch, key)

@@ -9,6 +9,7 @@ architecture's shape.
 from typing import Any
 
 from ..errors import ConfigError
+from ..models import FAMILIES
 
 _NO_DROPOUT_NEO = {"embed_dropout": 0.0, "attention_dropout": 0.0, "resid_dropout": 0.0}
 
@@ -149,16 +150,32 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "feed_forward_proj": "gated-gelu",
         },
     },
+    "t5": {  # trained as LongT5: the encoder reads a row's first half, the decoder writes the rest
+        "tiny": {"d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2, "num_heads": 4, "dropout_rate": 0.0},
+        "small": {"d_model": 256, "d_kv": 32, "d_ff": 1024, "num_layers": 6, "num_heads": 8, "dropout_rate": 0.0},
+        "base": {  # t5-v1_1-base / flan-t5-base
+            "d_model": 768,
+            "d_kv": 64,
+            "d_ff": 2048,
+            "num_layers": 12,
+            "num_heads": 12,
+            "feed_forward_proj": "gated-gelu",
+            "tie_word_embeddings": False,
+        },
+    },
 }
 
-# The head each family trains on text with, and the config fields that make it one.
-TEXT_HEADS: dict[str, str] = {
-    "gpt_neo": "GPTNeoForCausalLM",
-    "gemma": "GemmaForCausalLM",
-    "xglm": "XGLMForCausalLM",
-    "big_bird": "BigBirdForCausalLM",
-    "longt5": "LongT5ForConditionalGeneration",
+PRESETS["mt5"] = {
+    size: {**fields, "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False}
+    for size, fields in PRESETS["t5"].items()
 }
+
+#: The head each family trains on text with: its language model, from the registry.
+TEXT_HEADS: dict[str, str] = {
+    model_type: next(cls.__name__ for cls in family.classes if cls.task in ("causal_lm", "seq2seq_lm"))
+    for model_type, family in FAMILIES.items()
+}
+# The config fields that make BigBird's causal-LM head a decoder.
 _HEAD_FIELDS: dict[str, dict[str, Any]] = {"big_bird": {"is_decoder": True, "attention_type": "original_full"}}
 
 

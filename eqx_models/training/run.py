@@ -45,6 +45,7 @@ import numpy as np
 
 from ..errors import ConfigError, InputError
 from ..files import check_destination
+from ..models import Model, Seq2SeqLM, resolve_class
 from ..models._config import (
     MAX_INT32,
     Count,
@@ -324,16 +325,15 @@ def _hf_config(config: TrainConfig, tokens: Tokens) -> dict[str, Any]:
     else:
         hf = {**preset_config(config.family, config.size), "vocab_size": tokens.vocab_size}
     ids = {"eos_token_id": tokens.eos, "pad_token_id": tokens.pad}
-    if hf.get("model_type") == "longt5":
+    if issubclass(resolve_class(hf)[1], Seq2SeqLM):
         ids["decoder_start_token_id"] = tokens.pad
     else:
         ids["bos_token_id"] = tokens.eos  # GPT-2 style: documents are separated by EOS alone
     return {**hf, **ids}  # the data is built with the tokenizer's ids, so they win
 
 
-def _build_model(config: TrainConfig, tokens: Tokens, init: Any) -> Any:
-    from ..models import resolve_class
-    from ..models._config import with_run_options
+def _build_model(config: TrainConfig, tokens: Tokens, init: Model | None) -> Model:
+    from ..nn import with_run_options
 
     if init is not None:
         model = init
@@ -347,7 +347,7 @@ def _build_model(config: TrainConfig, tokens: Tokens, init: Any) -> Any:
             )
         model = cls(family.config.from_hf_config(hf), key=jax.random.key(config.seed))
     limit = model.config.position_limit
-    longest = config.seq_len // 2 if _is_seq2seq(model) else config.seq_len
+    longest = config.seq_len // 2 if isinstance(model, Seq2SeqLM) else config.seq_len
     if limit is not None and longest > limit:
         raise InputError(f"seq_len {config.seq_len} is longer than the model's {limit} positions")
     if model.config.vocab_size < tokens.vocab_size:
@@ -355,14 +355,10 @@ def _build_model(config: TrainConfig, tokens: Tokens, init: Any) -> Any:
     return with_run_options(model, remat=config.remat)
 
 
-def _is_seq2seq(model: Any) -> bool:
-    return hasattr(model, "encode")
-
-
-def _objective(model: Any, config: TrainConfig) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+def _objective(model: Model, config: TrainConfig) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
     """Packed rows to the head's batch: causal LMs predict each row; seq2seq models read a
     row's first half and write its second."""
-    if _is_seq2seq(model):
+    if isinstance(model, Seq2SeqLM):
         if config.seq_len < 2:
             raise InputError("seq2seq training splits each row in two: seq_len must be at least 2")
         half = config.seq_len // 2
@@ -393,7 +389,7 @@ def _check_resume(config: TrainConfig, output: Path, manager: CheckpointManager)
             raise InputError(f"cannot resume {output} with different settings ({shown})")
 
 
-def _count_parameters(model: Any) -> int:
+def _count_parameters(model: Model) -> int:
     return sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array)))
 
 
@@ -580,7 +576,7 @@ def _eval_set(config: TrainConfig, tokens: Tokens, docs: list[Document], train_i
     return EvalSet(packed, config.eval_batches, len(ids), size, baseline)
 
 
-def _summary(config: TrainConfig, model: Any, records: list[dict], evals: EvalSet | None, seconds: float) -> dict:
+def _summary(config: TrainConfig, model: Model, records: list[dict], evals: EvalSet | None, seconds: float) -> dict:
     steps = [r for r in records if "loss" in r]
     scored = [r for r in records if "eval_loss" in r]
     summary: dict[str, Any] = {
@@ -602,16 +598,16 @@ def _summary(config: TrainConfig, model: Any, records: list[dict], evals: EvalSe
     return summary
 
 
-def _sample(model: Any, tokens: Tokens, prompt: str, new_tokens: int = 64) -> str:
+def _sample(model: Model, tokens: Tokens, prompt: str, new_tokens: int = 64) -> str:
     from ..generation import generate
 
     ids = tokens.codec.encode(prompt)
     out = np.asarray(generate(model, np.asarray([ids], np.int32), max_new_tokens=new_tokens))[0]
-    new = out[1:] if _is_seq2seq(model) else out[len(ids) :]
+    new = out[1:] if isinstance(model, Seq2SeqLM) else out[len(ids) :]
     if tokens.eos in new.tolist():
         new = new[: new.tolist().index(tokens.eos)]
     text = tokens.codec.decode(new.tolist())
-    return (text if _is_seq2seq(model) else prompt + text).replace("\n", "\n  ")
+    return (text if isinstance(model, Seq2SeqLM) else prompt + text).replace("\n", "\n  ")
 
 
 __all__ = ["TrainConfig", "train"]

@@ -31,7 +31,7 @@ from jaxtyping import Array, Float, PyTree
 
 from .. import nn
 from ..errors import InputError
-from ..nn._stack import Stacked
+from ..nn import Stacked
 from .step import Batch, TrainState, make_train_step
 
 AXES = ("data", "fsdp", "tensor")
