@@ -1,11 +1,11 @@
 """eqx_models: GPT-Neo, Gemma, XGLM, BigBird and LongT5 as Equinox modules, with HF
 checkpoint conversion, cached generation and optax training."""
 
-from .checkpoint.io import export_hf, from_pretrained, load_with_report, save_pretrained
 from .errors import CheckpointError, ConfigError, EqxModelsError, InputError
 from .generation import generate
 from .models import FAMILIES
 from .nn import with_run_options
+from .pretrained import export_hf, from_pretrained, load_with_report, save_pretrained
 
 __version__ = "0.1.0"
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from .errors import EqxModelsError, InputError
 from .files import check_destination, interrupts_raise
-from .models._config import MAX_INT32, Range, Text, check_values
+from .validation import MAX_INT32, Range, Text, check_values
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 1  # an EqxModelsError or OSError: the message names the file, key or setting
@@ -28,7 +28,7 @@ nothing half-written is left)."""
 
 
 def _convert(args: argparse.Namespace) -> None:
-    from .checkpoint.io import export_hf, load_with_report, save_pretrained, tokenizer_files
+    from .pretrained import export_hf, load_with_report, save_pretrained, tokenizer_files
 
     check_destination(args.dst, source=args.src, overwrite=args.overwrite)  # before loading anything
     started = time.perf_counter()
@@ -105,9 +105,9 @@ def _until_eos(ids: list[int], eos_ids: set[int]) -> tuple[list[int], bool]:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from . import from_pretrained
     from .generation import generate, stream
     from .models import Seq2SeqLM
+    from .pretrained import from_pretrained
     from .text import StreamDecoder, load_codec
 
     options = _sampling_options(args)
@@ -149,7 +149,7 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from .training.run import TrainConfig, train
+    from .train import TrainConfig, train
 
     given = {name: value for name, value in vars(args).items() if name in TrainConfig.__dataclass_fields__}
     config = TrainConfig.from_file(args.config, **given) if args.config else TrainConfig.from_dict(given)
@@ -160,7 +160,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per `TrainConfig` field; a flag left out keeps the file's (or default) value."""
     import dataclasses
 
-    from .training.run import TrainConfig
+    from .train import TrainConfig
 
     parser.add_argument("--config", help="a .toml or .json file of settings (flags override it)")
     for field in dataclasses.fields(TrainConfig):

@@ -62,8 +62,8 @@ def verify(path: str | os.PathLike, *, seq_len: int = 16, seed: int = 0) -> floa
         import transformers
     except ImportError:
         raise EqxModelsError("verify needs transformers and torch: pip install 'eqx_models[hf]'") from None
-    from .checkpoint.io import export_hf, load_with_report, read_config
     from .checkpoint.keymap import NonFiniteWeightsWarning
+    from .pretrained import export_hf, load_with_report, read_config
 
     with warnings.catch_warnings():  # named below, once, on our own line
         warnings.simplefilter("ignore", NonFiniteWeightsWarning)

@@ -20,10 +20,10 @@ import torch
 import transformers
 
 import eqx_models
-from eqx_models.checkpoint.io import export_hf, load_with_report, tokenizer_files
+from eqx_models import train as run
 from eqx_models.generation import generate
+from eqx_models.pretrained import export_hf, load_with_report, tokenizer_files
 from eqx_models.text import TokenizerCodec
-from eqx_models.training import run
 from eqx_models.training.data import split_documents
 from eqx_models.training.loop import evaluate
 

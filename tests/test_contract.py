@@ -124,3 +124,50 @@ def test_no_private_cross_package_imports():
                 if any(part.startswith("_") for part in node.module.split(".")):
                     offences.append(f"{path.relative_to(ROOT)}: from {'.' * node.level}{node.module}")
     assert not offences, "\n".join(offences)
+
+
+# The package's layers, lowest first: a module may import its own layer and those below.
+LAYERS = {
+    "errors": 0,
+    "validation": 0,
+    "files": 0,
+    "text": 0,
+    "nn": 1,
+    "checkpoint": 2,
+    "models": 3,
+    "generation": 4,
+    "training": 4,
+    "pretrained": 5,
+    "verify": 6,
+    "train": 6,
+    "cli": 7,
+    "__main__": 8,
+    "__init__": 8,
+}
+
+
+def _layer_of(module: str) -> int:
+    """`module` is dotted below the package (`models.t5`, `pretrained`)."""
+    first = module.split(".")[0]
+    return LAYERS.get(first, LAYERS["__init__"])  # a name from the package's own __init__
+
+
+def test_imports_never_run_up_the_layers():
+    offences = []
+    for path, source in _package_sources():
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        here = ".".join(parts)
+        package = parts[:-1] if parts[-1] != "__init__" else parts[:-1]
+        for node in ast.walk(ast.parse(source)):
+            if not isinstance(node, ast.ImportFrom) or node.level == 0:
+                continue
+            base = list(package[: len(package) - (node.level - 1)]) if node.level > 1 else list(package)
+            targets = (
+                [".".join([*base, node.module])] if node.module else [".".join([*base, a.name]) for a in node.names]
+            )
+            for target in targets:
+                if not target or parts == ("__init__",):
+                    continue
+                if _layer_of(target) > _layer_of(here):
+                    offences.append(f"{path.relative_to(ROOT)}: imports {target}")
+    assert not offences, "\n".join(offences)

@@ -20,13 +20,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import eqx_models
-from eqx_models.checkpoint.io import read_config, save_pretrained
 from eqx_models.cli import main
 from eqx_models.errors import CheckpointError, ConfigError, InputError
 from eqx_models.models import FAMILIES, resolve_class
-from eqx_models.models._config import describe
+from eqx_models.pretrained import read_config, save_pretrained
+from eqx_models.train import TrainConfig
 from eqx_models.training.presets import preset_config
-from eqx_models.training.run import TrainConfig
+from eqx_models.validation import describe
 
 FAMILY_NAMES = sorted(FAMILIES)
 PROPERTY = settings(
@@ -523,7 +523,7 @@ def test_in_a_subprocess_a_bad_config_is_one_line(tmp_path):
 
 
 def test_show_value_stays_short_whatever_the_value():
-    from eqx_models.models._config import show_value
+    from eqx_models.validation import show_value
 
     deep: list = []
     for _ in range(100000):

@@ -17,8 +17,8 @@ import torch
 import transformers
 
 import eqx_models
+from eqx_models import train as run
 from eqx_models.cli import EXIT_BAD_INPUT, main
-from eqx_models.training import run
 from eqx_models.training.presets import PRESETS
 
 

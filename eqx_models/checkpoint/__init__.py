@@ -1,6 +1,6 @@
 """Checkpoint readers, key maps, and conversion between HF folders and Equinox trees.
 
-The loading functions live in `eqx_models.checkpoint.io` (re-exported by `eqx_models`).
+Loading and saving whole models (the application layer) is `eqx_models.pretrained`.
 """
 
 from .keymap import KeyMap, LoadReport

@@ -124,7 +124,7 @@ def align_prefix(state: dict[str, Any], key_map: KeyMap) -> tuple[dict[str, Any]
     return state, []
 
 
-def _progress(items: list, enabled: bool, what: str) -> Any:
+def progress_bar(items: list, enabled: bool, what: str) -> Any:
     """`items`, behind a tqdm bar when `enabled` and stderr is a terminal."""
     if not enabled:
         return items
@@ -133,7 +133,7 @@ def _progress(items: list, enabled: bool, what: str) -> Any:
     return tqdm(items, desc=what, unit="tensor", leave=False, disable=None)
 
 
-def _describe(names: list[str], limit: int = 8) -> str:
+def describe_names(names: list[str], limit: int = 8) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
@@ -225,7 +225,7 @@ def fill_tree(
     missing_paths: list[str] = []
     missing_keys: list[str] = []
     missing_count = 0
-    for path, leaf in _progress(list(array_leaves(skeleton)), progress, "loading"):
+    for path, leaf in progress_bar(list(array_leaves(skeleton)), progress, "loading"):
         pattern = key_map.hf_pattern(path)
         stacked = "{i}" in pattern
         if stacked and not leaf.ndim:
@@ -270,7 +270,7 @@ def fill_tree(
     unexpected = sorted(n for n in state if n not in used and not key_map.is_ignored(n))
     if unexpected:
         raise CheckpointError(
-            f"checkpoint has {len(unexpected)} unexpected key(s) for this model: {_describe(unexpected)}"
+            f"checkpoint has {len(unexpected)} unexpected key(s) for this model: {describe_names(unexpected)}"
         )
     report.ignored += sorted(n for n in state if n not in used and key_map.is_ignored(n))
     report.initialised = missing_paths
@@ -280,7 +280,7 @@ def fill_tree(
 def tree_to_state(tree: Any, key_map: KeyMap, *, progress: bool = False) -> dict[str, np.ndarray]:
     """A model tree's parameters under HF (PyTorch) names, unstacking layers."""
     state: dict[str, np.ndarray] = {}
-    for path, leaf in _progress(list(array_leaves(tree)), progress, "exporting"):
+    for path, leaf in progress_bar(list(array_leaves(tree)), progress, "exporting"):
         array = np.asarray(leaf)
         names, stacked = key_map.hf_names(path, array.shape[0] if array.ndim else None)
         for i, name in enumerate(names):

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 
 from ..errors import InputError
-from ..models._config import (
+from ..validation import (
     MAX_INT32,
     Count,
     PositiveFloat,

@@ -15,7 +15,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ..errors import InputError
 from ..models import CausalLM, Model, Seq2SeqLM
-from ..models._config import MAX_INT32
+from ..validation import MAX_INT32
 from ._config import GenerationConfig, resolve
 from ._processors import LogitsProcessor, build_processors
 from ._search import Request, beam_advance, beam_start, sample_advance, sample_start
@@ -139,10 +139,11 @@ _CACHE_LAYOUT: dict[Any, tuple[int, int]] = {}  # (model class, config, dtype) -
 
 
 def _tree_bytes(tree: Any) -> int:
-    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree) if hasattr(leaf, "dtype"))
+    arrays = (leaf for leaf in jax.tree.leaves(tree) if isinstance(leaf, jax.Array | jax.ShapeDtypeStruct))
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in arrays)
 
 
-def _cache_bytes(model: Any, slots: int) -> int:
+def _cache_bytes(model: CausalLM | Seq2SeqLM, slots: int) -> int:
     """Bytes of one row's KV cache of `slots` slots. Linear in `slots`, so measured once per
     model shape with `jax.eval_shape` (which allocates nothing)."""
     dtype = next((leaf.dtype for leaf in jax.tree.leaves(model) if eqx.is_inexact_array(leaf)), None)
@@ -178,7 +179,7 @@ def _bytes(n: int) -> str:
     return f"{n} bytes"
 
 
-def _check_budget(model: Any, config: GenerationConfig, batch: int, width: int, seq2seq: bool) -> None:
+def _check_budget(model: CausalLM | Seq2SeqLM, config: GenerationConfig, batch: int, width: int, seq2seq: bool) -> None:
     """Refuses, before anything is allocated, a budget beyond int32 positions or one whose
     cache and buffers need more memory than there is (rotary and relative positions place
     any length, so memory is their only limit)."""

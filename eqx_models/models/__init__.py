@@ -8,8 +8,9 @@ dispatch, training presets, the CLI, docs tables, tests) derives from it.
 from typing import Any
 
 from ..errors import ConfigError
+from ..validation import show_value
 from . import big_bird, gemma, gpt_neo, long_t5, t5, xglm
-from ._config import ModelConfig, show_value
+from ._config import ModelConfig
 from ._contract import (
     TASKS,
     Cached,

@@ -24,12 +24,9 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 from .. import nn
 from ..checkpoint.keymap import KeyMap
 from ..errors import ConfigError, InputError
-from ._block_sparse import SparsePlan, block_sparse_attention, inference_plan, random_plan
-from ._config import (
-    Activation,
+from ..validation import (
     Count,
     Layers,
-    ModelConfig,
     NonNegativeFloat,
     Note,
     PositiveFloat,
@@ -40,6 +37,8 @@ from ._config import (
     divisible,
     show_value,
 )
+from ._block_sparse import SparsePlan, block_sparse_attention, inference_plan, random_plan
+from ._config import Activation, ModelConfig
 from ._contract import CausalLM, Decoder, Family, Model
 from ._decoder import LayerContext
 from ._runner import LayerStep, TokenInputs, check_token_ids, run_stack, token_inputs, valid_mask

@@ -18,11 +18,9 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from .. import nn
 from ..checkpoint.keymap import KeyMap
-from ._config import (
+from ..validation import (
     MAX_INT32,
-    Activation,
     Layers,
-    ModelConfig,
     MultipleOf,
     NonNegativeFloat,
     Note,
@@ -34,6 +32,7 @@ from ._config import (
     TokenIds,
     divisible,
 )
+from ._config import Activation, ModelConfig
 from ._contract import Family
 from ._decoder import DecoderLM, DecoderModel, LayerContext, make_lm_head
 

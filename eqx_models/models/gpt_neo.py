@@ -15,12 +15,10 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from .. import nn
 from ..checkpoint.keymap import KeyMap
-from ._config import (
+from ..validation import (
     MAX_LAYERS,
-    Activation,
     Example,
     Layers,
-    ModelConfig,
     NonNegativeFloat,
     PositiveFloat,
     Probability,
@@ -31,6 +29,7 @@ from ._config import (
     TokenIds,
     divisible,
 )
+from ._config import Activation, ModelConfig
 from ._contract import Family
 from ._decoder import DecoderLM, DecoderModel, LayerContext, SelfAttention, make_lm_head
 

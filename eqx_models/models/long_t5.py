@@ -22,7 +22,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, Shaped
 
 from .. import nn
 from ..checkpoint.keymap import Rule
-from ._config import Count, Size
+from ..validation import Count, Size
 from ._contract import Family
 from ._runner import LayerStep, run_stack
 from .t5 import (

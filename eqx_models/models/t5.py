@@ -23,10 +23,9 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from .. import nn
 from ..checkpoint.keymap import KeyMap, Rule
-from ._config import (
+from ..validation import (
     MAX_INT32,
     Layers,
-    ModelConfig,
     NonNegativeFloat,
     Note,
     PositiveFloat,
@@ -38,6 +37,7 @@ from ._config import (
     TokenId,
     TokenIds,
 )
+from ._config import ModelConfig
 from ._contract import EncoderDecoder, Family, Model, Seq2SeqLM
 from ._runner import LayerStep, TokenInputs, check_token_ids, run_stack, stack_cross_kv, token_inputs, valid_mask
 

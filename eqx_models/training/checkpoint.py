@@ -90,7 +90,7 @@ def _manifest(tree: Any) -> list[dict[str, Any]]:
     return entries
 
 
-def _describe(entry: dict[str, Any]) -> str:
+def _describe_entry(entry: dict[str, Any]) -> str:
     if entry["shape"] is None:
         return f"a {entry['dtype']}"
     return f"shape {tuple(entry['shape'])} {entry['dtype']}"
@@ -123,7 +123,7 @@ def _check_manifest(saved: Any, expected: list[dict[str, Any]], where: Path) -> 
         if got.get("shape") != want["shape"] or got.get("dtype") != want["dtype"]:
             raise CheckpointError(
                 f"{where.parent / STATE_NAME} does not fit `like`: leaf {want['path']} has "
-                f"{_describe(got)} in the checkpoint but {_describe(want)} in `like`"
+                f"{_describe_entry(got)} in the checkpoint but {_describe_entry(want)} in `like`"
             )
 
 

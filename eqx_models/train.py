@@ -43,10 +43,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..errors import ConfigError, InputError
-from ..files import check_destination
-from ..models import Model, Seq2SeqLM, resolve_class
-from ..models._config import (
+from .errors import ConfigError, InputError
+from .files import check_destination
+from .models import Model, Seq2SeqLM, resolve_class
+from .training.checkpoint import CheckpointManager, barrier, gather_to_host
+from .training.data import (
+    Document,
+    PackedBatches,
+    bits_per_byte,
+    find_documents,
+    split_documents,
+    stdlib_sources,
+    tokenize,
+    train_bpe_tokenizer,
+    unigram_bits_per_byte,
+)
+from .training.loop import fit, plot_losses, read_metrics, truncate_metrics
+from .training.optim import adamw, warmup_cosine
+from .training.presets import TEXT_HEADS, preset_config
+from .training.step import TrainState, init_state, make_train_step
+from .validation import (
     MAX_INT32,
     Count,
     NonNegativeFloat,
@@ -58,22 +74,6 @@ from ..models._config import (
     Text,
     check_fields,
 )
-from .checkpoint import CheckpointManager, barrier, gather_to_host
-from .data import (
-    Document,
-    PackedBatches,
-    bits_per_byte,
-    find_documents,
-    split_documents,
-    stdlib_sources,
-    tokenize,
-    train_bpe_tokenizer,
-    unigram_bits_per_byte,
-)
-from .loop import fit, plot_losses, read_metrics, truncate_metrics
-from .optim import adamw, warmup_cosine
-from .presets import TEXT_HEADS, preset_config
-from .step import TrainState, init_state, make_train_step
 
 STDLIB = "stdlib"
 
@@ -279,7 +279,7 @@ def _special_id(codec: Any, names: tuple[str, ...], what: str) -> int:
 def _tokens(config: TrainConfig, train_docs: list[Document], output: Path, init_config: Any) -> Tokens:
     """The run's tokenizer: reused from the run folder when resuming, else as configured.
     A BPE is trained and saved by process 0; the other processes read its file."""
-    from ..text import ByteCodec, TokenizerCodec
+    from .text import ByteCodec, TokenizerCodec
 
     saved = output / "tokenizer.json"
     kind, value = _parse_tokenizer(config.tokenizer)
@@ -311,8 +311,8 @@ def _hf_config(config: TrainConfig, tokens: Tokens) -> dict[str, Any]:
             path = path / "config.json"
         if not path.is_file():
             raise InputError(f"no model config at {config.model_config}")
-        from ..checkpoint.io import read_config
-        from ..models import family_of
+        from .models import family_of
+        from .pretrained import read_config
 
         hf = read_config(path.parent, name=path.name)
         family = family_of(hf.get("model_type"))
@@ -333,7 +333,7 @@ def _hf_config(config: TrainConfig, tokens: Tokens) -> dict[str, Any]:
 
 
 def _build_model(config: TrainConfig, tokens: Tokens, init: Model | None) -> Model:
-    from ..nn import with_run_options
+    from .nn import with_run_options
 
     if init is not None:
         model = init
@@ -398,8 +398,8 @@ def _count_parameters(model: Model) -> int:
 
 def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Runs `config` end to end (see the module docstring) and returns the summary."""
-    from ..checkpoint.io import export_hf, from_pretrained
-    from .sharding import initialize_distributed, make_mesh, make_sharded_train_step, shard_batch, shard_state
+    from .pretrained import export_hf, from_pretrained
+    from .training.sharding import initialize_distributed, make_mesh, make_sharded_train_step, shard_batch, shard_state
 
     config.validate()
     started = time.perf_counter()
@@ -528,7 +528,7 @@ def _silent(message: str) -> None:
 def _process_rows(mesh: Any, batch_size: int) -> slice:
     """The rows of the global batch that this process's devices hold: all of them in a
     single process, a contiguous block in a multi-process job."""
-    from .sharding import batch_sharding
+    from .training.sharding import batch_sharding
 
     if jax.process_count() == 1:
         return slice(None)
@@ -599,7 +599,7 @@ def _summary(config: TrainConfig, model: Model, records: list[dict], evals: Eval
 
 
 def _sample(model: Model, tokens: Tokens, prompt: str, new_tokens: int = 64) -> str:
-    from ..generation import generate
+    from .generation import generate
 
     ids = tokens.codec.encode(prompt)
     out = np.asarray(generate(model, np.asarray([ids], np.int32), max_new_tokens=new_tokens))[0]

@@ -17,11 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import save_file
 
-from .. import nn
-from ..errors import CheckpointError
-from ..files import atomic_folder, check_destination, copy_file_into, give_usual_permissions
-from ..models import Model, class_by_name, resolve_class
-from .keymap import KeyMap, LoadReport, _progress, array_leaves, fill_tree, from_flax_names, tree_to_state
+from . import nn
+from .checkpoint.keymap import KeyMap, LoadReport, array_leaves, fill_tree, from_flax_names, progress_bar, tree_to_state
+from .errors import CheckpointError
+from .files import atomic_folder, check_destination, copy_file_into, give_usual_permissions
+from .models import Model, class_by_name, resolve_class
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
@@ -59,7 +59,7 @@ def read_config(folder: str | os.PathLike, *, name: str = CONFIG_NAME) -> dict[s
     `CheckpointError` naming it: not UTF-8, not JSON, not an object, a key given twice,
     nesting deeper than a config has, an integer too long to parse, a file far larger than
     a config, an `eqx_models` entry of the wrong shape."""
-    from ..models._config import show_value
+    from .validation import show_value
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -175,7 +175,7 @@ def load_with_report(
     if own is not None:
         state, key_map = _read_own_weights(folder), _OWN_MAP
     else:
-        from .readers import lazy_state_dict
+        from .checkpoint.readers import lazy_state_dict
 
         state, source_format = lazy_state_dict(folder)
         if source_format == "flax":
@@ -186,9 +186,9 @@ def load_with_report(
     if report.nonfinite:
         import warnings
 
-        from .keymap import NonFiniteWeightsWarning, _describe
+        from .checkpoint.keymap import NonFiniteWeightsWarning, describe_names
 
-        message = f"{folder}: {len(report.nonfinite)} tensor(s) hold NaN or Inf: {_describe(report.nonfinite)}"
+        message = f"{folder}: {len(report.nonfinite)} tensor(s) hold NaN or Inf: {describe_names(report.nonfinite)}"
         if strict:
             raise CheckpointError(message + " (strict loading)")
         warnings.warn(message, NonFiniteWeightsWarning, stacklevel=2)
@@ -228,7 +228,7 @@ def _replace_array_leaves(skeleton: Any, values: list[Any]) -> Any:
 
 def _read_own_weights(folder: Path) -> dict[str, Any]:
     """The (unread, validated) tensors of our folder's safetensors file."""
-    from .readers import lazy_safetensors
+    from .checkpoint.readers import lazy_safetensors
 
     path = folder / WEIGHTS_NAME
     if not path.is_file():
@@ -311,7 +311,7 @@ def save_pretrained(
         "layout": "stacked",
         **nn.run_options(model).as_dict(),
     }
-    arrays = {path: np.asarray(leaf) for path, leaf in _progress(list(array_leaves(model)), progress, "saving")}
+    arrays = {path: np.asarray(leaf) for path, leaf in progress_bar(list(array_leaves(model)), progress, "saving")}
     with atomic_folder(path, overwrite=overwrite) as tmp:
         _write_weights(tmp, arrays, "eqx_models")
         _write_config(tmp, hf)
