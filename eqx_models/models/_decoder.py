@@ -4,6 +4,11 @@ over layers with the KV cache, and the causal-LM head.
 A family subclasses `DecoderModel` (its embeddings, stacked blocks and final norm) and
 `DecoderLM` (the base model plus an optionally tied output projection); the forward pass,
 cached decoding and cross-attention inputs are written once here, on the shared runner.
+
+Cross-attention (`add_cross_attention` decoders): a layer implements `cross_kv(encoded)`
+(keys and values heads first, computed once per encoder input) and reads `LayerContext.cross`;
+`encoder_kv` and `attend_encoder` are the two halves every such layer shares (`CrossAttention`
+with HF's `q_proj`... names for XGLM, BigBird's `crossattention` with its own names).
 """
 
 import abc
@@ -17,6 +22,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from .. import nn
 from ..checkpoint.keymap import KeyMap
+from ..errors import InputError
 from ._config import ModelConfig
 from ._contract import CausalLM, Decoder
 from ._runner import LayerStep, TokenInputs, check_token_ids, cross_inputs, run_stack, token_inputs
@@ -161,6 +167,16 @@ class DecoderModel(Decoder):
         return x, inputs.finish(write)
 
 
+def attention_projections(
+    dim: int, *, qkv_bias: bool, init_std: float, dtype: DTypeLike, key: PRNGKeyArray
+) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
+    """The `q_proj`, `k_proj`, `v_proj` (biased if `qkv_bias`) and biased `out_proj` of
+    `SelfAttention` and `CrossAttention`."""
+    kq, kk, kv, ko = jax.random.split(key, 4)
+    linear = lambda bias, k: nn.Linear(dim, dim, use_bias=bias, init_std=init_std, dtype=dtype, key=k)  # noqa: E731
+    return linear(qkv_bias, kq), linear(qkv_bias, kk), linear(qkv_bias, kv), linear(True, ko)
+
+
 class SelfAttention(eqx.Module):
     """Multi-head causal self-attention with HF's `q_proj`/`k_proj`/`v_proj`/`out_proj`
     names (GPT-Neo, XGLM), writing its keys and values to the cache when decoding."""
@@ -185,10 +201,8 @@ class SelfAttention(eqx.Module):
         dtype: DTypeLike,
         key: PRNGKeyArray,
     ):
-        kq, kk, kv, ko = jax.random.split(key, 4)
-        linear = lambda bias, k: nn.Linear(dim, dim, use_bias=bias, init_std=init_std, dtype=dtype, key=k)  # noqa: E731
-        self.q_proj, self.k_proj, self.v_proj = linear(qkv_bias, kq), linear(qkv_bias, kk), linear(qkv_bias, kv)
-        self.out_proj = linear(True, ko)
+        projections = attention_projections(dim, qkv_bias=qkv_bias, init_std=init_std, dtype=dtype, key=key)
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = projections
         self.dropout = eqx.nn.Dropout(dropout)
         self.num_heads, self.scale = num_heads, scale
 
@@ -203,6 +217,84 @@ class SelfAttention(eqx.Module):
             q, k, v, ctx.mask, scale=self.scale, dropout=self.dropout, key=key, causal=ctx.causal
         )
         return self.out_proj(out.reshape(seq, dim)), write
+
+
+def encoder_kv(
+    key_proj: nn.Linear, value_proj: nn.Linear, encoded: Float[Array, "src dim"], num_heads: int
+) -> tuple[Float[Array, "heads src head_dim"], Float[Array, "heads src head_dim"]]:
+    """A cross-attention layer's keys and values of the encoder states, heads first (the
+    layout of `CrossLayer` and of a layer's `cross_kv`). The states are cast to the
+    parameters' dtype (float32 encoder outputs into a bfloat16 decoder)."""
+    encoded = encoded.astype(key_proj.weight.dtype)
+    k, v = nn.fused_projections(encoded, (key_proj, value_proj))
+    return tuple(nn.heads_first(t.reshape(encoded.shape[0], num_heads, -1)) for t in (k, v))
+
+
+def attend_encoder(
+    q: Float[Array, "seq heads head_dim"],
+    cross: CrossLayer,
+    *,
+    scale: float | None = None,
+    dropout: eqx.nn.Dropout | None = None,
+    key: PRNGKeyArray | None = None,
+) -> Float[Array, "seq heads head_dim"]:
+    """Cross-attention: every query attends every real encoder token (HF's inverted
+    `encoder_attention_mask`: padding scores become float32's lowest value)."""
+    mask = nn.padding_mask(q.shape[0], cross.valid)
+    return nn.dot_product_attention(q, cross.keys, cross.values, mask, scale=scale, dropout=dropout, key=key)
+
+
+def no_cross_attention(family: str) -> InputError:
+    """The error for `encoder_hidden_states` given to a model built without cross-attention."""
+    return InputError(
+        f"encoder_hidden_states were given, but this {family} model has no cross-attention layers "
+        "(its config has add_cross_attention=False)"
+    )
+
+
+class CrossAttention(eqx.Module):
+    """Multi-head attention from a decoder's tokens to encoder states, with HF's
+    `q_proj`/`k_proj`/`v_proj`/`out_proj` names (XGLM's `encoder_attn`). Queries come
+    from the layer; keys and values from `cross_kv`, computed once per encoder input."""
+
+    q_proj: nn.Linear
+    k_proj: nn.Linear
+    v_proj: nn.Linear
+    out_proj: nn.Linear
+    dropout: eqx.nn.Dropout
+    num_heads: int = eqx.field(static=True)
+    scale: float | None = eqx.field(static=True)
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        qkv_bias: bool,
+        scale: float | None,
+        dropout: float,
+        init_std: float,
+        dtype: DTypeLike,
+        key: PRNGKeyArray,
+    ):
+        projections = attention_projections(dim, qkv_bias=qkv_bias, init_std=init_std, dtype=dtype, key=key)
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = projections
+        self.dropout = eqx.nn.Dropout(dropout)
+        self.num_heads, self.scale = num_heads, scale
+
+    def cross_kv(
+        self, encoded: Float[Array, "src dim"]
+    ) -> tuple[Float[Array, "heads src head_dim"], Float[Array, "heads src head_dim"]]:
+        """Keys and values of the encoder states, heads first."""
+        return encoder_kv(self.k_proj, self.v_proj, encoded, self.num_heads)
+
+    def __call__(
+        self, x: Float[Array, "seq dim"], cross: CrossLayer, *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "seq dim"]:
+        seq, dim = x.shape
+        q = self.q_proj(x).reshape(seq, self.num_heads, -1)
+        out = attend_encoder(q, cross, scale=self.scale, dropout=self.dropout, key=key)
+        return self.out_proj(out.reshape(seq, dim))
 
 
 class DecoderLM(CausalLM):

@@ -9,11 +9,19 @@ Attention: `original_full`, or `block_sparse` (see `_block_sparse.py`), which li
 pads inputs to whole blocks and falls back to full attention on inputs of at most
 `(5 + 2 * num_random_blocks) * block_size` tokens. Cached decoding (the causal LM) always
 uses full attention.
+
+Cross-attention decoders (`is_decoder=True`, `add_cross_attention=True`): each layer's
+`crossattention` (stored, like `attention`, with `self` renamed `self_attn`) attends to
+`encoder_hidden_states` after the causal self-attention, as HF Flax's `FlaxBigBirdLayer`
+and BERT's decoder layers do, always with full attention (HF switches such models to
+`original_full`). HF PyTorch 4.57.6's `BigBirdLayer` also hands the encoder states to its
+*self*-attention, which then attends to them instead of to the decoder's own tokens; we
+follow the Flax reference, not that bug.
 """
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Annotated, Any, ClassVar, Literal, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import equinox as eqx
 import jax
@@ -28,9 +36,9 @@ from ..validation import (
     Count,
     Layers,
     NonNegativeFloat,
-    Note,
     PositiveFloat,
     Probability,
+    Relation,
     Size,
     TokenId,
     TokenIds,
@@ -40,8 +48,16 @@ from ..validation import (
 from ._block_sparse import SparsePlan, block_sparse_attention, inference_plan, random_plan
 from ._config import Activation, ModelConfig
 from ._contract import CausalLM, Decoder, Family, Model
-from ._decoder import LayerContext
-from ._runner import LayerStep, TokenInputs, check_token_ids, run_stack, token_inputs, valid_mask
+from ._decoder import CrossLayer, LayerContext, attend_encoder, encoder_kv, no_cross_attention
+from ._runner import (
+    LayerStep,
+    TokenInputs,
+    check_token_ids,
+    cross_inputs,
+    run_stack,
+    token_inputs,
+    valid_mask,
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -74,10 +90,18 @@ class BigBirdConfig(ModelConfig):
     classifier_dropout: Probability | None = None
     num_labels: Size = 2
     is_decoder: bool = False
-    add_cross_attention: Annotated[Literal[False], Note("cross-attention is not supported for BigBird")] = False
+    add_cross_attention: bool = False
     tie_word_embeddings: bool = True
 
-    RELATIONS: ClassVar = (divisible("hidden_size", "num_attention_heads"),)
+    RELATIONS: ClassVar = (
+        divisible("hidden_size", "num_attention_heads"),
+        # cross-attention layers belong to a decoder, as in HF's BigBirdLayer
+        Relation(
+            ("add_cross_attention", "is_decoder"),
+            lambda cross, decoder: decoder or not cross,
+            "add_cross_attention=True needs is_decoder=True",
+        ),
+    )
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any], **overrides: Any):
@@ -105,6 +129,12 @@ class BigBirdConfig(ModelConfig):
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def block_sparse(self) -> bool:
+        """Whether long inputs use block-sparse attention: never with cross-attention, as
+        HF's `BigBirdModel` switches such models to `original_full`."""
+        return self.attention_type == "block_sparse" and not self.add_cross_attention
 
     @property
     def max_full_attention_tokens(self) -> int:
@@ -188,6 +218,20 @@ class BigBirdSelfAttention(eqx.Module):
         out = nn.dot_product_attention(q, k, v, ctx.mask, dropout=self.dropout, key=key)
         return out.reshape(seq, dim), write
 
+    def cross_kv(
+        self, encoded: Float[Array, "src hidden"]
+    ) -> tuple[Float[Array, "heads src head_dim"], Float[Array, "heads src head_dim"]]:
+        """Keys and values of the encoder states, heads first (as a `crossattention`)."""
+        return encoder_kv(self.key, self.value, encoded, self.num_heads)
+
+    def attend_encoder(
+        self, x: Float[Array, "seq hidden"], cross: CrossLayer, *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "seq hidden"]:
+        """Queries from `x` attending to the encoder's keys and values (as a `crossattention`)."""
+        seq, dim = x.shape
+        q = self.query(x).reshape(seq, self.num_heads, -1)
+        return attend_encoder(q, cross, dropout=self.dropout, key=key).reshape(seq, dim)
+
 
 class BigBirdResidualOutput(eqx.Module):
     """`LayerNorm(x + dropout(dense(h)))`: HF's `BigBirdSelfOutput` and `BigBirdOutput`."""
@@ -228,6 +272,13 @@ class BigBirdAttention(eqx.Module):
         h, write = self.self_attn(x, ctx, key=k1, sparse=sparse)
         return self.output(h, x, key=k2), write
 
+    def cross(
+        self, x: Float[Array, "seq hidden"], cross: CrossLayer, *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "seq hidden"]:
+        """As a `crossattention`: `LN(x + dense(attention(x, encoder)))`."""
+        k1, k2 = nn.split_key(key, 2)
+        return self.output(self.self_attn.attend_encoder(x, cross, key=k1), x, key=k2)
+
 
 class BigBirdIntermediate(eqx.Module):
     dense: nn.Linear
@@ -242,15 +293,18 @@ class BigBirdIntermediate(eqx.Module):
 
 
 class BigBirdLayer(eqx.Module):
-    """Post-LayerNorm: `x = LN(x + attn(x))`, then `LN(x + out(act(inter(x))))`."""
+    """Post-LayerNorm: `x = LN(x + attn(x))`, with encoder states `x = LN(x + cross(x,
+    encoder))`, then `LN(x + out(act(inter(x))))`."""
 
     attention: BigBirdAttention
+    crossattention: BigBirdAttention | None  # `None` without add_cross_attention
     intermediate: BigBirdIntermediate
     output: BigBirdResidualOutput
 
     def __init__(self, config: BigBirdConfig, *, dtype: DTypeLike, key: PRNGKeyArray):
-        k1, k2, k3 = jax.random.split(key, 3)
+        k1, k2, k3, k4 = jax.random.split(key, 4)
         self.attention = BigBirdAttention(config, dtype=dtype, key=k1)
+        self.crossattention = BigBirdAttention(config, dtype=dtype, key=k4) if config.add_cross_attention else None
         self.intermediate = BigBirdIntermediate(config, dtype=dtype, key=k2)
         self.output = BigBirdResidualOutput(config, config.intermediate_size, dtype=dtype, key=k3)
 
@@ -262,9 +316,22 @@ class BigBirdLayer(eqx.Module):
         key: PRNGKeyArray | None = None,
         sparse: SparsePlan | None = None,
     ) -> tuple[Float[Array, "seq hidden"], nn.LayerWrite | None]:
-        k1, k2 = nn.split_key(key, 2)
+        k1, k2, k3 = nn.split_key(key, 3)
         x, write = self.attention(x, ctx, key=k1, sparse=sparse)
+        if ctx.cross is not None:  # without encoder states HF skips the block
+            x = self._crossattention().cross(x, ctx.cross, key=k3)
         return self.output(self.intermediate(x), x, key=k2), write
+
+    def cross_kv(
+        self, encoded: Float[Array, "src hidden"]
+    ) -> tuple[Float[Array, "heads src head_dim"], Float[Array, "heads src head_dim"]]:
+        """This layer's cross-attention keys and values (heads first), computed once per input."""
+        return self._crossattention().self_attn.cross_kv(encoded)
+
+    def _crossattention(self) -> BigBirdAttention:
+        if self.crossattention is None:
+            raise no_cross_attention("BigBird")
+        return self.crossattention
 
 
 class BigBirdOutput(NamedTuple):
@@ -277,8 +344,11 @@ class BigBirdOutput(NamedTuple):
 class BigBirdModel(Decoder):
     """The BigBird encoder (with its pooler unless built with `add_pooling_layer=False`).
 
-    `model(input_ids, *, attention_mask, token_type_ids, position_ids, key)` returns a
+    `model(input_ids, *, attention_mask, token_type_ids, position_ids,
+    encoder_hidden_states, encoder_attention_mask, key)` returns a
     `BigBirdOutput(last_hidden_state [seq, hidden], pooler_output [hidden] | None)`.
+    With `is_decoder=True` attention is causal; with `add_cross_attention=True` too, the
+    layers attend to `encoder_hidden_states [enc_seq, hidden]`.
     """
 
     outputs: ClassVar[tuple[str, ...]] = ("last_hidden_state", "pooler_output")
@@ -312,11 +382,14 @@ class BigBirdModel(Decoder):
         attention_mask: Int[Array, " seq"] | Bool[Array, " seq"] | None = None,
         token_type_ids: Int[Array, " seq"] | None = None,
         position_ids: Int[Array, " seq"] | None = None,
+        encoder_hidden_states: Float[Array, "enc_seq hidden"] | None = None,
+        encoder_attention_mask: Int[Array, " enc_seq"] | Bool[Array, " enc_seq"] | None = None,
         key: PRNGKeyArray | None = None,
     ) -> BigBirdOutput:
         cfg = self.config
         seq = input_ids.shape[0]
-        sparse = cfg.attention_type == "block_sparse" and seq > cfg.max_full_attention_tokens
+        cross = cross_inputs(self.encoder, encoder_hidden_states, encoder_attention_mask)
+        sparse = cfg.block_sparse and seq > cfg.max_full_attention_tokens
         if sparse:  # pad to whole blocks as upstream; the padding is masked and cut off after
             pad = -seq % cfg.block_size
             valid = valid_mask(input_ids, attention_mask)
@@ -327,7 +400,7 @@ class BigBirdModel(Decoder):
             if position_ids is not None:
                 position_ids = jnp.pad(position_ids, (0, pad), constant_values=cfg.pad_token_id or 0)
         inputs = token_inputs(input_ids, attention_mask, position_ids, None)
-        x, _ = self._forward(input_ids, inputs, token_type_ids, key, sparse=sparse)
+        x, _ = self._forward(input_ids, inputs, token_type_ids, key, cross, sparse=sparse)
         pooled = None if self.pooler is None else jnp.tanh(self.pooler(x[0]))
         return BigBirdOutput(x[:seq], pooled)
 
@@ -339,20 +412,38 @@ class BigBirdModel(Decoder):
         attention_mask: Int[Array, " new"] | Bool[Array, " new"] | None = None,
         position_ids: Int[Array, " new"] | None = None,
         token_type_ids: Int[Array, " new"] | None = None,
+        cross: nn.CrossKV | None = None,
     ) -> tuple[Float[Array, "new hidden"], nn.KVCache]:
         """Cached decoding (`is_decoder=True` configs): hidden states of the `new` tokens
-        and the cache with them appended."""
+        and the cache with them appended; `cross` from `cross_kv` for cross-attention layers."""
         if not self.config.is_decoder:
             raise InputError("cached decoding needs a decoder config (is_decoder=True), as HF's BigBirdForCausalLM")
         inputs = token_inputs(input_ids, attention_mask, position_ids, cache)
-        return self._forward(input_ids, inputs, token_type_ids, None)
+        return self._forward(input_ids, inputs, token_type_ids, None, cross)
+
+    def cross_kv(
+        self,
+        encoder_hidden_states: Float[Array, "enc_seq hidden"],
+        encoder_attention_mask: Int[Array, " enc_seq"] | Bool[Array, " enc_seq"] | None = None,
+    ) -> nn.CrossKV:
+        """Every layer's cross-attention keys and values, computed once for `decode`."""
+        return cross_inputs(self.encoder, encoder_hidden_states, encoder_attention_mask)
 
     @property
     def cache_shape(self) -> tuple[int, int, int]:
         cfg = self.config
         return cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_dim
 
-    def _forward(self, input_ids, inputs: TokenInputs, token_type_ids, key, *, sparse: bool = False):
+    def _forward(
+        self,
+        input_ids: Int[Array, " seq"],
+        inputs: TokenInputs,
+        token_type_ids: Int[Array, " seq"] | None,
+        key: PRNGKeyArray | None,
+        cross: nn.CrossKV | None,
+        *,
+        sparse: bool = False,
+    ) -> tuple[Float[Array, "seq hidden"], nn.KVCache | None]:
         cfg = self.config
         seq = input_ids.shape[0]
         input_ids = check_token_ids(input_ids, cfg.vocab_size)
@@ -373,7 +464,8 @@ class BigBirdModel(Decoder):
                     layer_key, plan_key = jax.random.split(layer_key)
                     rand_blocks = random_plan(plan_key, heads, num_blocks, rand)
                 plan = SparsePlan(inputs.kv_valid, rand_blocks, cfg.block_size)
-            ctx = LayerContext(mask, inputs.positions, step.write, step.index)
+            crossing = None if step.inputs is None else CrossLayer(*step.inputs, cross.valid)
+            ctx = LayerContext(mask, inputs.positions, step.write, step.index, crossing)
             return block(x, ctx, key=layer_key, sparse=plan)
 
         x, write = run_stack(
@@ -383,6 +475,7 @@ class BigBirdModel(Decoder):
             finish=lambda x, _: x,
             key=key,
             write=inputs.write,
+            per_layer=None if cross is None else (cross.keys, cross.values),
         )
         return x, inputs.finish(write)
 
@@ -395,6 +488,7 @@ class BigBirdModel(Decoder):
         return KeyMap(
             rules=(
                 ("encoder.layer.{i}.attention.self.", "encoder.layers.attention.self_attn."),
+                ("encoder.layer.{i}.crossattention.self.", "encoder.layers.crossattention.self_attn."),
                 ("encoder.layer.{i}.", "encoder.layers."),
                 ("", ""),
             ),
@@ -511,19 +605,40 @@ class _BigBirdHead(Model):
         attention_mask: Int[Array, " seq"] | Bool[Array, " seq"] | None = None,
         token_type_ids: Int[Array, " seq"] | None = None,
         position_ids: Int[Array, " seq"] | None = None,
+        encoder_hidden_states: Float[Array, "enc_seq hidden"] | None = None,
+        encoder_attention_mask: Int[Array, " enc_seq"] | Bool[Array, " enc_seq"] | None = None,
         key: PRNGKeyArray | None = None,
     ) -> Any:
-        """Runs `bert` on one sequence, then the head (`head`, typed with its output shape)."""
+        """Runs `bert` on one sequence (attending to `encoder_hidden_states` in
+        cross-attention decoders), then the head (`head`, typed with its output shape)."""
         k1, k2 = nn.split_key(key, 2)
-        return self.head(self._encode(input_ids, attention_mask, token_type_ids, position_ids, k1), key=k2)
+        out = self._encode(
+            input_ids, attention_mask, token_type_ids, position_ids, k1, encoder_hidden_states, encoder_attention_mask
+        )
+        return self.head(out, key=k2)
 
     def head(self, out: BigBirdOutput, *, key: PRNGKeyArray | None = None) -> Any:
         """The head on the base model's outputs (heads with their own `__call__` skip it)."""
         raise TypeError(f"{type(self).__name__} has no separate head")  # pragma: no cover
 
-    def _encode(self, input_ids, attention_mask, token_type_ids, position_ids, key) -> BigBirdOutput:
+    def _encode(
+        self,
+        input_ids,
+        attention_mask,
+        token_type_ids,
+        position_ids,
+        key,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
+    ) -> BigBirdOutput:
         return self.bert(
-            input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, position_ids=position_ids, key=key
+            input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask,
+            key=key,
         )
 
     @classmethod
@@ -601,10 +716,22 @@ class BigBirdForCausalLM(_BigBirdHead, CausalLM):
         attention_mask: Int[Array, " new"] | Bool[Array, " new"] | None = None,
         position_ids: Int[Array, " new"] | None = None,
         last_only: bool = False,
+        cross: nn.CrossKV | None = None,
     ) -> tuple[Float[Array, "out vocab"], nn.KVCache]:
-        """Cached step: logits for the `new` tokens (only the last one's with `last_only`)."""
-        hidden, cache = self.bert.decode(input_ids, cache, attention_mask=attention_mask, position_ids=position_ids)
+        """Cached step: logits for the `new` tokens (only the last one's with `last_only`);
+        `cross` from `cross_kv` for cross-attention layers."""
+        hidden, cache = self.bert.decode(
+            input_ids, cache, attention_mask=attention_mask, position_ids=position_ids, cross=cross
+        )
         return self.head(BigBirdOutput(hidden[-1:] if last_only else hidden, None)), cache
+
+    def cross_kv(
+        self,
+        encoder_hidden_states: Float[Array, "enc_seq hidden"],
+        encoder_attention_mask: Int[Array, " enc_seq"] | Bool[Array, " enc_seq"] | None = None,
+    ) -> nn.CrossKV:
+        """Every layer's cross-attention keys and values, computed once for `decode`."""
+        return self.bert.cross_kv(encoder_hidden_states, encoder_attention_mask)
 
     @property
     def cache_shape(self) -> tuple[int, int, int]:

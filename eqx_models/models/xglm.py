@@ -1,6 +1,7 @@
 """XGLM: sinusoidal positions offset by 2 (fairseq's padding convention), scaled token
 embeddings, pre-LayerNorm blocks with biased projections, a final LayerNorm and a tied
-LM head.
+LM head. With `add_cross_attention=True` each layer also attends to encoder states
+(`encoder_attn`, between self-attention and the feed-forward block), as upstream.
 
 Reference: HF `modeling_flax_xglm.py` and `modeling_xglm.py` (4.57.6).
 """
@@ -30,7 +31,15 @@ from ..validation import (
 )
 from ._config import Activation, ModelConfig
 from ._contract import Family
-from ._decoder import DecoderLM, DecoderModel, LayerContext, SelfAttention, make_lm_head
+from ._decoder import (
+    CrossAttention,
+    DecoderLM,
+    DecoderModel,
+    LayerContext,
+    SelfAttention,
+    make_lm_head,
+    no_cross_attention,
+)
 
 # Position p reads row p + 2 of the sinusoid table; row `padding_idx` is all zeros.
 POSITION_OFFSET = 2
@@ -59,6 +68,7 @@ class XGLMConfig(ModelConfig):
     bos_token_id: TokenId | None = 0
     eos_token_id: TokenIds | None = 2
     tie_word_embeddings: bool = True
+    add_cross_attention: bool = False  # layers also attend to `encoder_hidden_states` (`encoder_attn`)
 
     RELATIONS: ClassVar = (divisible("d_model", "attention_heads"),)
 
@@ -68,10 +78,13 @@ class XGLMConfig(ModelConfig):
 
 
 class XGLMDecoderLayer(eqx.Module):
-    """`x + attn(ln(x))`, then `x + fc2(act(fc1(ln(x))))`, with dropouts."""
+    """`x + attn(ln(x))`, then (with cross-attention and encoder states) `x +
+    encoder_attn(ln(x), encoder)`, then `x + fc2(act(fc1(ln(x))))`, with dropouts."""
 
     self_attn_layer_norm: nn.LayerNorm
     self_attn: SelfAttention
+    encoder_attn_layer_norm: nn.LayerNorm | None  # `None` without add_cross_attention
+    encoder_attn: CrossAttention | None
     final_layer_norm: nn.LayerNorm
     fc1: nn.Linear
     fc2: nn.Linear
@@ -80,19 +93,16 @@ class XGLMDecoderLayer(eqx.Module):
     activation_function: str = eqx.field(static=True)
 
     def __init__(self, config: XGLMConfig, *, dtype: DTypeLike, key: PRNGKeyArray):
-        k_attn, k1, k2 = jax.random.split(key, 3)
+        k_attn, k1, k2, k_cross = jax.random.split(key, 4)
         dim, std = config.d_model, config.init_std
+        attention = dict(qkv_bias=True, scale=None, dropout=config.attention_dropout, init_std=std, dtype=dtype)
         self.self_attn_layer_norm = nn.LayerNorm(dim, dtype=dtype)
-        self.self_attn = SelfAttention(
-            dim,
-            config.attention_heads,
-            qkv_bias=True,
-            scale=None,
-            dropout=config.attention_dropout,
-            init_std=std,
-            dtype=dtype,
-            key=k_attn,
-        )
+        self.self_attn = SelfAttention(dim, config.attention_heads, **attention, key=k_attn)
+        if config.add_cross_attention:
+            self.encoder_attn_layer_norm = nn.LayerNorm(dim, dtype=dtype)
+            self.encoder_attn = CrossAttention(dim, config.attention_heads, **attention, key=k_cross)
+        else:
+            self.encoder_attn_layer_norm = self.encoder_attn = None
         self.final_layer_norm = nn.LayerNorm(dim, dtype=dtype)
         self.fc1 = nn.Linear(dim, config.ffn_dim, init_std=std, dtype=dtype, key=k1)
         self.fc2 = nn.Linear(config.ffn_dim, dim, init_std=std, dtype=dtype, key=k2)
@@ -103,12 +113,26 @@ class XGLMDecoderLayer(eqx.Module):
     def __call__(
         self, x: Float[Array, "seq dim"], ctx: LayerContext, *, key: PRNGKeyArray | None = None
     ) -> tuple[Float[Array, "seq dim"], nn.LayerWrite | None]:
-        k_attn, k_drop1, k_act, k_drop2 = nn.split_key(key, 4)
+        k_attn, k_drop1, k_act, k_drop2, k_cross, k_drop_cross = nn.split_key(key, 6)
         h, write = self.self_attn(self.self_attn_layer_norm(x), ctx, key=k_attn)
         x = x + self.dropout(h, key=k_drop1)
+        if ctx.cross is not None:  # without encoder states HF skips the block
+            h = self._encoder_attn()(self.encoder_attn_layer_norm(x), ctx.cross, key=k_cross)
+            x = x + self.dropout(h, key=k_drop_cross)
         h = nn.activation(self.activation_function)(self.fc1(self.final_layer_norm(x)))
         h = self.fc2(self.activation_dropout(h, key=k_act))
         return x + self.dropout(h, key=k_drop2), write
+
+    def cross_kv(
+        self, encoded: Float[Array, "src dim"]
+    ) -> tuple[Float[Array, "heads src head_dim"], Float[Array, "heads src head_dim"]]:
+        """This layer's cross-attention keys and values (heads first), computed once per input."""
+        return self._encoder_attn().cross_kv(encoded)
+
+    def _encoder_attn(self) -> CrossAttention:
+        if self.encoder_attn is None:
+            raise no_cross_attention("XGLM")
+        return self.encoder_attn
 
 
 class XGLMModel(DecoderModel):
