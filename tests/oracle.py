@@ -2,6 +2,7 @@
 
 import numpy as np
 import torch
+from torch.overrides import TorchFunctionMode
 
 
 def randomise(model: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torch.nn.Module:
@@ -62,3 +63,17 @@ def torch_logits(model, ids, mask, positions=None) -> np.ndarray:
 def max_diff_valid(ours, expected, mask) -> float:
     """Max |difference| over real (unpadded) tokens."""
     return float(np.abs(np.asarray(ours, np.float64) - expected)[np.asarray(mask, bool)].max())
+
+
+class Float64Throughout(TorchFunctionMode):
+    """Keeps a float64 HF model in float64 where its code casts to float32 on purpose (HF
+    GPT-Neo's `_attn` computes its scores from `query.to(torch.float32)` and
+    `key.to(torch.float32)`), so that `with Float64Throughout(): model.double()(...)` is a
+    float64 truth to measure float32 implementations against."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.to and args and isinstance(args[0], torch.Tensor) and args[0].dtype == torch.float64:
+            if kwargs.get("dtype", args[1] if len(args) > 1 else None) is torch.float32:
+                return args[0]
+        return func(*args, **kwargs)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from oracle import hf_positions, left_padded, max_diff_valid, randomise, torch_logits
+from oracle import Float64Throughout, hf_positions, left_padded, max_diff_valid, randomise, torch_logits
 
 import eqx_models
 from eqx_models import nn
@@ -53,13 +53,16 @@ def test_causal_lm_logits_match_hf_on_left_padded_batch(
 def test_long_left_padded_batch_matches_hf(tmp_path):
     """Lengths past the attention's causal block size and not a multiple of it. Over 600
     positions float32 rounding grows in HF too, so the float64 HF model is the truth and we
-    must be at least as close to it as HF's own float32 model."""
+    must be at least as close to it as HF's own float32 model. HF's float64 model still
+    computes its attention scores in float32 (`_attn` casts queries and keys), which would
+    share those roundings with HF's float32 model: `Float64Throughout` keeps them float64."""
     reference = hf_neo(tmp_path, max_position_embeddings=640, window_size=97)
     model = eqx_models.from_pretrained(tmp_path)
     ids, mask = left_padded(np.random.default_rng(9), TINY["vocab_size"], [601, 515])
     positions = hf_positions(mask)
     hf32 = torch_logits(reference, ids, mask, positions)
-    truth = torch_logits(reference.double(), ids, mask, positions)
+    with Float64Throughout():
+        truth = torch_logits(reference.double(), ids, mask, positions)
     ours = jax.vmap(lambda i, m, p: model(i, attention_mask=m, position_ids=p))(ids, mask, positions)
     ours_error, hf_error = max_diff_valid(ours, truth, mask), max_diff_valid(hf32, truth, mask)
     print(
