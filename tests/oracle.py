@@ -3,6 +3,8 @@
 import numpy as np
 import torch
 
+from eqx_models.checkpoint.keymap import array_leaves
+
 
 def randomise(model: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torch.nn.Module:
     """Every parameter random, so nothing rests at its init value. Norm weights are drawn
@@ -62,3 +64,13 @@ def torch_logits(model, ids, mask, positions=None) -> np.ndarray:
 def max_diff_valid(ours, expected, mask) -> float:
     """Max |difference| over real (unpadded) tokens."""
     return float(np.abs(np.asarray(ours, np.float64) - expected)[np.asarray(mask, bool)].max())
+
+
+def assert_same_tree(a, b) -> None:
+    """Same array leaves at the same paths, equal in dtype and every bit."""
+    la = {path: np.asarray(leaf) for path, leaf in array_leaves(a)}
+    lb = {path: np.asarray(leaf) for path, leaf in array_leaves(b)}
+    assert la.keys() == lb.keys()
+    for path in la:
+        assert la[path].dtype == lb[path].dtype, path
+        np.testing.assert_array_equal(la[path], lb[path], err_msg=path)

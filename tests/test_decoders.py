@@ -8,8 +8,7 @@ import pytest
 import torch
 import transformers
 from decoder_cases import CASES
-from oracle import hf_positions, left_padded, max_diff_valid, torch_logits
-from test_conversion import assert_same_tree
+from oracle import assert_same_tree, hf_positions, left_padded, max_diff_valid, torch_logits
 
 import eqx_models
 from eqx_models.generation import batched_decode, init_batched_cache

@@ -10,11 +10,9 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from cases import BIG_BIRD, GPT_NEO, LONG_T5
 from decoder_cases import CASES
 from oracle import hf_generate, left_padded, randomise
-from test_big_bird import CONFIG as BIG_BIRD
-from test_gpt_neo import TINY as GPT_NEO
-from test_long_t5 import CONFIG as LONG_T5
 
 import eqx_models
 from eqx_models.generation import _generate

@@ -13,8 +13,8 @@ import pytest
 import scipy.stats
 import torch
 import transformers
+from cases import hf_neo
 from oracle import hf_positions, left_padded, torch_logits
-from test_gpt_neo import hf_neo
 from transformers.generation import logits_process as hf
 from transformers.generation.utils import GenerationMixin
 

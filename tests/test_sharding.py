@@ -21,7 +21,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
-from test_gpt_neo import hf_neo
+from cases import hf_neo
 
 import eqx_models
 from eqx_models.training import sharding
