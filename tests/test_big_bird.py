@@ -105,6 +105,7 @@ def test_base_checkpoint_loads_into_heads_with_new_weights_reported(tmp_path):
     assert_same_tree(model.bert, base)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head", ["BigBirdForPreTraining", "BigBirdForQuestionAnswering"])
 def test_formats_and_export_round_trip(tmp_path, head):
     reference = hf_bird(tmp_path / "hf", head, seed=5, num_labels=2)
@@ -136,6 +137,7 @@ SPARSE = [  # block size, random blocks, right-padded lengths (none a multiple o
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block_size,num_random_blocks,lengths", SPARSE)
 def test_block_sparse_masked_lm_matches_hf(tmp_path, block_size, num_random_blocks, lengths):
     config = dict(attention_type="block_sparse", block_size=block_size, num_random_blocks=num_random_blocks)
@@ -149,6 +151,7 @@ def test_block_sparse_masked_lm_matches_hf(tmp_path, block_size, num_random_bloc
     assert diff < 2e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "head",
     [
@@ -189,6 +192,7 @@ def test_block_sparse_heads_match_hf(tmp_path, head):
         assert diff < 2e-5, (head, diff)
 
 
+@pytest.mark.slow
 def test_block_sparse_multiple_choice_matches_hf(tmp_path):
     config = dict(attention_type="block_sparse", block_size=2, num_random_blocks=1)
     reference = hf_bird(tmp_path, "BigBirdForMultipleChoice", seed=10, **config)
@@ -312,6 +316,7 @@ def test_causal_lm_decode_needs_a_decoder_config(tmp_path):
         model.decode(jax.numpy.array([1, 2]), model.init_cache(4))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "head", ["BigBirdForPreTraining", "BigBirdForQuestionAnswering", "BigBirdForMultipleChoice", "BigBirdForCausalLM"]
 )

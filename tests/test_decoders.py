@@ -68,6 +68,7 @@ def test_cached_decoding_equals_full_forward(tmp_path, case):
     assert diff < 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["gemma-mqa", "gemma-mha-bias", "xglm-unscaled", "gpt-neo"])
 def test_greedy_generate_matches_hf_token_for_token(tmp_path, case):
     case = CASES[case]
@@ -90,6 +91,7 @@ def test_greedy_generate_matches_hf_token_for_token(tmp_path, case):
     np.testing.assert_array_equal(ours, theirs.numpy())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["gemma-gqa2", "xglm", "gpt-neo"])
 def test_every_checkpoint_format_gives_the_same_tree(tmp_path, case):
     case = CASES[case]

@@ -99,6 +99,7 @@ RUNS = [(arch, strategy) for arch in ARCHS for strategy in ("greedy", "beam")] +
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,strategy", RUNS)
 def test_greedy_and_beam_search_match_hf_token_for_token(tmp_path, arch, strategy):
     arch_ = ARCHS[arch]
@@ -126,6 +127,7 @@ PROCESSED = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", PROCESSED)
 def test_processors_end_to_end_match_hf(tmp_path, options):
     arch = ARCHS["gpt_neo"]

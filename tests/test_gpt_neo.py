@@ -38,6 +38,7 @@ def test_causal_lm_logits_match_hf_on_left_padded_batch(
     assert diff < 2e-5
 
 
+@pytest.mark.slow
 def test_long_left_padded_batch_matches_hf(tmp_path):
     """Lengths past the attention's causal block size and not a multiple of it. Over 600
     positions float32 rounding grows in HF too, so the float64 HF model is the truth and we

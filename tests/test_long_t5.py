@@ -47,6 +47,7 @@ def test_encoder_matches_hf_on_right_padded_batch(
     assert diff < 2e-5
 
 
+@pytest.mark.slow
 def test_local_attention_cost_is_linear_in_length(tmp_path):
     """The bias is [heads, block, 3 * block] for any length and the mask (and so the attention)
     [blocks, 1, block, 3 * block]: linear in length."""
@@ -188,6 +189,7 @@ def test_shift_tokens_right_matches_hf():
     np.testing.assert_array_equal(ours, expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attention", ["local", "transient-global"])
 def test_cached_decoding_and_greedy_generation_match_hf(tmp_path, attention):
     from eqx_models.generation._decoding import cache_axes as _cache_axes
@@ -242,6 +244,7 @@ def test_cached_decoding_and_greedy_generation_match_hf(tmp_path, attention):
     np.testing.assert_array_equal(ours, theirs)
 
 
+@pytest.mark.slow
 def test_flax_msgpack_and_pytorch_bin_give_the_same_tree(tmp_path):
     """Public LongT5 checkpoints often ship only `flax_model.msgpack` and `pytorch_model.bin`.
     HF's Flax LongT5 no longer runs on current JAX, so the msgpack is written here in Flax's

@@ -453,6 +453,7 @@ DISTRIBUTIONS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options,expected", DISTRIBUTIONS, ids=[str(d[0]) for d in DISTRIBUTIONS])
 def test_sample_frequencies_match_the_distribution(neo, options, expected):
     """4096 draws (64 rows x 64 steps) from fixed logits over 4 tokens (p = 0.1, 0.2, 0.3,

@@ -194,6 +194,7 @@ def _head_cases():
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head", list(_head_cases()))
 def test_overfitting_one_batch_lowers_every_heads_loss(tmp_path, head):
     """Together with the GPT-Neo causal-LM and BigBird classification tests above: every head."""
