@@ -1,9 +1,10 @@
-"""Random tiny HF decoder-only models of each family, for the shared decoder tests."""
+"""Random tiny HF decoder-only models of each family (Gemma, XGLM, GPT-Neo), for the shared decoder tests."""
 
 import dataclasses
 
 import torch
 import transformers
+from cases import GPT_NEO
 from oracle import randomise
 
 
@@ -96,5 +97,14 @@ CASES = {
         "XGLMModel",
         "FlaxXGLMForCausalLM",
         {**XGLM, "scale_embedding": False, "activation_function": "relu"},
+    ),
+    # tests/cases.py's GPT-Neo (window 3) as hf_neo builds it: global and local layers alternating
+    "gpt-neo": Case(
+        "gpt-neo",
+        "GPTNeoConfig",
+        "GPTNeoForCausalLM",
+        "GPTNeoModel",
+        "FlaxGPTNeoForCausalLM",
+        {**GPT_NEO, "num_layers": 4, "attention_types": [[["global", "local"], 2]], "pad_token_id": 0},
     ),
 }

@@ -4,6 +4,8 @@ import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 
+from eqx_models.checkpoint.keymap import array_leaves
+
 
 def randomise(model: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torch.nn.Module:
     """Every parameter random, so nothing rests at its init value. Norm weights are drawn
@@ -77,3 +79,13 @@ class Float64Throughout(TorchFunctionMode):
             if kwargs.get("dtype", args[1] if len(args) > 1 else None) is torch.float32:
                 return args[0]
         return func(*args, **kwargs)
+
+
+def assert_same_tree(a, b) -> None:
+    """Same array leaves at the same paths, equal in dtype and every bit."""
+    la = {path: np.asarray(leaf) for path, leaf in array_leaves(a)}
+    lb = {path: np.asarray(leaf) for path, leaf in array_leaves(b)}
+    assert la.keys() == lb.keys()
+    for path in la:
+        assert la[path].dtype == lb[path].dtype, path
+        np.testing.assert_array_equal(la[path], lb[path], err_msg=path)

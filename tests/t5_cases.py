@@ -11,8 +11,6 @@ import torch
 import transformers
 from oracle import randomise
 
-from eqx_models.checkpoint.keymap import array_leaves
-
 # 8 buckets up to distance 12: the encoder's bidirectional buckets are exact up to 2 and
 # logarithmic up to 12, the decoder's exact up to 4; longer sequences reach the last bucket.
 COMMON = dict(
@@ -124,13 +122,3 @@ def write_flax_msgpack(reference: torch.nn.Module, folder: Path, max_shard_size:
     for name, shard in shards.items():  # shards hold "/"-joined paths: nested again, as HF writes them
         (folder / name).write_bytes(flax.serialization.to_bytes(unflatten_dict(shard, sep="/")))
     (folder / "flax_model.msgpack.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-
-def assert_same_tree(a, b) -> None:
-    """Same array leaves at the same paths, equal in dtype and every bit."""
-    la = {path: np.asarray(leaf) for path, leaf in array_leaves(a)}
-    lb = {path: np.asarray(leaf) for path, leaf in array_leaves(b)}
-    assert la.keys() == lb.keys()
-    for path in la:
-        assert la[path].dtype == lb[path].dtype, path
-        np.testing.assert_array_equal(la[path], lb[path], err_msg=path)

@@ -5,42 +5,11 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from oracle import max_diff_valid, randomise
-from test_conversion import assert_same_tree
+from cases import BIG_BIRD, hf_bird, right_padded
+from oracle import assert_same_tree, max_diff_valid
 
 import eqx_models
 from eqx_models.models import BigBirdConfig
-
-CONFIG = dict(
-    vocab_size=91,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=40,
-    max_position_embeddings=96,
-    type_vocab_size=3,
-    attention_type="original_full",
-    hidden_act="gelu_new",
-    sep_token_id=5,
-    num_labels=3,
-    hidden_dropout_prob=0.1,
-    attention_probs_dropout_prob=0.1,
-)
-
-
-def hf_bird(folder, head, seed=0, **overrides):
-    torch.manual_seed(seed)
-    model = randomise(getattr(transformers, head)(transformers.BigBirdConfig(**{**CONFIG, **overrides})), seed)
-    model.save_pretrained(folder)
-    return model
-
-
-def right_padded(rng, lengths, seq=None):
-    seq = seq or max(lengths)
-    ids = rng.integers(6, CONFIG["vocab_size"], (len(lengths), seq))
-    mask = (np.arange(seq)[None, :] < np.array(lengths)[:, None]).astype(np.int64)
-    types = rng.integers(0, CONFIG["type_vocab_size"], ids.shape)
-    return np.where(mask, ids, 0), mask, types
 
 
 def run_torch(model, **inputs):
@@ -136,6 +105,7 @@ def test_base_checkpoint_loads_into_heads_with_new_weights_reported(tmp_path):
     assert_same_tree(model.bert, base)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head", ["BigBirdForPreTraining", "BigBirdForQuestionAnswering"])
 def test_formats_and_export_round_trip(tmp_path, head):
     reference = hf_bird(tmp_path / "hf", head, seed=5, num_labels=2)
@@ -167,6 +137,7 @@ SPARSE = [  # block size, random blocks, right-padded lengths (none a multiple o
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block_size,num_random_blocks,lengths", SPARSE)
 def test_block_sparse_masked_lm_matches_hf(tmp_path, block_size, num_random_blocks, lengths):
     config = dict(attention_type="block_sparse", block_size=block_size, num_random_blocks=num_random_blocks)
@@ -180,6 +151,7 @@ def test_block_sparse_masked_lm_matches_hf(tmp_path, block_size, num_random_bloc
     assert diff < 2e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "head",
     [
@@ -198,7 +170,7 @@ def test_block_sparse_heads_match_hf(tmp_path, head):
     reference = hf_bird(tmp_path, head, seed=9, **config)
     model = eqx_models.from_pretrained(tmp_path)
     ids, mask, types = right_padded(np.random.default_rng(9), [23, 19, 16])
-    ids[:, 3] = CONFIG["sep_token_id"]
+    ids[:, 3] = BIG_BIRD["sep_token_id"]
     expected = run_torch(reference, input_ids=ids, attention_mask=mask, token_type_ids=types)
     ours = run_ours(model, ids, mask, types)
     fields = {
@@ -220,6 +192,7 @@ def test_block_sparse_heads_match_hf(tmp_path, head):
         assert diff < 2e-5, (head, diff)
 
 
+@pytest.mark.slow
 def test_block_sparse_multiple_choice_matches_hf(tmp_path):
     config = dict(attention_type="block_sparse", block_size=2, num_random_blocks=1)
     reference = hf_bird(tmp_path, "BigBirdForMultipleChoice", seed=10, **config)
@@ -280,7 +253,7 @@ def test_block_sparse_training_draws_a_new_plan_per_key(tmp_path):
         attention_probs_dropout_prob=0.0,
     )
     model = eqx.nn.inference_mode(eqx_models.from_pretrained(tmp_path), False)
-    ids = jax.numpy.arange(6, 30) % CONFIG["vocab_size"]
+    ids = jax.numpy.arange(6, 30) % BIG_BIRD["vocab_size"]
     a, b = model(ids, key=jax.random.key(1)), model(ids, key=jax.random.key(2))
     assert not np.allclose(a, b)  # dropout is off: only the random blocks differ
     np.testing.assert_array_equal(a, model(ids, key=jax.random.key(1)))
@@ -289,9 +262,9 @@ def test_block_sparse_training_draws_a_new_plan_per_key(tmp_path):
 
 def test_bad_config_values_are_named():
     with pytest.raises(eqx_models.ConfigError, match="attention_type must be"):
-        BigBirdConfig.from_hf_config({"model_type": "big_bird", **CONFIG, "attention_type": "sparse"})
+        BigBirdConfig.from_hf_config({"model_type": "big_bird", **BIG_BIRD, "attention_type": "sparse"})
     with pytest.raises(eqx_models.ConfigError, match="hidden_size must be divisible by num_attention_heads"):
-        BigBirdConfig.from_hf_config({"model_type": "big_bird", **CONFIG, "num_attention_heads": 5})
+        BigBirdConfig.from_hf_config({"model_type": "big_bird", **BIG_BIRD, "num_attention_heads": 5})
 
 
 def test_causal_lm_logits_cache_and_greedy_generation_match_hf(tmp_path):
@@ -302,7 +275,7 @@ def test_causal_lm_logits_cache_and_greedy_generation_match_hf(tmp_path):
     reference = hf_bird(tmp_path, "BigBirdForCausalLM", seed=7, is_decoder=True, eos_token_id=2, pad_token_id=0)
     model = eqx_models.from_pretrained(tmp_path)
     assert type(model).__name__ == "BigBirdForCausalLM"
-    ids, mask = left_padded(np.random.default_rng(7), CONFIG["vocab_size"], [9, 5, 7])
+    ids, mask = left_padded(np.random.default_rng(7), BIG_BIRD["vocab_size"], [9, 5, 7])
     positions = hf_positions(mask)
     expected = run_torch(reference, input_ids=ids, attention_mask=mask, position_ids=positions).logits.numpy()
     full = jax.vmap(lambda i, m, p: model(i, attention_mask=m, position_ids=p))(ids, mask, positions)
@@ -343,6 +316,7 @@ def test_causal_lm_decode_needs_a_decoder_config(tmp_path):
         model.decode(jax.numpy.array([1, 2]), model.init_cache(4))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "head", ["BigBirdForPreTraining", "BigBirdForQuestionAnswering", "BigBirdForMultipleChoice", "BigBirdForCausalLM"]
 )

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from oracle import randomise
+from oracle import assert_same_tree, randomise
 
 import eqx_models
 from eqx_models import nn
@@ -47,18 +47,6 @@ def checkpoints(reference, tmp_path_factory):
         flax_model.save_pretrained(root / "msgpack")
         flax_model.save_pretrained(root / "sharded_msgpack", max_shard_size="10KB")
     return root
-
-
-def leaves(model):
-    return {path: np.asarray(leaf) for path, leaf in array_leaves(model)}
-
-
-def assert_same_tree(a, b):
-    la, lb = leaves(a), leaves(b)
-    assert la.keys() == lb.keys()
-    for path in la:
-        assert la[path].dtype == lb[path].dtype, path
-        np.testing.assert_array_equal(la[path], lb[path], err_msg=path)
 
 
 @pytest.mark.parametrize("fmt", ["sharded_safetensors", "bin", "sharded_bin", "msgpack", "sharded_msgpack"])

@@ -1,4 +1,4 @@
-"""Gemma and XGLM against transformers 4.57.6 PyTorch: logits on left-padded batches,
+"""Gemma, XGLM and GPT-Neo against transformers 4.57.6 PyTorch: logits on left-padded batches,
 cached decoding, greedy generation, every checkpoint format, export and bad configs."""
 
 import jax
@@ -8,8 +8,7 @@ import pytest
 import torch
 import transformers
 from decoder_cases import CASES
-from oracle import hf_positions, left_padded, max_diff_valid, torch_logits
-from test_conversion import assert_same_tree
+from oracle import assert_same_tree, hf_positions, left_padded, max_diff_valid, torch_logits
 
 import eqx_models
 from eqx_models.generation import batched_decode, init_batched_cache
@@ -33,7 +32,7 @@ def test_logits_match_hf_on_left_padded_batch(tmp_path, case, scan_layers):
     assert diff < 2e-5
 
 
-@pytest.mark.parametrize("case", ["gemma-gqa3", "xglm"])
+@pytest.mark.parametrize("case", ["gemma-gqa3", "xglm", "gpt-neo"])
 def test_base_model_matches_hf(tmp_path, case):
     case = CASES[case]
     reference = case.save(tmp_path, head=False)
@@ -45,7 +44,7 @@ def test_base_model_matches_hf(tmp_path, case):
     assert diff < 1e-5
 
 
-@pytest.mark.parametrize("case", ["gemma-gqa2", "xglm"])
+@pytest.mark.parametrize("case", ["gemma-gqa2", "xglm", "gpt-neo"])
 def test_cached_decoding_equals_full_forward(tmp_path, case):
     case = CASES[case]
     case.save(tmp_path)
@@ -69,7 +68,8 @@ def test_cached_decoding_equals_full_forward(tmp_path, case):
     assert diff < 1e-5
 
 
-@pytest.mark.parametrize("case", ["gemma-mqa", "gemma-mha-bias", "xglm-unscaled"])
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["gemma-mqa", "gemma-mha-bias", "xglm-unscaled", "gpt-neo"])
 def test_greedy_generate_matches_hf_token_for_token(tmp_path, case):
     case = CASES[case]
     reference = case.save(tmp_path, seed=5)
@@ -91,7 +91,8 @@ def test_greedy_generate_matches_hf_token_for_token(tmp_path, case):
     np.testing.assert_array_equal(ours, theirs.numpy())
 
 
-@pytest.mark.parametrize("case", ["gemma-gqa2", "xglm"])
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["gemma-gqa2", "xglm", "gpt-neo"])
 def test_every_checkpoint_format_gives_the_same_tree(tmp_path, case):
     case = CASES[case]
     reference = case.save(tmp_path / "safetensors")
@@ -105,7 +106,7 @@ def test_every_checkpoint_format_gives_the_same_tree(tmp_path, case):
         assert_same_tree(eqx_models.from_pretrained(tmp_path / fmt), expected)
 
 
-@pytest.mark.parametrize("case", ["gemma-mha-bias", "xglm"])
+@pytest.mark.parametrize("case", ["gemma-mha-bias", "xglm", "gpt-neo"])
 def test_export_hf_reloads_with_identical_weights_and_our_folder_round_trips(tmp_path, case):
     case = CASES[case]
     reference = case.save(tmp_path / "hf")

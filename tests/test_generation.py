@@ -10,11 +10,9 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from cases import BIG_BIRD, GPT_NEO, LONG_T5
 from decoder_cases import CASES
 from oracle import hf_generate, left_padded, randomise
-from test_big_bird import CONFIG as BIG_BIRD
-from test_gpt_neo import TINY as GPT_NEO
-from test_long_t5 import CONFIG as LONG_T5
 
 import eqx_models
 from eqx_models.generation import _generate
@@ -101,6 +99,7 @@ RUNS = [(arch, strategy) for arch in ARCHS for strategy in ("greedy", "beam")] +
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,strategy", RUNS)
 def test_greedy_and_beam_search_match_hf_token_for_token(tmp_path, arch, strategy):
     arch_ = ARCHS[arch]
@@ -128,6 +127,7 @@ PROCESSED = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", PROCESSED)
 def test_processors_end_to_end_match_hf(tmp_path, options):
     arch = ARCHS["gpt_neo"]

@@ -5,28 +5,16 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from oracle import Float64Throughout, hf_positions, left_padded, max_diff_valid, randomise, torch_logits
+from cases import GPT_NEO, hf_neo
+from oracle import Float64Throughout, hf_positions, left_padded, max_diff_valid, torch_logits
 
 import eqx_models
 from eqx_models import nn
 from eqx_models.generation import batched_decode, init_batched_cache
-from eqx_models.models import GPTNeoConfig, GPTNeoForCausalLM, GPTNeoModel
+from eqx_models.models import GPTNeoConfig, GPTNeoForCausalLM
 
-TINY = dict(vocab_size=97, hidden_size=32, num_heads=4, max_position_embeddings=64, window_size=3)
-
-
-def hf_neo(tmp_path, seed=0, head=transformers.GPTNeoForCausalLM, **overrides):
-    config = transformers.GPTNeoConfig(
-        **{**TINY, "num_layers": 4, "attention_types": [[["global", "local"], 2]], **overrides}
-    )
-    torch.manual_seed(seed)
-    model = randomise(head(config), seed)
-    model.save_pretrained(tmp_path)
-    return model
-
-
+# The alternating pattern of tests/cases.py (4 layers, window 3) runs in tests/test_decoders.py's shared cases.
 PATTERNS = [
-    ([[["global", "local"], 2]], 4, 3),
     ([[["local"], 3], [["global"], 1]], 4, 1),
     ([[["global"], 2]], 2, 5),
     ([[["local", "local", "global"], 1]], 3, 20),  # window wider than the sequence
@@ -41,7 +29,7 @@ def test_causal_lm_logits_match_hf_on_left_padded_batch(
     reference = hf_neo(tmp_path, attention_types=attention_types, num_layers=num_layers, window_size=window_size)
     model = eqx_models.from_pretrained(tmp_path, scan_layers=scan_layers)
     assert nn.run_options(model).scan_layers is scan_layers
-    ids, mask = left_padded(np.random.default_rng(1), TINY["vocab_size"], [13, 9, 4])
+    ids, mask = left_padded(np.random.default_rng(1), GPT_NEO["vocab_size"], [13, 9, 4])
     positions = hf_positions(mask)
     expected = torch_logits(reference, ids, mask, positions)
     ours = jax.vmap(lambda i, m, p: model(i, attention_mask=m, position_ids=p))(ids, mask, positions)
@@ -50,6 +38,7 @@ def test_causal_lm_logits_match_hf_on_left_padded_batch(
     assert diff < 2e-5
 
 
+@pytest.mark.slow
 def test_long_left_padded_batch_matches_hf(tmp_path):
     """Lengths past the attention's causal block size and not a multiple of it. Over 600
     positions float32 rounding grows in HF too, so the float64 HF model is the truth and we
@@ -58,7 +47,7 @@ def test_long_left_padded_batch_matches_hf(tmp_path):
     share those roundings with HF's float32 model: `Float64Throughout` keeps them float64."""
     reference = hf_neo(tmp_path, max_position_embeddings=640, window_size=97)
     model = eqx_models.from_pretrained(tmp_path)
-    ids, mask = left_padded(np.random.default_rng(9), TINY["vocab_size"], [601, 515])
+    ids, mask = left_padded(np.random.default_rng(9), GPT_NEO["vocab_size"], [601, 515])
     positions = hf_positions(mask)
     hf32 = torch_logits(reference, ids, mask, positions)
     with Float64Throughout():
@@ -73,20 +62,10 @@ def test_long_left_padded_batch_matches_hf(tmp_path):
     assert max_diff_valid(ours, hf32, mask) < 1e-4
 
 
-def test_base_model_hidden_states_match_hf(tmp_path):
-    reference = hf_neo(tmp_path, head=transformers.GPTNeoModel)
-    model = eqx_models.from_pretrained(tmp_path)
-    assert isinstance(model, GPTNeoModel)
-    ids, mask = left_padded(np.random.default_rng(2), TINY["vocab_size"], [11, 7])
-    expected = torch_logits(reference, ids, mask, hf_positions(mask))
-    ours = jax.vmap(lambda i, m, p: model(i, attention_mask=m, position_ids=p))(ids, mask, hf_positions(mask))
-    assert max_diff_valid(ours, expected, mask) < 1e-5
-
-
 def test_default_positions_are_slots_as_in_hf(tmp_path):
     reference = hf_neo(tmp_path)
     model = eqx_models.from_pretrained(tmp_path)
-    ids = np.random.default_rng(3).integers(0, TINY["vocab_size"], (1, 10))
+    ids = np.random.default_rng(3).integers(0, GPT_NEO["vocab_size"], (1, 10))
     mask = np.ones_like(ids)
     expected = torch_logits(reference, ids, mask)
     assert max_diff_valid(model(jnp.asarray(ids[0]))[None], expected, mask) < 2e-5
@@ -96,7 +75,7 @@ def test_untied_head_matches_hf(tmp_path):
     reference = hf_neo(tmp_path, tie_word_embeddings=False)
     model = eqx_models.from_pretrained(tmp_path)
     assert model.lm_head is not None
-    ids, mask = left_padded(np.random.default_rng(4), TINY["vocab_size"], [8, 5])
+    ids, mask = left_padded(np.random.default_rng(4), GPT_NEO["vocab_size"], [8, 5])
     expected = torch_logits(reference, ids, mask, hf_positions(mask))
     ours = jax.vmap(lambda i, m, p: model(i, attention_mask=m, position_ids=p))(ids, mask, hf_positions(mask))
     assert max_diff_valid(ours, expected, mask) < 2e-5
@@ -116,7 +95,7 @@ def test_base_checkpoint_loads_into_head_and_head_into_base(tmp_path):
 def test_cached_decoding_equals_full_forward(tmp_path):
     hf_neo(tmp_path, window_size=2)
     model = eqx_models.from_pretrained(tmp_path)
-    ids, mask = left_padded(np.random.default_rng(5), TINY["vocab_size"], [10, 6])
+    ids, mask = left_padded(np.random.default_rng(5), GPT_NEO["vocab_size"], [10, 6])
     positions = hf_positions(mask)
     full = jax.vmap(lambda i, m, p: model(i, attention_mask=m, position_ids=p))(ids, mask, positions)
     cache = init_batched_cache(model, 2, 16)
@@ -139,7 +118,7 @@ def test_cached_decoding_equals_full_forward(tmp_path):
 def test_greedy_generate_matches_hf_token_for_token(tmp_path, eos):
     reference = hf_neo(tmp_path, seed=7)
     model = eqx_models.from_pretrained(tmp_path)
-    ids, mask = left_padded(np.random.default_rng(8), TINY["vocab_size"], [7, 3, 5])
+    ids, mask = left_padded(np.random.default_rng(8), GPT_NEO["vocab_size"], [7, 3, 5])
     if eos == "pick":  # an id the model emits early for some row, so rows stop at different steps
         first = eqx_models.generate(model, ids, mask, max_new_tokens=4, eos_token_id=None)
         eos = int(np.asarray(first)[1, ids.shape[1] + 1])
@@ -188,7 +167,7 @@ def test_out_of_range_ids_fail_inside_the_model(tmp_path):
 
 
 def test_wrong_shapes_fail_the_type_check(getkey):
-    config = GPTNeoConfig(**TINY, num_layers=2, attention_types=((("global", "local"), 1),))
+    config = GPTNeoConfig(**GPT_NEO, num_layers=2, attention_types=((("global", "local"), 1),))
     model = GPTNeoForCausalLM(config, key=getkey())
     with pytest.raises(Exception, match="input_ids|seq|shape"):
         model(jnp.ones((2, 5), jnp.int32))
@@ -196,7 +175,7 @@ def test_wrong_shapes_fail_the_type_check(getkey):
 
 def test_dropout_is_active_only_with_a_key(getkey):
     config = GPTNeoConfig(
-        **TINY,
+        **GPT_NEO,
         num_layers=2,
         attention_types=((("global", "local"), 1),),
         resid_dropout=0.5,
@@ -225,13 +204,19 @@ def test_dropout_is_active_only_with_a_key(getkey):
     ],
 )
 def test_bad_config_values_are_named(overrides, match):
-    hf = {**TINY, "model_type": "gpt_neo", "num_layers": 4, "attention_types": [[["global", "local"], 2]], **overrides}
+    hf = {
+        **GPT_NEO,
+        "model_type": "gpt_neo",
+        "num_layers": 4,
+        "attention_types": [[["global", "local"], 2]],
+        **overrides,
+    }
     with pytest.raises(eqx_models.ConfigError, match=match):
         GPTNeoConfig.from_hf_config(hf)
 
 
 def test_config_round_trips_through_hf_dict():
-    hf = transformers.GPTNeoConfig(**TINY, num_layers=2, attention_types=[[["local", "global"], 1]]).to_dict()
+    hf = transformers.GPTNeoConfig(**GPT_NEO, num_layers=2, attention_types=[[["local", "global"], 1]]).to_dict()
     config = GPTNeoConfig.from_hf_config(hf)
     back = config.to_hf_config()
     for key in ("attention_types", "window_size", "hidden_size", "num_heads", "eos_token_id"):

@@ -8,33 +8,12 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from oracle import max_diff_valid, randomise
-from test_conversion import assert_same_tree
+from cases import LONG_T5, hf_long_t5_encoder
+from oracle import assert_same_tree, max_diff_valid, randomise
 
 import eqx_models
 from eqx_models import nn
 from eqx_models.models import LongT5Config
-
-CONFIG = dict(
-    vocab_size=73,
-    d_model=24,
-    d_kv=6,
-    d_ff=40,
-    num_layers=3,
-    num_heads=4,
-    local_radius=2,
-    relative_attention_num_buckets=8,
-    relative_attention_max_distance=20,
-    global_block_size=4,
-)
-
-
-def hf_encoder(folder, seed=0, **overrides):
-    torch.manual_seed(seed)
-    model = randomise(transformers.LongT5EncoderModel(transformers.LongT5Config(**{**CONFIG, **overrides})), seed)
-    model.save_pretrained(folder)
-    return model
-
 
 ENCODERS = [  # attention type, feed-forward, global block size, scan
     ("local", "relu", 4, True),
@@ -49,7 +28,7 @@ ENCODERS = [  # attention type, feed-forward, global block size, scan
 def test_encoder_matches_hf_on_right_padded_batch(
     tmp_path, attention, feed_forward_proj, global_block_size, scan_layers
 ):
-    reference = hf_encoder(
+    reference = hf_long_t5_encoder(
         tmp_path,
         feed_forward_proj=feed_forward_proj,
         encoder_attention_type=attention,
@@ -58,7 +37,7 @@ def test_encoder_matches_hf_on_right_padded_batch(
     model = eqx_models.from_pretrained(tmp_path, scan_layers=scan_layers)
     rng = np.random.default_rng(0)
     lengths = [17, 11, 4]  # not multiples of the block length 3
-    ids = rng.integers(2, CONFIG["vocab_size"], (3, 17))
+    ids = rng.integers(2, LONG_T5["vocab_size"], (3, 17))
     mask = (np.arange(17)[None] < np.array(lengths)[:, None]).astype(np.int64)
     with torch.no_grad():
         expected = reference(torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state.numpy()
@@ -68,21 +47,22 @@ def test_encoder_matches_hf_on_right_padded_batch(
     assert diff < 2e-5
 
 
+@pytest.mark.slow
 def test_local_attention_cost_is_linear_in_length(tmp_path):
     """The bias is [heads, block, 3 * block] for any length and the mask (and so the attention)
     [blocks, 1, block, 3 * block]: linear in length."""
-    hf_encoder(tmp_path)
+    hf_long_t5_encoder(tmp_path)
     model = eqx_models.from_pretrained(tmp_path)
     from eqx_models.models.long_t5 import local_bias
 
     for length in (30, 3000):
         bias, allowed = local_bias(model.encoder.relative_attention_bias, jnp.ones((length,), bool), model.config)
-        assert bias.shape == (CONFIG["num_heads"], 3, 9)
+        assert bias.shape == (LONG_T5["num_heads"], 3, 9)
         assert allowed.shape == (-(-length // 3), 1, 3, 9)
 
 
 def test_formats_export_and_our_folder(tmp_path):
-    reference = hf_encoder(tmp_path / "hf", seed=1)
+    reference = hf_long_t5_encoder(tmp_path / "hf", seed=1)
     reference.save_pretrained(tmp_path / "bin", safe_serialization=False)
     model = eqx_models.from_pretrained(tmp_path / "hf")
     assert_same_tree(eqx_models.from_pretrained(tmp_path / "bin"), model)
@@ -138,7 +118,7 @@ def test_relative_position_buckets_match_hf():
 )
 def test_bad_config_values_are_named(overrides, match):
     with pytest.raises(eqx_models.ConfigError, match=match):
-        LongT5Config.from_hf_config({"model_type": "longt5", **CONFIG, **overrides})
+        LongT5Config.from_hf_config({"model_type": "longt5", **LONG_T5, **overrides})
 
 
 SEQ2SEQ = [  # attention, feed-forward, tied, decoder layers
@@ -151,7 +131,7 @@ SEQ2SEQ = [  # attention, feed-forward, tied, decoder layers
 def test_conditional_generation_logits_match_hf(tmp_path, attention, feed_forward_proj, tied, decoder_layers):
     config = transformers.LongT5Config(
         **{
-            **CONFIG,
+            **LONG_T5,
             "encoder_attention_type": attention,
             "feed_forward_proj": feed_forward_proj,
             "tie_word_embeddings": tied,
@@ -163,9 +143,9 @@ def test_conditional_generation_logits_match_hf(tmp_path, attention, feed_forwar
     reference.save_pretrained(tmp_path)
     model = eqx_models.from_pretrained(tmp_path)
     rng = np.random.default_rng(1)
-    ids = rng.integers(2, CONFIG["vocab_size"], (2, 19))
+    ids = rng.integers(2, LONG_T5["vocab_size"], (2, 19))
     mask = (np.arange(19)[None] < np.array([[19], [12]])).astype(np.int64)
-    dec = rng.integers(2, CONFIG["vocab_size"], (2, 7))
+    dec = rng.integers(2, LONG_T5["vocab_size"], (2, 7))
     dec_mask = (np.arange(7)[None] < np.array([[7], [5]])).astype(np.int64)
 
     def hf_logits(model):
@@ -201,7 +181,7 @@ def test_shift_tokens_right_matches_hf():
     from eqx_models.models import shift_tokens_right
 
     reference = transformers.LongT5ForConditionalGeneration(
-        transformers.LongT5Config(**CONFIG, decoder_start_token_id=0)
+        transformers.LongT5Config(**LONG_T5, decoder_start_token_id=0)
     )
     labels = np.array([[5, 6, -100, -100], [7, 8, 9, 1]])
     expected = reference._shift_right(torch.tensor(labels)).numpy()
@@ -209,6 +189,7 @@ def test_shift_tokens_right_matches_hf():
     np.testing.assert_array_equal(ours, expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attention", ["local", "transient-global"])
 def test_cached_decoding_and_greedy_generation_match_hf(tmp_path, attention):
     from eqx_models.generation._decoding import cache_axes as _cache_axes
@@ -216,7 +197,7 @@ def test_cached_decoding_and_greedy_generation_match_hf(tmp_path, attention):
 
     config = transformers.LongT5Config(
         **{
-            **CONFIG,
+            **LONG_T5,
             "encoder_attention_type": attention,
             "num_decoder_layers": 2,
             "decoder_start_token_id": 0,
@@ -229,11 +210,11 @@ def test_cached_decoding_and_greedy_generation_match_hf(tmp_path, attention):
     reference.save_pretrained(tmp_path)
     model = eqx_models.from_pretrained(tmp_path)
     rng = np.random.default_rng(3)
-    ids = rng.integers(2, CONFIG["vocab_size"], (3, 14))
+    ids = rng.integers(2, LONG_T5["vocab_size"], (3, 14))
     mask = (np.arange(14)[None] < np.array([[14], [9], [5]])).astype(np.int64)
     ids = np.where(mask, ids, 0)
     # cached decoding of a decoder sequence equals the full forward
-    dec = rng.integers(2, CONFIG["vocab_size"], (3, 6))
+    dec = rng.integers(2, LONG_T5["vocab_size"], (3, 6))
     full = jax.vmap(lambda i, m, d: model(i, d, attention_mask=m))(ids, mask, dec)
     encoded = jax.vmap(lambda i, m: model.encode(i, attention_mask=m))(ids, mask)
     cross = jax.vmap(model.cross_kv)(encoded, mask)
@@ -263,6 +244,7 @@ def test_cached_decoding_and_greedy_generation_match_hf(tmp_path, attention):
     np.testing.assert_array_equal(ours, theirs)
 
 
+@pytest.mark.slow
 def test_flax_msgpack_and_pytorch_bin_give_the_same_tree(tmp_path):
     """Public LongT5 checkpoints often ship only `flax_model.msgpack` and `pytorch_model.bin`.
     HF's Flax LongT5 no longer runs on current JAX, so the msgpack is written here in Flax's
@@ -270,7 +252,7 @@ def test_flax_msgpack_and_pytorch_bin_give_the_same_tree(tmp_path):
     import flax.serialization
 
     config = transformers.LongT5Config(
-        **{**CONFIG, "encoder_attention_type": "transient-global", "tie_word_embeddings": False}
+        **{**LONG_T5, "encoder_attention_type": "transient-global", "tie_word_embeddings": False}
     )
     torch.manual_seed(4)
     reference = randomise(transformers.LongT5ForConditionalGeneration(config), seed=4)

@@ -7,12 +7,9 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from cases import BIG_BIRD, GPT_NEO, LONG_T5, bird_batch, hf_bird, hf_neo, mlm_labels, right_padded
 from decoder_cases import CASES
 from oracle import randomise
-from test_big_bird import CONFIG as BIRD
-from test_big_bird import hf_bird, right_padded
-from test_gpt_neo import TINY, hf_neo
-from test_long_t5 import CONFIG as LONGT5
 
 import eqx_models
 from eqx_models.training.losses import (
@@ -64,9 +61,9 @@ def padded_lm_batch(rng, vocab, lengths, *, left=False):
 
 def load_hf_case(tmp_path, which):
     if which.startswith("gpt_neo"):
-        return hf_neo(tmp_path, seed=1), TINY["vocab_size"]
+        return hf_neo(tmp_path, seed=1), GPT_NEO["vocab_size"]
     if which == "big_bird":
-        return hf_bird(tmp_path, "BigBirdForCausalLM", seed=7, is_decoder=True), BIRD["vocab_size"]
+        return hf_bird(tmp_path, "BigBirdForCausalLM", seed=7, is_decoder=True), BIG_BIRD["vocab_size"]
     case = CASES[which]
     return case.save(tmp_path, seed=1), case.config["vocab_size"]
 
@@ -94,18 +91,6 @@ def test_causal_lm_loss_skips_masked_positions_and_shifts():
     expected = jnp.mean(jnp.stack(terms[:3] + terms[4:]))
     np.testing.assert_allclose(float(causal_lm_loss(logits, ignored, mask)), float(expected), 1e-6)
     assert float(causal_lm_loss(logits, jnp.full_like(labels, -100))) == 0.0  # nothing valid: 0, not NaN
-
-
-def bird_batch(rng, lengths=LENGTHS):
-    ids, mask, types = right_padded(rng, lengths)
-    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
-
-
-def mlm_labels(rng, batch):
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    chosen = (rng.random(ids.shape) < 0.4) & (mask == 1)
-    chosen[:, 0] = True  # at least one per row
-    return np.where(chosen, rng.integers(0, BIRD["vocab_size"], ids.shape), -100)
 
 
 def test_masked_lm_loss_matches_hf(tmp_path):
@@ -197,15 +182,15 @@ def test_question_answering_loss_ignores_index_seq():
 
 
 def test_seq2seq_loss_matches_hf_with_shifted_labels(tmp_path):
-    config = transformers.LongT5Config(**{**LONGT5, "num_decoder_layers": 2, "decoder_start_token_id": 0})
+    config = transformers.LongT5Config(**{**LONG_T5, "num_decoder_layers": 2, "decoder_start_token_id": 0})
     torch.manual_seed(0)
     reference = randomise(transformers.LongT5ForConditionalGeneration(config))
     reference.save_pretrained(tmp_path)
     model = eqx_models.from_pretrained(tmp_path)
     rng = np.random.default_rng(7)
-    ids = rng.integers(2, LONGT5["vocab_size"], (2, 19))
+    ids = rng.integers(2, LONG_T5["vocab_size"], (2, 19))
     mask = (np.arange(19)[None] < np.array([[19], [12]])).astype(np.int64)
-    labels = rng.integers(2, LONGT5["vocab_size"], (2, 7))
+    labels = rng.integers(2, LONG_T5["vocab_size"], (2, 7))
     labels[1, 5:] = -100
     batch = {"input_ids": np.where(mask, ids, 0), "attention_mask": mask, "labels": labels}
     check("LongT5ForConditionalGeneration", ours_loss(model, batch)[0], hf_loss(reference, batch))

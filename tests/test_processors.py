@@ -13,8 +13,8 @@ import pytest
 import scipy.stats
 import torch
 import transformers
+from cases import hf_neo
 from oracle import hf_positions, left_padded, torch_logits
-from test_gpt_neo import hf_neo
 from transformers.generation import logits_process as hf
 from transformers.generation.utils import GenerationMixin
 
@@ -453,6 +453,7 @@ DISTRIBUTIONS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options,expected", DISTRIBUTIONS, ids=[str(d[0]) for d in DISTRIBUTIONS])
 def test_sample_frequencies_match_the_distribution(neo, options, expected):
     """4096 draws (64 rows x 64 steps) from fixed logits over 4 tokens (p = 0.1, 0.2, 0.3,

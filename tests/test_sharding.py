@@ -21,7 +21,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
-from test_gpt_neo import hf_neo
+from cases import hf_neo
 
 import eqx_models
 from eqx_models.training import sharding
@@ -153,6 +153,7 @@ def multi_device(tmp_path_factory):
     return json.loads(line[len("RESULT") :])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", ["data2_fsdp4", "data4_tensor2"])
 def test_sharded_adamw_training_matches_one_device(multi_device, mesh):
     assert multi_device["devices"] == 8
@@ -167,6 +168,7 @@ def test_sharded_adamw_training_matches_one_device(multi_device, mesh):
     assert result["losses"][-1] < result["losses"][0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", ["data2_fsdp4", "data4_tensor2"])
 def test_sharded_sgd_training_matches_one_device(multi_device, mesh):
     result = multi_device["sgd"][mesh]
@@ -179,6 +181,7 @@ def test_sharded_sgd_training_matches_one_device(multi_device, mesh):
     assert result["kept"]
 
 
+@pytest.mark.slow
 def test_the_plain_train_step_runs_on_sharded_inputs(multi_device):
     result = multi_device["adamw"]["unpinned"]
     print(f"plain step, data2_fsdp4: max rel loss diff {result['loss_rel']:.1e}, kept layout {result['kept']}")
@@ -186,6 +189,7 @@ def test_the_plain_train_step_runs_on_sharded_inputs(multi_device):
     assert result["param_diff"] < 5e-4
 
 
+@pytest.mark.slow
 def test_parameters_and_optimizer_state_are_really_split(multi_device):
     fsdp = multi_device["adamw"]["data2_fsdp4"]["c_fc"]
     assert fsdp["shape"] == [4, 128, 32]  # [layers, out, in]
@@ -197,6 +201,7 @@ def test_parameters_and_optimizer_state_are_really_split(multi_device):
     assert tensor["shards"] == [[4, 64, 32]]
 
 
+@pytest.mark.slow
 def test_bad_mesh_and_batch_are_named(multi_device):
     errors = multi_device["errors"]
     assert "3x3x1" in errors["mesh"] and "8" in errors["mesh"]

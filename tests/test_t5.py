@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from oracle import hf_generate, max_diff_valid
-from t5_cases import CASES, assert_same_tree, right_padded, write_flax_msgpack
+from oracle import assert_same_tree, hf_generate, max_diff_valid
+from t5_cases import CASES, right_padded, write_flax_msgpack
 
 import eqx_models
 from eqx_models.cli import main as cli

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_gpt_neo import TINY, hf_neo
+from cases import GPT_NEO, hf_neo
 
 import eqx_models
 from eqx_models.errors import CheckpointError, InputError
@@ -34,7 +34,7 @@ def neo(tmp_path_factory):
 
 
 def make_batches():
-    tokens = np.random.default_rng(3).integers(0, TINY["vocab_size"], 20 * 16 + 7).astype(np.int32)
+    tokens = np.random.default_rng(3).integers(0, GPT_NEO["vocab_size"], 20 * 16 + 7).astype(np.int32)
     return PackedBatches(tokens, seq_len=16, batch_size=4, seed=1)  # 5 batches/epoch: 6 steps cross one
 
 

@@ -95,7 +95,10 @@ def test_a_run_writes_everything_and_the_model_loads_in_transformers(trained):
     assert (config["pad_token_id"], config["eos_token_id"], config["vocab_size"]) == (0, 1, 300)
 
 
-@pytest.mark.parametrize("family", sorted(PRESETS))
+# gpt_neo stays in the fast tier; the other families' runs are slow
+@pytest.mark.parametrize(
+    "family", [f if f == "gpt_neo" else pytest.param(f, marks=pytest.mark.slow) for f in sorted(PRESETS)]
+)
 def test_every_family_trains_from_its_tiny_preset(corpus, tmp_path, family):
     output = tmp_path / family
     assert main(tiny_flags(corpus, output, family=family, steps=4, eval_every=0, checkpoint_every=4)) == 0
@@ -214,6 +217,7 @@ SHARDED = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_a_sharded_run_matches_one_device_and_a_batch_must_divide_the_mesh(corpus, trained, tmp_path):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
 
@@ -268,6 +272,7 @@ def _two_processes(flags, timeout=240):
     return [proc.returncode for proc in procs], outputs
 
 
+@pytest.mark.slow
 def test_a_two_process_run_matches_one_device_and_resumes(corpus, trained, tmp_path):
     output = tmp_path / "two"
     flags = tiny_flags(corpus, output, tokenizer="bpe:300", mesh="2x2x1")

@@ -7,10 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
+from cases import GPT_NEO, LONG_T5, bird_batch, hf_bird, hf_neo, mlm_labels, right_padded
 from decoder_cases import CASES
 from oracle import randomise
-from test_big_bird import hf_bird, right_padded
-from test_gpt_neo import TINY, hf_neo
 
 import eqx_models
 from eqx_models import nn
@@ -52,7 +51,7 @@ def test_decay_mask_decays_only_linear_weights(tmp_path):
 def test_overfitting_one_batch_lowers_the_causal_lm_loss(tmp_path):
     hf_neo(tmp_path)
     model = eqx_models.from_pretrained(tmp_path)
-    _, losses = train(model, lm_batch(TINY["vocab_size"]), 25)
+    _, losses = train(model, lm_batch(GPT_NEO["vocab_size"]), 25)
     assert losses[-1] < 0.5 * losses[0], losses
 
 
@@ -79,7 +78,7 @@ def test_overfitting_one_batch_lowers_the_classification_loss(tmp_path):
 def test_bfloat16_compute_keeps_float32_master_weights_and_tracks_float32(tmp_path):
     hf_neo(tmp_path)
     model = eqx_models.from_pretrained(tmp_path)
-    batch = lm_batch(TINY["vocab_size"], seed=2)
+    batch = lm_batch(GPT_NEO["vocab_size"], seed=2)
     _, reference = train(model, batch, 8)
     state, mixed = train(model, batch, 8, compute_dtype=jnp.bfloat16)
     assert all(np.isfinite(mixed))
@@ -104,7 +103,7 @@ def test_fit_logs_metrics_evaluates_and_plots(tmp_path):
 
     hf_neo(tmp_path / "model")
     model = eqx_models.from_pretrained(tmp_path / "model")
-    tokens = np.random.default_rng(3).integers(0, TINY["vocab_size"], 2000).astype(np.int32)
+    tokens = np.random.default_rng(3).integers(0, GPT_NEO["vocab_size"], 2000).astype(np.int32)
     train_data = PackedBatches(tokens[:1600], seq_len=16, batch_size=4, seed=0)
     eval_data = PackedBatches(tokens[1600:], seq_len=16, batch_size=4, seed=0)
     optimizer = adamw(1e-2, model)
@@ -138,7 +137,6 @@ def _bird(folder, head, **overrides):
 
 def _head_cases():
     """Per head: a model factory and one batch (HF names), built from the loss tests' inputs."""
-    from test_losses import LONGT5, bird_batch, mlm_labels
 
     def masked_lm(folder, rng):
         batch = bird_batch(rng)
@@ -177,11 +175,11 @@ def _head_cases():
 
     def seq2seq(folder, rng):
         config = transformers.LongT5Config(
-            **{**LONGT5, "num_decoder_layers": 2, "decoder_start_token_id": 0, "dropout_rate": 0.0}
+            **{**LONG_T5, "num_decoder_layers": 2, "decoder_start_token_id": 0, "dropout_rate": 0.0}
         )
         randomise(transformers.LongT5ForConditionalGeneration(config)).save_pretrained(folder)
-        ids = rng.integers(2, LONGT5["vocab_size"], (2, 12))
-        labels = rng.integers(2, LONGT5["vocab_size"], (2, 6))
+        ids = rng.integers(2, LONG_T5["vocab_size"], (2, 12))
+        labels = rng.integers(2, LONG_T5["vocab_size"], (2, 6))
         return eqx_models.from_pretrained(folder), {"input_ids": ids, "labels": labels}
 
     return {
@@ -196,6 +194,7 @@ def _head_cases():
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head", list(_head_cases()))
 def test_overfitting_one_batch_lowers_every_heads_loss(tmp_path, head):
     """Together with the GPT-Neo causal-LM and BigBird classification tests above: every head."""
@@ -210,11 +209,11 @@ def test_a_trained_model_exported_to_hf_gives_the_same_logits_in_transformers(tm
 
     hf_neo(tmp_path / "start")
     model = eqx_models.from_pretrained(tmp_path / "start")
-    state, _ = train(model, lm_batch(TINY["vocab_size"]), 3)
+    state, _ = train(model, lm_batch(GPT_NEO["vocab_size"]), 3)
     trained = eqx.nn.inference_mode(state.model)
     eqx_models.export_hf(trained, tmp_path / "exported")
     reference = transformers.GPTNeoForCausalLM.from_pretrained(tmp_path / "exported").eval()
-    ids = np.random.default_rng(4).integers(0, TINY["vocab_size"], (1, 9))
+    ids = np.random.default_rng(4).integers(0, GPT_NEO["vocab_size"], (1, 9))
     with torch.no_grad():
         expected = reference(torch.tensor(ids)).logits.numpy()[0]
     ours = np.asarray(trained(jnp.asarray(ids[0], jnp.int32)))
