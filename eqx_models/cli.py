@@ -241,26 +241,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs one command; returns its exit status (`EXIT_CODES`). Usage errors exit through
     argparse with `EXIT_USAGE`. SIGTERM is handled as Ctrl-C: both unwind (temporary
     folders are removed) and end with one line, `interrupted`."""
-    args = build_parser().parse_args(argv)
+    interruption = interrupts_raise()
+    debug = False
     try:
-        with interrupts_raise():
+        with interruption:
+            args = build_parser().parse_args(argv)
+            debug = args.debug
             args.run(args)
-    except KeyboardInterrupt:
-        if args.debug:
+    except (KeyboardInterrupt, Exception) as err:
+        if debug:
             raise
-        print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except (EqxModelsError, OSError) as err:
-        if args.debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except Exception as err:  # an unexpected failure still gets one readable line
-        if args.debug:
-            raise
-        detail = f": {err}" if str(err) else ""
+        # A library may turn the interruption into another exception: the signal decides.
+        if isinstance(err, KeyboardInterrupt) or interruption.received is not None:
+            print("interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        if isinstance(err, EqxModelsError | OSError):
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        detail = f": {err}" if str(err) else ""  # an unexpected failure still gets one readable line
         print(f"error: {type(err).__name__}{detail} (rerun with --debug for the traceback)", file=sys.stderr)
         return EXIT_INTERNAL
+    if interruption.received is not None:  # swallowed by a library, or arrived at the very end
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return EXIT_OK
 
 

@@ -31,6 +31,7 @@ use it.
 import contextlib
 import ctypes
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -103,85 +104,197 @@ def give_usual_permissions(path: str | os.PathLike) -> None:
 
 
 # --------------------------------------------------------------------------- signals
+#
+# Python runs signal handlers in the main thread, between bytecodes. The handlers this
+# module installs consult `_Deferral`: while a section that must run to its end is in
+# progress (a rename sequence, a cleanup: `deferred_signals`) they only record the signal,
+# which is raised again when the last section ends. A cleanup in a `finally` begins with
+# the inline `_Deferral.depth += 1`: Python checks for signals only at calls and backward
+# jumps, so none can come in between. Handlers of other code are left alone.
+
+
+class _Unwinding:
+    """`contextlib.contextmanager`'s context manager, except for one window: Python may run
+    a signal handler right after the generator yielded, before `__enter__` returns, and
+    then `__exit__` never runs and the generator keeps what it holds (a lock, a temporary
+    folder) until the process ends. Here such an exception unwinds the generator first."""
+
+    def __init__(self, gen: Any):
+        self.gen = gen
+
+    def __enter__(self) -> Any:
+        try:
+            return next(self.gen)
+        except StopIteration:
+            raise RuntimeError("generator didn't yield") from None
+        except BaseException as err:
+            if self.gen.gi_suspended:  # it had yielded: run its cleanup
+                self.gen.throw(err)
+            raise
+
+    def __exit__(self, typ: Any, value: Any, traceback: Any) -> bool:
+        if typ is None:
+            try:
+                next(self.gen)
+            except StopIteration:
+                return False
+            raise RuntimeError("generator didn't stop")
+        try:
+            self.gen.throw(value)
+        except StopIteration as stop:
+            return stop is not value
+        except BaseException as err:
+            if err is value:
+                return False
+            raise
+        raise RuntimeError("generator didn't stop after throw()")
+
+
+def _unwinding(function: Any) -> Any:
+    """Decorates a generator function as `contextlib.contextmanager` does, with `_Unwinding`."""
+
+    @functools.wraps(function)
+    def manager(*args: Any, **kwargs: Any) -> _Unwinding:
+        return _Unwinding(function(*args, **kwargs))
+
+    return manager
+
+
+class _Deferral:
+    depth = 0  # sections in progress, in any thread
+    pending: int | None = None  # the first signal held back
 
 
 def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _raise_interrupted(signum: int, frame: Any) -> None:
-    raise Interrupted(signum)
+def _held_back(signum: int) -> bool:
+    """In a deferred section: records `signum` for later and returns True."""
+    if _Deferral.depth:
+        _Deferral.pending = _Deferral.pending or signum
+        return True
+    return False
 
 
-@contextlib.contextmanager
-def interrupts_raise() -> Iterator[None]:
+def _end_deferral(*, deliver: bool = True) -> None:
+    """Ends a section begun with `_Deferral.depth += 1`; the last one to end raises the
+    signal held back, to the handler then in place."""
+    _Deferral.depth -= 1
+    if deliver and not _Deferral.depth and _Deferral.pending is not None:
+        signum, _Deferral.pending = _Deferral.pending, None
+        signal.raise_signal(signum)
+
+
+@_unwinding
+def deferred_signals() -> Iterator[None]:
+    """Holds SIGINT and SIGTERM back while inside (for the handlers of this module) and
+    raises the first one received on leaving: the section runs to its end. A signal may
+    still interrupt before the section starts: put what needs cleaning up in a `try`."""
+    _Deferral.depth += 1
+    try:
+        yield
+    finally:
+        _end_deferral()
+
+
+def _set_handlers(handlers: dict[int, Any]) -> None:
+    """Installs `handlers`; a signal arriving meanwhile is held back for the caller."""
+    _Deferral.depth += 1
+    try:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    finally:
+        _end_deferral(deliver=False)
+
+
+class interrupts_raise:  # noqa: N801 (a context manager, named like contextlib's)
     """SIGINT and SIGTERM raise `Interrupted` (a `KeyboardInterrupt`) in the main thread
-    while inside: what the CLI runs its commands under. Elsewhere a no-op."""
+    while inside: what the CLI runs its commands under. Elsewhere a no-op.
+
+    `received` keeps the signal: a library that catches every exception (numpy's
+    `tofile` turns one raised while it flushes into a `TypeError`; an exception in a
+    garbage-collection callback is printed and dropped) may surface the interruption as
+    another error or none, and the caller should still treat it as one."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.received = self.received or signum
+        if not _held_back(signum):
+            raise Interrupted(signum)
+
+    def __enter__(self) -> "interrupts_raise":
+        if _in_main_thread():
+            previous = {sig: signal.getsignal(sig) for sig in _SIGNALS}
+            self._previous = {sig: handler for sig, handler in previous.items() if handler is not None}
+            try:
+                _set_handlers({sig: self._handler for sig in self._previous})
+            except BaseException:  # a signal right after: `__exit__` would not run
+                self.__exit__()
+                raise
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        _Deferral.depth += 1
+        try:
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
+            if _Deferral.depth == 1:  # one held back while restoring is in `received`
+                _Deferral.pending = None
+        finally:
+            _end_deferral(deliver=False)
+
+
+@_unwinding
+def _signals_unwind() -> Iterator[None]:
+    """While a temporary folder exists, SIGTERM and SIGINT under their default handling
+    (terminate; `KeyboardInterrupt`) raise, so that the folder is removed; then a SIGTERM
+    terminates the process by its default action, as the sender asked, even if a library
+    turned the exception into another or dropped it. Handlers someone installed (the CLI's
+    `interrupts_raise`) are left alone."""
     if not _in_main_thread():
         yield
         return
-    previous = {sig: signal.getsignal(sig) for sig in _SIGNALS}
-    for sig in _SIGNALS:
-        signal.signal(sig, _raise_interrupted)
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            if handler is not None:
-                signal.signal(sig, handler)
-
-
-@contextlib.contextmanager
-def deferred_signals() -> Iterator[None]:
-    """Holds SIGINT and SIGTERM back while inside (in the main thread) and delivers the
-    first one received on leaving: a rename sequence or a cleanup runs to its end."""
-    handlers = {sig: signal.getsignal(sig) for sig in _SIGNALS} if _in_main_thread() else {}
-    handlers = {sig: handler for sig, handler in handlers.items() if handler is not None}
-    received: list[int] = []
-    for sig in handlers:
-        signal.signal(sig, lambda signum, frame: received.append(signum))
-    try:
-        yield
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-        if received:
-            _deliver(received[0], handlers[received[0]])
-
-
-def _deliver(signum: int, handler: Any) -> None:
-    if callable(handler):
-        handler(signum, None)
-    elif handler == signal.SIG_DFL:
-        os.kill(os.getpid(), signum)
-
-
-@contextlib.contextmanager
-def _terminate_after_cleanup() -> Iterator[None]:
-    """While a temporary folder exists, a SIGTERM that would kill the process on the spot
-    (the default action) raises instead, so the folder is removed; then the process
-    terminates by the same signal, as the sender asked. A handler someone installed (the
-    CLI's `interrupts_raise`) is left alone."""
-    if not _in_main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
-        yield
-        return
+    saved = {}
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        saved[signal.SIGTERM] = signal.SIG_DFL
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        saved[signal.SIGINT] = signal.default_int_handler
+    received: set[int] = set()
 
     def handler(signum: int, frame: Any) -> None:
-        raise _Terminated(signum)
+        received.add(signum)
+        if not _held_back(signum):
+            raise _Terminated(signum) if signum == signal.SIGTERM else KeyboardInterrupt()
 
-    signal.signal(signal.SIGTERM, handler)
+    unwinding = None
     try:
+        _set_handlers({sig: handler for sig in saved})
         yield
-    except _Terminated:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
+    except BaseException as err:
+        unwinding = err
         raise
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _Deferral.depth += 1
+        try:
+            for sig, previous in saved.items():
+                signal.signal(sig, previous)
+            if _Deferral.depth == 1 and _Deferral.pending is not None:
+                received.add(_Deferral.pending)
+                _Deferral.pending = None
+        finally:
+            _end_deferral(deliver=False)
+        if signal.SIGTERM in received:
+            signal.raise_signal(signal.SIGTERM)  # the default action now: terminate
+        if signal.SIGINT in received and not isinstance(unwinding, KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)  # `KeyboardInterrupt`, if a library dropped it
 
 
 class _Terminated(Interrupted):
-    """SIGTERM under `_terminate_after_cleanup`."""
+    """SIGTERM under `_signals_unwind`: the process terminates once it has unwound."""
 
 
 # --------------------------------------------------------------------------- destinations
@@ -376,29 +489,45 @@ def _temporary_name(target: Path, kind: str) -> str:
     return f".{target.name}.{kind}-{os.getpid()}-{_HOST}-"
 
 
-@contextlib.contextmanager
+@_unwinding
 def temporary_beside(target: str | os.PathLike, *, folder: bool = True) -> Iterator[Path]:
     """A temporary folder (or empty file) beside `target`, named so that a later run can
     tell it is stale, removed on leaving unless it was renamed away."""
     target = Path(target)
-    if folder:
-        path = Path(tempfile.mkdtemp(prefix=_temporary_name(target, "tmp"), dir=target.parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=_temporary_name(target, "tmp"), dir=target.parent)
-        os.close(fd)
-        path = Path(name)
+    path = None
     try:
+        with deferred_signals():  # an interruption comes after `path` is known, so it is removed
+            if folder:
+                path = Path(tempfile.mkdtemp(prefix=_temporary_name(target, "tmp"), dir=target.parent))
+            else:
+                fd, name = tempfile.mkstemp(prefix=_temporary_name(target, "tmp"), dir=target.parent)
+                os.close(fd)
+                path = Path(name)
         yield path
     finally:
-        with deferred_signals():
-            if os.path.lexists(path):
+        _Deferral.depth += 1  # first: see `_Deferral`
+        try:
+            if path is not None and os.path.lexists(path):
                 _remove(path)
+        finally:
+            _end_deferral()
+
+
+def remove_folder(folder: str | os.PathLike) -> None:
+    """Removes a folder of ours so that an interruption never leaves part of it under its
+    own name: it is first renamed to a temporary name (which a later run removes if this
+    process dies), then deleted."""
+    folder = Path(folder)
+    with deferred_signals():
+        aside = folder.parent / (_temporary_name(folder, "tmp") + secrets.token_hex(4))
+        os.rename(folder, aside)
+        _remove(aside)
 
 
 # --------------------------------------------------------------------------- lock
 
 
-@contextlib.contextmanager
+@_unwinding
 def destination_lock(target: str | os.PathLike) -> Iterator[None]:
     """An exclusive lock on `target` for writers of eqx_models, threads or processes:
     `flock` on `.NAME.lock` beside it. The holder removes the file on release; a waiter
@@ -409,27 +538,42 @@ def destination_lock(target: str | os.PathLike) -> Iterator[None]:
         yield
         return
     path = target.parent / f".{target.name}.lock"
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            held = os.fstat(fd)
-            try:
-                current = os.stat(path, follow_symlinks=False)
-            except FileNotFoundError:
-                current = None
-        except BaseException:
-            os.close(fd)
-            raise
-        if current is not None and (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino):
-            break
-        os.close(fd)  # the previous holder removed that file: lock the new one
+    fd, held = None, False
     try:
+        while not held:
+            with deferred_signals():  # an interruption comes after `fd` is known, so it is closed
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)  # may wait; Ctrl-C and SIGTERM still interrupt it
+            held = _locks_the_file(fd, path)
+            if not held:  # the previous holder removed that file: lock the new one
+                with deferred_signals():
+                    os.close(fd)
+                    fd = None
         yield
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        os.close(fd)
+        _Deferral.depth += 1  # first: see `_Deferral`
+        try:
+            if fd is not None:
+                if not held:  # interrupted before holding it: remove the file only if it is free
+                    with contextlib.suppress(OSError):
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        held = _locks_the_file(fd, path)
+                if held:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+                os.close(fd)
+        finally:
+            _end_deferral()
+
+
+def _locks_the_file(fd: int, path: Path) -> bool:
+    """Whether the (locked) `fd` is still the file at `path`."""
+    try:
+        current = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (current.st_dev, current.st_ino) == (opened.st_dev, opened.st_ino)
 
 
 # --------------------------------------------------------------------------- atomic folder
@@ -489,7 +633,7 @@ def _commit(tmp: Path, target: Path, exists: bool, shown: str) -> None:
     _remove(aside)
 
 
-@contextlib.contextmanager
+@_unwinding
 def atomic_folder(destination: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yields an empty temporary folder beside `destination` to write into; on success it
     becomes `destination`, with our marker and the usual permissions.
@@ -507,7 +651,7 @@ def atomic_folder(destination: str | os.PathLike, *, overwrite: bool = False) ->
     _inspect(target, shown, overwrite=overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(target.parent)
-    with _terminate_after_cleanup(), temporary_beside(target) as tmp:
+    with _signals_unwind(), temporary_beside(target) as tmp:
         yield tmp
         with destination_lock(target):
             _recover(target)
@@ -522,7 +666,7 @@ def write_text_atomically(path: str | os.PathLike, text: str) -> None:
     """Replaces the file at `path` with `text` in one step (a temporary file beside it,
     renamed over it), keeping the file's permissions when it exists."""
     path = Path(path)
-    with _terminate_after_cleanup(), temporary_beside(path, folder=False) as tmp:
+    with _signals_unwind(), temporary_beside(path, folder=False) as tmp:
         tmp.write_text(text)
         try:
             tmp.chmod(stat.S_IMODE(path.stat().st_mode))
@@ -603,6 +747,7 @@ __all__ = [
     "foreign_entries",
     "give_usual_permissions",
     "interrupts_raise",
+    "remove_folder",
     "remove_stale_temporaries",
     "resolve_destination",
     "temporary_beside",

@@ -66,3 +66,29 @@ def leftovers(root: Path) -> list[str]:
         for name in folders + files
         if name.startswith(".") and any(tag in name for tag in (".tmp-", ".old-", ".lock"))
     )
+
+
+def train_flags(corpus: Path, output: Path, **changes) -> list[str]:
+    """`eqx-models train` flags of a tiny byte-level GPT-Neo run on `corpus`."""
+    settings = {
+        "family": "gpt_neo",
+        "size": "tiny",
+        "data": str(corpus),
+        "tokenizer": "bytes",
+        "eval_fraction": 0.2,
+        "seq_len": 32,
+        "batch_size": 4,
+        "steps": 12,
+        "warmup_steps": 2,
+        "eval_every": 4,
+        "eval_batches": 1,
+        "checkpoint_every": 1,
+        "keep_checkpoints": 2,
+        "output": str(output),
+        "sample_prompt": "",
+        **changes,
+    }
+    flags = ["train", "--no-progress"]
+    for name, value in settings.items():
+        flags += ["--" + name.replace("_", "-"), str(value)]
+    return flags

@@ -15,7 +15,6 @@ A checkpoint is a folder holding
 import json
 import os
 import re
-import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +27,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from ..errors import CheckpointError
-from ..files import atomic_folder, remove_stale_temporaries
+from ..files import atomic_folder, remove_folder, remove_stale_temporaries
 from .step import TrainState
 
 FORMAT_VERSION = 1
@@ -392,7 +391,7 @@ class CheckpointManager:
         folders = [folder for _, folder in _step_folders(self.root)]
         for folder in folders[: max(len(folders) - self.keep, 0)]:
             if folder != protect:
-                shutil.rmtree(folder, ignore_errors=True)
+                remove_folder(folder)  # never half a checkpoint under its own name
 
     def steps(self) -> list[int]:
         """The steps of the checkpoints present, oldest first."""
