@@ -119,7 +119,7 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
 
 
 def _check_tensor_entry(path: Path, name: str, entry) -> tuple[np.dtype, tuple[int, ...], int, int]:
-    if type(entry) is not dict or entry.get("dtype") not in _SAFETENSORS_DTYPES:
+    if type(entry) is not dict or type(entry.get("dtype")) is not str or entry["dtype"] not in _SAFETENSORS_DTYPES:
         dtype = entry.get("dtype") if type(entry) is dict else None
         raise CheckpointError(f"{path}: tensor {name!r} has a malformed entry or unsupported dtype {dtype!r:.40}")
     shape, offsets = entry.get("shape"), entry.get("data_offsets")
