@@ -50,7 +50,7 @@ def _difference(mine: np.ndarray, expected: np.ndarray) -> np.ndarray:
     same = (mine == expected) | (np.isnan(mine) & np.isnan(expected))
     with np.errstate(invalid="ignore"):
         diff = np.where(same, 0.0, np.abs(mine - expected))
-    return np.nan_to_num(diff, nan=np.inf)
+    return np.nan_to_num(diff, nan=np.inf, posinf=np.inf)
 
 
 def verify(path: str | os.PathLike, *, seq_len: int = 16, seed: int = 0) -> float:

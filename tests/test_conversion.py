@@ -223,3 +223,39 @@ def test_cli_generate_prints_byte_level_text(tmp_path, capsys):
     out = capsys.readouterr()
     assert out.out == "def f" + bytes(i for i in new.tolist() if i < 256).decode("utf-8", "replace") + "\n"
     assert "new tokens in" in out.err
+
+
+def test_nonfinite_weights_warn_by_name_and_fail_when_strict(checkpoints, tmp_path):
+    """Issue 13: NaN/Inf weights loaded without a word."""
+    from eqx_models.checkpoint.keymap import NonFiniteWeightsWarning
+
+    def poison(state):
+        state["transformer.h.1.mlp.c_fc.weight"][0, 0] = np.nan
+        state["transformer.wpe.weight"][3, 1] = -np.inf
+
+    folder = _broken_copy(checkpoints, tmp_path, poison)
+    names = ["transformer.h.1.mlp.c_fc.weight", "transformer.wpe.weight"]
+    with pytest.warns(NonFiniteWeightsWarning, match=r"2 tensor\(s\) hold NaN or Inf: ") as caught:
+        _, report = eqx_models.load_with_report(folder)
+    assert sorted(report.nonfinite) == names and all(name in str(caught[0].message) for name in names)
+    with pytest.raises(eqx_models.CheckpointError, match=r"hold NaN or Inf: .*transformer.wpe.weight.*\(strict"):
+        eqx_models.from_pretrained(folder, strict=True)
+    assert cli(["convert", str(folder), str(tmp_path / "out")]) == 0  # a warning, not an error, by default
+
+
+def test_finite_weights_load_silently_even_when_strict(checkpoints):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, report = eqx_models.load_with_report(checkpoints / "safetensors", strict=True)
+    assert report.nonfinite == []
+
+
+def test_overflow_on_the_cast_is_reported(checkpoints, tmp_path):
+    """The check runs on the loaded values, after the cast to the model's dtype: 1e6 is finite in
+    float32 and inf in float16."""
+    folder = _broken_copy(checkpoints, tmp_path, lambda s: s["transformer.ln_f.bias"].__setitem__(0, 1e6))
+    assert eqx_models.load_with_report(folder)[1].nonfinite == []
+    with pytest.raises(eqx_models.CheckpointError, match=r"1 tensor\(s\) hold NaN or Inf: transformer.ln_f.bias"):
+        eqx_models.from_pretrained(folder, dtype="float16", strict=True)

@@ -719,6 +719,26 @@ def test_deflated_storage_bomb_is_refused_unread(tmp_path):
     assert peak < 5_000_000, peak
 
 
+def test_deflated_member_inflates_no_further_than_declared(tmp_path):
+    """A deflated data.pkl that declares 0 bytes (so the inflation ratio looks fine) but holds
+    16 MiB of opcodes: inflating stops at the declared size."""
+    path = tmp_path / "lying.bin"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("archive/data.pkl", b"}" * (16 << 20))
+    raw = bytearray(path.read_bytes())
+    central = raw.index(b"PK\x01\x02")
+    raw[central + 24 : central + 28] = bytes(4)  # the uncompressed size, in the central directory
+    path.write_bytes(bytes(raw))
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointError, match="does not inflate"):
+            readers.read_torch_bin(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 5_000_000, peak
+
+
 def test_a_small_deflated_archive_still_reads(tmp_path):
     """Compression itself is fine (torch.load reads it): only inflation beyond 16x is refused."""
     values = np.random.default_rng(0).standard_normal(64).astype(np.float32)
@@ -768,6 +788,10 @@ def test_huge_ints_in_safetensors_and_msgpack_shapes(tmp_path):
     header = {"w": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 4]}}
     path = _write(tmp_path / "w.safetensors", hostile.safetensors_bytes(header, bytes(4)))
     with pytest.raises(CheckpointError, match="impossibly large shape"):
+        readers.read_safetensors(path)
+    header = {"w": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}  # an unhashable dtype
+    path = _write(tmp_path / "w.safetensors", hostile.safetensors_bytes(header, bytes(4)))
+    with pytest.raises(CheckpointError, match="malformed entry or unsupported dtype"):
         readers.read_safetensors(path)
     array = msgpack.ExtType(1, msgpack.packb([[2**63 + 5], "float32", b""]))
     with pytest.raises(CheckpointError, match="malformed array shape"):

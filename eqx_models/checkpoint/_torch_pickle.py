@@ -49,7 +49,7 @@ from ._lazy import MAX_NESTING, LazyTensor, NameBudget
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
-#: The longest pickle read: a state dict's takes about 100 bytes per tensor (this allows ~150k
+#: The longest pickle read: a state dict's takes 100-150 bytes per tensor (this allows over 100k
 #: tensors), while each opcode may cost up to ~70 bytes of memory and a few microseconds.
 _MAX_PICKLE_BYTES = 16 << 20
 #: A compressed zip member may inflate to at most this many times its size (torch.save
@@ -661,7 +661,7 @@ class _Zip:
                 if info.flag_bits & 0x1:
                     raise CheckpointError(f"{label}: zip member {info.filename!r} is encrypted")
                 self._check_sizes(info)
-                if info.header_offset < end:
+                if info.header_offset < max(end, 0):
                     raise CheckpointError(f"{label}: zip members overlap (at {info.filename!r}): refused")
                 data_start = self._local_header(file, info)
                 end = data_start + info.compress_size
@@ -711,9 +711,9 @@ class _Zip:
             data = file.read(info.compress_size)
         if len(data) != info.compress_size:
             raise CheckpointError(f"{self.label}: truncated zip archive (member {name!r})")
-        if info.compress_type == zipfile.ZIP_DEFLATED:
+        if info.compress_type == zipfile.ZIP_DEFLATED:  # never more than declared (+1 to detect excess)
             inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-            data = inflater.decompress(data, info.file_size)
+            data = inflater.decompress(data, info.file_size + 1)
             if len(data) != info.file_size or not inflater.eof:
                 raise CheckpointError(f"{self.label}: corrupt zip archive (member {name!r} does not inflate)")
         if zlib.crc32(data) != info.CRC:

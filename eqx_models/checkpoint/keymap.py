@@ -193,7 +193,8 @@ def _leaf_value(tensor: LazyTensor, name: str, path: str, want: tuple, dtype: An
         raise CheckpointError(
             f"shape mismatch for {name}: checkpoint has {tensor.shape}, model expects {want} (parameter {path})"
         )
-    return tensor.read().astype(dtype, copy=False)
+    with np.errstate(over="ignore"):  # overflow to inf is reported by the caller, per key
+        return tensor.read().astype(dtype, copy=False)
 
 
 def fill_tree(

@@ -4,9 +4,16 @@ Supported files: safetensors (`model.safetensors`), PyTorch pickles (`pytorch_mo
 msgpack (`flax_model.msgpack`), each either whole or sharded through a `<file>.index.json`. Neither torch
 nor flax is imported, and pickles are read without running any code. bfloat16 arrays use
 `ml_dtypes.bfloat16`.
+
+Two layers: `lazy_state_dict` (and `lazy_safetensors`, `lazy_torch_bin`, `lazy_msgpack`) describe
+every tensor as a `LazyTensor`, its dtype and shape validated against the bytes the file holds,
+nothing read yet; `from_pretrained` checks each shape against the model before reading it. The
+`read_*` functions read every tensor into a numpy array (refusing more than a few times the
+file's size, see `_lazy.read_all`). See docs/conversion.md, "Security and limits".
 """
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,7 +126,7 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
 
 
 def _check_tensor_entry(path: Path, name: str, entry) -> tuple[np.dtype, tuple[int, ...], int, int]:
-    if type(entry) is not dict or entry.get("dtype") not in _SAFETENSORS_DTYPES:
+    if type(entry) is not dict or type(entry.get("dtype")) is not str or entry["dtype"] not in _SAFETENSORS_DTYPES:
         dtype = entry.get("dtype") if type(entry) is dict else None
         raise CheckpointError(f"{path}: tensor {name!r} has a malformed entry or unsupported dtype {dtype!r:.40}")
     shape, offsets = entry.get("shape"), entry.get("data_offsets")
@@ -156,7 +163,8 @@ def _safetensors_header(path: Path) -> tuple[dict[str, tuple], dict[str, str], i
         raise CheckpointError(f"{path}: not a safetensors file, or corrupt (header is not JSON)") from None
     if type(header) is not dict:
         raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if type(metadata) is not dict or not all(type(v) is str for v in metadata.values()):
         raise CheckpointError(f"{path}: malformed safetensors __metadata__ (must map strings to strings)")
     entries = {name: _check_tensor_entry(path, name, entry) for name, entry in header.items()}
@@ -176,7 +184,7 @@ def _safetensors_header(path: Path) -> tuple[dict[str, tuple], dict[str, str], i
 
 
 def _read_range(path: Path, offset: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-    buffer = np.empty(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize, np.uint8)
+    buffer = np.empty(math.prod(shape) * dtype.itemsize, np.uint8)
     with open(path, "rb") as file:
         file.seek(offset)
         if file.readinto(buffer) != buffer.size:
