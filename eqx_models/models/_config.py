@@ -137,6 +137,10 @@ def divisible(field: str, by: str) -> Relation:
     return Relation((field, by), lambda a, b: a % b == 0, f"{field} must be divisible by {by}")
 
 
+def at_most(field: str, bound: str) -> Relation:
+    return Relation((field, bound), lambda a, b: a <= b, f"{field} must be at most {bound}")
+
+
 # Annotations shared by the configs.
 Size = Annotated[int, Range(1, MAX_INT32)]
 Count = Annotated[int, Range(0, MAX_INT32)]
@@ -395,6 +399,10 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, relations=self.RELATIONS, where=f"{self.model_type} config: ")
+        self._check_family()
+
+    def _check_family(self) -> None:
+        """A family's checks that are neither one field's constraint nor a `Relation`."""
 
     @classmethod
     def from_hf_config(cls: type[C], hf: dict[str, Any], **overrides: Any) -> C:
