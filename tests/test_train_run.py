@@ -176,7 +176,7 @@ def test_an_hf_config_json_trains_from_scratch_and_must_fit_the_tokenizer(corpus
 
 def test_a_config_file_sets_values_and_flags_override_it(corpus, tmp_path):
     file = tmp_path / "run.toml"
-    file.write_text(f'family = "xglm"\nsize = "tiny"\ndata = ["{corpus}"]\nsteps = 9\nseq_len = 48\n')
+    file.write_text(f'family = "xglm"\nsize = "tiny"\ndata = ["{corpus}"]\nsteps = 9\nwarmup_steps = 2\nseq_len = 48\n')
     config = run.TrainConfig.from_file(file, steps=4)
     assert (config.family, config.steps, config.seq_len, config.data) == ("xglm", 4, 48, (str(corpus),))
     (tmp_path / "bad.toml").write_text('family = "xglm"\nlearning_rat = 1.0\n')
