@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .errors import EqxModelsError
+from .errors import EqxModelsError, InputError
 from .generation import hf_positions
 from .models import CausalLM, EncoderDecoder, Model
 
@@ -72,6 +72,9 @@ def verify(path: str | os.PathLike, *, seq_len: int = 16, seed: int = 0) -> floa
         print(f"warning: {len(report.nonfinite)} tensor(s) hold NaN or Inf:", file=sys.stderr)
         for name in report.nonfinite:
             print(f"  {name}", file=sys.stderr)
+    limit = model.config.position_limit
+    if limit is not None and seq_len > limit:
+        raise InputError(f"--seq-len {seq_len} is longer than the model's {limit} positions")
     reference_class = getattr(transformers, type(model).__name__)
     if "eqx_models" in read_config(path):  # our own folder: let transformers read an export
         with tempfile.TemporaryDirectory(prefix="eqx-verify-") as tmp:  # removed even on failure

@@ -81,9 +81,3 @@ class ModelConfig:
 
     def replace(self: C, **changes: Any) -> C:
         return dataclasses.replace(self, **changes)
-
-
-def require(condition: bool, message: str) -> None:
-    """Raises `ConfigError(message)` unless `condition` holds."""
-    if not condition:
-        raise ConfigError(message)
