@@ -33,6 +33,7 @@ import ctypes
 import errno
 import functools
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -114,17 +115,21 @@ def give_usual_permissions(path: str | os.PathLike) -> None:
 
 
 class _Unwinding:
-    """`contextlib.contextmanager`'s context manager, except for one window: Python may run
-    a signal handler right after the generator yielded, before `__enter__` returns, and
-    then `__exit__` never runs and the generator keeps what it holds (a lock, a temporary
-    folder) until the process ends. Here such an exception unwinds the generator first."""
+    """`contextlib.contextmanager`'s context manager, minus two windows where a signal's
+    exception would leave the generator holding what it holds (a lock, a temporary
+    folder) until the process ends: right after the generator yielded, before `__enter__`
+    returns (then `__exit__` never runs), and on entering `__exit__` (then the generator is
+    never resumed). A signal arriving in either is held back (see `_held_back`) and raised
+    once the generator has run its cleanup."""
 
     def __init__(self, gen: Any):
         self.gen = gen
 
-    def __enter__(self) -> Any:
+    def __enter__(self):
         try:
-            return next(self.gen)
+            value = next(self.gen)
+            _deliver_held_back()  # one that came meanwhile: the generator unwinds below
+            return value
         except StopIteration:
             raise RuntimeError("generator didn't yield") from None
         except BaseException as err:
@@ -132,22 +137,26 @@ class _Unwinding:
                 self.gen.throw(err)
             raise
 
-    def __exit__(self, typ: Any, value: Any, traceback: Any) -> bool:
-        if typ is None:
-            try:
-                next(self.gen)
-            except StopIteration:
-                return False
-            raise RuntimeError("generator didn't stop")
+    def __exit__(self, typ, value, traceback):
+        # No call may come before the generator is resumed: the first one could raise.
         try:
-            self.gen.throw(value)
-        except StopIteration as stop:
-            return stop is not value
-        except BaseException as err:
-            if err is value:
-                return False
-            raise
-        raise RuntimeError("generator didn't stop after throw()")
+            if typ is None:
+                try:
+                    next(self.gen)
+                except StopIteration:
+                    return False
+                raise RuntimeError("generator didn't stop")
+            try:
+                self.gen.throw(value)
+            except StopIteration as stop:
+                return stop is not value
+            except BaseException as err:
+                if err is value:
+                    return False
+                raise
+            raise RuntimeError("generator didn't stop after throw()")
+        finally:
+            _deliver_held_back()
 
 
 def _unwinding(function: Any) -> Any:
@@ -169,21 +178,29 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _held_back(signum: int) -> bool:
-    """In a deferred section: records `signum` for later and returns True."""
-    if _Deferral.depth:
+def _held_back(signum: int, frame: Any) -> bool:
+    """Whether a handler must hold `signum` back (recording it) rather than raise: inside a
+    deferred section, or on entering the `__enter__`/`__exit__` of our context managers."""
+    if _Deferral.depth or (frame is not None and frame.f_code in _PROTECTED_CODE):
         _Deferral.pending = _Deferral.pending or signum
         return True
     return False
 
 
-def _end_deferral(*, deliver: bool = True) -> None:
-    """Ends a section begun with `_Deferral.depth += 1`; the last one to end raises the
-    signal held back, to the handler then in place."""
-    _Deferral.depth -= 1
-    if deliver and not _Deferral.depth and _Deferral.pending is not None:
+def _deliver_held_back() -> None:
+    """Raises the signal held back, to the handler now in place, unless a section is
+    still in progress (its end will)."""
+    if not _Deferral.depth and _Deferral.pending is not None:
         signum, _Deferral.pending = _Deferral.pending, None
         signal.raise_signal(signum)
+
+
+def _end_deferral(*, deliver: bool = True) -> None:
+    """Ends a section begun with `_Deferral.depth += 1`; the last one to end raises the
+    signal held back."""
+    _Deferral.depth -= 1
+    if deliver:
+        _deliver_held_back()
 
 
 @_unwinding
@@ -223,7 +240,7 @@ class interrupts_raise:  # noqa: N801 (a context manager, named like contextlib'
 
     def _handler(self, signum: int, frame: Any) -> None:
         self.received = self.received or signum
-        if not _held_back(signum):
+        if not _held_back(signum, frame):
             raise Interrupted(signum)
 
     def __enter__(self) -> "interrupts_raise":
@@ -267,7 +284,7 @@ def _signals_unwind() -> Iterator[None]:
 
     def handler(signum: int, frame: Any) -> None:
         received.add(signum)
-        if not _held_back(signum):
+        if not _held_back(signum, frame):
             raise _Terminated(signum) if signum == signal.SIGTERM else KeyboardInterrupt()
 
     unwinding = None
@@ -295,6 +312,13 @@ def _signals_unwind() -> Iterator[None]:
 
 class _Terminated(Interrupted):
     """SIGTERM under `_signals_unwind`: the process terminates once it has unwound."""
+
+
+# The frames in which a handler holds a signal back: their first instruction already
+# checks for signals, before any `try` of theirs is in place.
+_PROTECTED_CODE = frozenset(
+    inspect.unwrap(method).__code__ for method in (_Unwinding.__enter__, _Unwinding.__exit__, interrupts_raise.__exit__)
+)
 
 
 # --------------------------------------------------------------------------- destinations
@@ -372,7 +396,7 @@ def _inspect(target: Path, shown: str, *, overwrite: bool) -> bool:
     foreign = foreign_entries(target, entries)
     if foreign is None:
         raise InputError(
-            f"destination {shown} was not written by eqx_models (it has no {MARKER_NAME}); it is never "
+            f"destination {shown} was not written by eqx_models (it has no valid {MARKER_NAME}); it is never "
             "replaced, even with --overwrite: name a new folder or remove it yourself"
         )
     if foreign:

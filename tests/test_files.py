@@ -641,12 +641,16 @@ def run_kills(tmp_path, trials, seed):
     for name, summary in results.items():
         assert summary["failures"] == [], (name, summary["failures"])
         assert summary["trials"] == trials
-    print(json.dumps(results, indent=1))
+    for name, s in results.items():
+        print(
+            f"{name}: {s['trials']} kills, destination held old/new {s['held']}, "
+            f"{s['left_temporaries']} left temporaries, {s['cleaned_by_next_write']} cleaned by the next run"
+        )
     return results
 
 
 def test_kills_at_random_points_of_a_write_leave_the_old_or_the_new_folder(tmp_path):
-    run_kills(tmp_path, trials=6, seed=0)
+    run_kills(tmp_path, trials=4, seed=0)
 
 
 @pytest.mark.slow
