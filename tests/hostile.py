@@ -86,6 +86,16 @@ def tensor(key: str, numel: int, shape, stride, offset: int = 0, kind: str = "Fl
     return global_("torch._utils", "_rebuild_tensor_v2") + args + pickle.REDUCE
 
 
+def nested_dicts(depth: int, leaf: bytes = pickle.NONE) -> bytes:
+    """`{"d": {"d": ... {"d": leaf}}}`, `depth` dicts deep, without recursion in the pickle."""
+    return pickle.EMPTY_DICT + (text("d") + pickle.EMPTY_DICT) * (depth - 1) + text("d") + leaf + pickle.SETITEM * depth
+
+
+def nested_tuples(depth: int) -> bytes:
+    """`((((),),),)`, `depth` tuples deep."""
+    return pickle.EMPTY_TUPLE + pickle.TUPLE1 * depth
+
+
 def state_pickle(entries: dict[str, bytes]) -> bytes:
     """A whole pickle of `{name: value}` (values given as opcodes)."""
     return proto(2) + dict_(*[(text(name), value) for name, value in entries.items()]) + pickle.STOP

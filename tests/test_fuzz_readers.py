@@ -150,6 +150,19 @@ def tensor_record(draw) -> bytes:
     return record
 
 
+@st.composite
+def fitting_tensor_record(draw) -> bytes:
+    """A tensor that fits its storage: a contiguous or permuted view of up to 16 elements at
+    an offset in a storage of 64 bytes (the size `torch_file` gives storages in clean mode)."""
+    shape = draw(st.lists(st.integers(1, 4), max_size=2).filter(lambda s: int(np.prod(s)) <= 16))
+    stride = [int(np.prod(shape[i + 1 :])) for i in range(len(shape))]
+    if len(shape) == 2 and draw(st.booleans()):  # a transposed view
+        shape, stride = shape[::-1], stride[::-1]
+    offset = draw(st.integers(0, 16 - int(np.prod(shape))))
+    kind, numel = draw(st.sampled_from([("FloatStorage", 16), ("HalfStorage", 32), ("BFloat16Storage", 32)]))
+    return hostile.tensor(draw(st.sampled_from(STORAGE_KEYS)), numel, shape, stride, offset, kind)
+
+
 def any_op(sentinel: Path):
     """One opcode (with its argument) or a short run of opcodes."""
     payload = f"touch {sentinel}"
@@ -167,6 +180,8 @@ def any_op(sentinel: Path):
         st.sampled_from(REFUSED_GLOBALS).map(lambda g: hostile.global_(*g) + hostile.tuple_(hostile.text(payload))),
         tensor_record(),
         st.sampled_from(STORAGE_KEYS).map(lambda k: hostile.storage(k, 2)),
+        st.sampled_from([10, 63, 64, 65, 3000]).map(hostile.nested_dicts),
+        st.sampled_from([10, 3000, 100_000]).map(hostile.nested_tuples),
         st.binary(min_size=1, max_size=3),
     )
 
@@ -175,10 +190,16 @@ def any_op(sentinel: Path):
 def torch_file(draw, sentinel: Path):
     """(layout, pickle, storages): a state-dict-shaped pickle with tensors, nesting, memo sharing
     and random opcodes spliced in, around storages of random sizes."""
+    clean = draw(st.integers(0, 2)) == 0  # only tensors that fit, and all storages: mostly read
     ops = any_op(sentinel)
+    values = (
+        fitting_tensor_record()
+        if clean
+        else st.one_of(tensor_record(), fitting_tensor_record(), st.lists(ops, min_size=1, max_size=6).map(b"".join))
+    )
     entries = []
     for i in range(draw(st.integers(0, 4))):
-        value = draw(st.one_of(tensor_record(), tensor_record(), st.lists(ops, min_size=1, max_size=6).map(b"".join)))
+        value = draw(values)
         if draw(st.booleans()):  # nesting, sometimes shared through the memo
             value = hostile.dict_((hostile.text("inner"), value)) + hostile.put(100 + i)
         entries.append((hostile.text(draw(st.sampled_from(["w", "b", "a.b", f"k{i}", ""]))), value))
@@ -191,11 +212,14 @@ def torch_file(draw, sentinel: Path):
             body += hostile.dict_((hostile.text("_metadata"), hostile.dict_())) + pickle.BUILD
     splice = draw(st.lists(ops, max_size=6))
     at = draw(st.integers(0, len(body)))
-    if splice and draw(st.integers(0, 2)) == 0:
+    if splice and not clean and draw(st.booleans()):
         body = body[:at] + b"".join(splice) + body[at:]
     data = hostile.proto(draw(st.sampled_from([2, 2, 4, 5, 6]))) + body + pickle.STOP
     storage_bytes = st.one_of(st.binary(min_size=64, max_size=64), st.binary(max_size=40))  # 64: 16 floats
-    storages = {key: draw(storage_bytes) for key in STORAGE_KEYS if draw(st.integers(0, 3))}
+    if clean:
+        storages = {key: draw(st.binary(min_size=64, max_size=64)) for key in STORAGE_KEYS}
+    else:
+        storages = {key: draw(storage_bytes) for key in STORAGE_KEYS if draw(st.integers(0, 3))}
     layout = draw(st.sampled_from(["zip", "zip", "legacy"]))
     return layout, data, storages
 
@@ -256,7 +280,7 @@ def test_fuzz_torch_pickles(tmp_path, unchanged_state, scale):
         assert not sentinel.exists()
         assert unchanged_state()
 
-    fuzz(torch_file(sentinel), check, 80 * scale)
+    fuzz(torch_file(sentinel), check, 150 * scale)
     tally.report()
     assert tally.counts["refused"] and sum(v for k, v in tally.counts.items() if k.startswith("read"))
 
@@ -309,7 +333,7 @@ def test_fuzz_mutated_torch_archives(tmp_path, unchanged_state, scale):
                 same_arrays(ours, theirs)
             tally("read, equal to torch.load" if theirs is not None else "read (torch.load refuses)")
 
-    fuzz(mutated_torch_save(), check, 50 * scale)
+    fuzz(mutated_torch_save(), check, 100 * scale)
     tally.report()
 
 
@@ -460,7 +484,7 @@ def flax_leaf(draw):
         }
     if kind == "bad_ext":
         return msgpack.ExtType(draw(st.integers(0, 127)), draw(st.binary(max_size=8)))
-    return draw(st.one_of(st.none(), st.integers(), st.text(max_size=5)))
+    return draw(st.one_of(st.none(), st.integers(-(2**63), 2**64 - 1), st.text(max_size=5)))
 
 
 @st.composite
@@ -528,16 +552,26 @@ def test_fuzz_flax_msgpack(tmp_path, unchanged_state, scale):
 
 @st.composite
 def sharded_folder(draw):
-    """Two shards holding overlapping names (each shard's values tell which shard they came
-    from) and an index assigning names to shards, some wrongly, some to missing or hostile files."""
+    """Two shards and an index, consistent, then damaged a few times: an extra copy of a name in
+    the other shard, a name assigned to the wrong, a missing or a hostile file, a name unlisted or
+    dropped from its shard, listed twice, or random bytes. Each shard's values tell which shard
+    they came from."""
     names = ["a", "b", "c", "d"]
-    shards = {
-        "s1.safetensors": draw(st.lists(st.sampled_from(names), unique=True, max_size=4)),
-        "s2.safetensors": draw(st.lists(st.sampled_from(names), unique=True, max_size=4)),
-    }
-    targets = st.sampled_from(["s1.safetensors", "s2.safetensors", "s1.safetensors", "missing.safetensors",
-                               "../s1.safetensors", "", 3])  # fmt: skip
-    weight_map = draw(st.dictionaries(st.sampled_from(names), targets, max_size=4))
+    owner = {name: draw(st.sampled_from(["s1.safetensors", "s2.safetensors"])) for name in names}
+    shards = {shard: [n for n in names if owner[n] == shard] for shard in ("s1.safetensors", "s2.safetensors")}
+    weight_map = dict(owner)  # consistent so far: every name in one shard, as the index says
+    targets = st.sampled_from(["s1.safetensors", "s2.safetensors", "missing.safetensors", "../s1.safetensors", "", 3])
+    for _ in range(draw(st.integers(0, 3))):  # then some damage
+        name, damage = draw(st.sampled_from(names)), draw(st.sampled_from(["copy", "remap", "unlist", "drop"]))
+        if damage == "copy":  # an extra copy in the other shard
+            other = "s2.safetensors" if owner[name] == "s1.safetensors" else "s1.safetensors"
+            shards[other] = sorted(set(shards[other]) | {name})
+        elif damage == "remap":
+            weight_map[name] = draw(targets)
+        elif damage == "unlist":
+            weight_map.pop(name, None)
+        else:
+            shards[owner[name]] = [n for n in shards[owner[name]] if n != name]
     raw = json.dumps({"metadata": {}, "weight_map": weight_map})
     if weight_map and draw(st.integers(0, 4)) == 0:  # a name listed twice
         first = next(iter(weight_map))
@@ -666,7 +700,8 @@ def status(field):  # in kB
         return next(int(line.split()[1]) for line in file if line.startswith(field + ":"))
 
 warnings.simplefilter("ignore")
-cases, warm = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+with open(sys.argv[1]) as file:
+    cases, warm = json.load(file)
 read = {"bin": readers.read_torch_bin, "safetensors": readers.read_safetensors, "msgpack": readers.read_msgpack,
         "folder": eqx_models.from_pretrained}
 for kind, path in warm:  # imports, compilation and allocator caches settle here
@@ -735,7 +770,8 @@ def _worst_cases(root: Path, hf_folder: Path) -> list[tuple[str, str]]:
     return cases
 
 
-def test_peak_memory_and_time_are_bounded_in_a_fresh_process(tmp_path):
+@pytest.mark.parametrize("scale", SCALES)
+def test_peak_memory_and_time_are_bounded_in_a_fresh_process(tmp_path, scale):
     """A corpus of generated hostile files and the issue's worst cases (the 16384x16384 stride-0
     view, the depth-40 shared memo, a memo index of 2**30, deflate bombs of 200 MiB of opcodes and
     of a 256 MiB storage, a 10**6-layer config) read in one fresh process: each input ends in
@@ -773,13 +809,14 @@ def test_peak_memory_and_time_are_bounded_in_a_fresh_process(tmp_path):
         layout, data, storages = case
         keep("bin", write_torch(tmp_path / "scratch.bin", layout, data, storages).read_bytes())
 
-    fuzz(torch_file(tmp_path / "pwned"), collect_torch, 50)
-    fuzz(safetensors_file(), lambda case: keep("safetensors", case[0]), 50)
-    fuzz(msgpack_file(), lambda data: keep("msgpack", data), 50)
+    fuzz(torch_file(tmp_path / "pwned"), collect_torch, 50 * scale)
+    fuzz(safetensors_file(), lambda case: keep("safetensors", case[0]), 50 * scale)
+    fuzz(msgpack_file(), lambda data: keep("msgpack", data), 50 * scale)
 
     repo = Path(__file__).resolve().parents[1]
-    args = [sys.executable, "-c", _MEMORY_SCRIPT, json.dumps(cases), json.dumps(warm)]
-    result = subprocess.run(args, capture_output=True, text=True, cwd=repo, timeout=600)
+    (tmp_path / "cases.json").write_text(json.dumps([cases, warm]))
+    args = [sys.executable, "-c", _MEMORY_SCRIPT, str(tmp_path / "cases.json")]
+    result = subprocess.run(args, capture_output=True, text=True, cwd=repo, timeout=600 * scale)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     results = report["results"]

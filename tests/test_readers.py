@@ -644,6 +644,24 @@ def test_shared_memo_dicts_are_walked_once(tmp_path, layout, depth):
         readers.read_torch_bin(path)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_deep_nesting_is_refused_without_recursion(tmp_path, layout):
+    """Dicts nested past 64 levels are refused; deeper tuples (skipped leaves) cost nothing."""
+    tensor = hostile.tensor("0", 2, (2,), (1,))
+    for depth, error in [(64, None), (65, "nested more than 64 levels"), (10_000, "nested more than 64 levels")]:
+        obj = hostile.proto(2) + hostile.nested_dicts(depth, tensor) + pickle.STOP
+        path = (hostile.torch_zip if layout == "zip" else hostile.torch_legacy)(
+            tmp_path / f"deep{depth}.bin", obj, {"0": hostile.float_bytes([1, 2])}
+        )
+        if error is None:
+            assert list(readers.read_torch_bin(path)) == [".".join(["d"] * depth)]
+        else:
+            with pytest.raises(CheckpointError, match=error):
+                readers.read_torch_bin(path)
+    obj = hostile.state_pickle({"t": hostile.nested_tuples(100_000)})
+    assert readers.read_torch_bin(hostile.torch_zip(tmp_path / "tuples.bin", obj, {})) == {}
+
+
 def test_a_dict_containing_itself_is_refused(tmp_path):
     data = hostile.proto(2) + hostile.dict_() + hostile.put(0) + hostile.text("me") + hostile.get(0)
     data += pickle.SETITEM + pickle.STOP
@@ -669,10 +687,11 @@ def test_stride_zero_tensor_over_tiny_storage_is_refused_before_allocating(tmp_p
     assert lazy.shape == (16384, 16384) and peak < 5_000_000, peak
 
 
-def test_pickle_memo_index_costs_nothing(tmp_path):
+@pytest.mark.parametrize("index", [2**26, 2**32 - 1])
+def test_pickle_memo_index_costs_nothing(tmp_path, index):
     """A 9-byte pickle naming memo entry 2**26 made `pickle.Unpickler` allocate 1 GB (its memo
-    is an array sized by the largest index); ours is a dict."""
-    data = hostile.proto(2) + pickle.NONE + hostile.put(2**26) + pickle.STOP
+    is an array sized by the largest index; 2**32 - 1 gave a bare `MemoryError`); ours is a dict."""
+    data = hostile.proto(2) + pickle.NONE + hostile.put(index) + pickle.STOP
     path = hostile.torch_zip(tmp_path / "memo.bin", data, {})
     tracemalloc.start()
     try:

@@ -39,6 +39,7 @@ import zipfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import no_type_check
 
 import ml_dtypes
 import numpy as np
@@ -294,6 +295,7 @@ _CONSTANTS = {
 }  # fmt: skip
 
 
+@no_type_check  # its closures run once per opcode: runtime type checking (tests) would dominate
 class _Machine:
     """Runs one pickle (see the module docstring) and records the storages it references."""
 
@@ -590,9 +592,10 @@ def _check_fits(ref: _TensorRef, name: str, record_bytes: int | None, root_numel
     if record_bytes is None:
         raise CheckpointError(f"{where}: its storage record 'data/{storage.key}' is missing")
     needed = root_numel * storage.dtype.itemsize
-    if record_bytes < needed:
+    if record_bytes != needed:  # as torch.load, which refuses any other size
         raise CheckpointError(
-            f"{where}: storage '{storage.key}' holds {record_bytes} bytes, expected at least {needed}"
+            f"{where}: storage '{storage.key}' holds {record_bytes} bytes, expected {needed} "
+            f"({root_numel} elements of {storage.dtype})"
         )
     if 0 in ref.shape:
         return
