@@ -32,7 +32,7 @@ def _convert(args: argparse.Namespace) -> None:
 
     check_destination(args.dst, source=args.src, overwrite=args.overwrite)  # before loading anything
     started = time.perf_counter()
-    model, report = load_with_report(args.src, dtype=args.dtype, progress=True)
+    model, report = load_with_report(args.src, dtype=args.dtype, strict=args.strict, progress=True)
     for path in report.initialised:
         print(f"note: {path} is not in the checkpoint and was freshly initialised", file=sys.stderr)
     save = export_hf if args.to == "hf" else save_pretrained
@@ -111,7 +111,7 @@ def _generate(args: argparse.Namespace) -> None:
     from .text import StreamDecoder, load_codec
 
     options = _sampling_options(args)
-    model = from_pretrained(args.src, dtype=args.dtype)
+    model = from_pretrained(args.src, dtype=args.dtype, strict=args.strict)
     codec = load_codec(args.src, model.config)
     prompt_ids = codec.encode(args.prompt)
     prompt = np.asarray([prompt_ids], np.int32)
@@ -198,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("--to", choices=("eqx", "hf"), default="eqx", help="output format (default: eqx)")
     convert.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    convert.add_argument("--strict", action="store_true", help="weights holding NaN or Inf are an error, not a warning")
     convert.set_defaults(run=_convert)
 
     verify = commands.add_parser("verify", help="compare our logits with transformers' PyTorch model")
@@ -223,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-beams", type=int, default=1, help="beam search with B beams (printed at the end)")
     gen.add_argument("--seed", type=int, default=0, help="random seed of the sampler (default 0)")
     gen.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    gen.add_argument("--strict", action="store_true", help="weights holding NaN or Inf are an error, not a warning")
     gen.set_defaults(run=_checked(GENERATE_FLAGS, _generate))
 
     train = commands.add_parser(

@@ -241,6 +241,8 @@ def test_nonfinite_weights_warn_by_name_and_fail_when_strict(checkpoints, tmp_pa
     with pytest.raises(eqx_models.CheckpointError, match=r"hold NaN or Inf: .*transformer.wpe.weight.*\(strict"):
         eqx_models.from_pretrained(folder, strict=True)
     assert cli(["convert", str(folder), str(tmp_path / "out")]) == 0  # a warning, not an error, by default
+    assert cli(["convert", str(folder), str(tmp_path / "strict"), "--strict"]) == EXIT_BAD_INPUT
+    assert not (tmp_path / "strict").exists()
 
 
 def test_finite_weights_load_silently_even_when_strict(checkpoints):
