@@ -764,7 +764,8 @@ def _worst_cases(root: Path, hf_folder: Path) -> list[tuple[str, str]]:
     deep = root / "deep-config"
     shutil.copytree(hf_folder, deep)
     config = json.loads((deep / "config.json").read_text())
-    config.update(num_layers=10**6, attention_types=[[["global", "local"], 5 * 10**5]])
+    # the most layers a config accepts (MAX_LAYERS; 10**6 is refused by the config itself)
+    config.update(num_layers=10_000, attention_types=[[["global", "local"], 5_000]])
     (deep / "config.json").write_text(json.dumps(config))
     cases.append(("folder", str(deep)))
     return cases
@@ -774,7 +775,8 @@ def _worst_cases(root: Path, hf_folder: Path) -> list[tuple[str, str]]:
 def test_peak_memory_and_time_are_bounded_in_a_fresh_process(tmp_path, scale):
     """A corpus of generated hostile files and the issue's worst cases (the 16384x16384 stride-0
     view, the depth-40 shared memo, a memo index of 2**30, deflate bombs of 200 MiB of opcodes and
-    of a 256 MiB storage, a 10**6-layer config) read in one fresh process: each input ends in
+    of a 256 MiB storage, a 10,000-layer config against a 2-layer checkpoint) read in one fresh
+    process: each input ends in
     CheckpointError or a load within TIME_BOUND_S, and no input raises the process's peak RSS
     (reset before each one through /proc/self/clear_refs) by MEMORY_BOUND_MB or more."""
     import transformers

@@ -897,13 +897,20 @@ def test_msgpack_embedding_and_weight_collide(flax_dirs, tmp_path):
 
 
 def test_absurd_layer_count_fails_early_and_cheaply(hf_dirs, tmp_path):
-    """Issue 13, defect 10: `num_layers: 10**6` built 13M key strings (1.6 GB) before failing."""
+    """Issue 13, defect 10: `num_layers: 10**6` built 13M key strings (1.6 GB) before failing.
+    The config now refuses more than `MAX_LAYERS` layers outright; at that maximum, against a
+    2-layer checkpoint, the key match still fails early and cheaply."""
     import eqx_models
+    from eqx_models.validation import MAX_LAYERS
 
     folder = tmp_path / "deep"
     shutil.copytree(hf_dirs[0] / "st", folder)
     config = json.loads((folder / "config.json").read_text())
     config.update(num_layers=10**6, attention_types=[[["global", "local"], 5 * 10**5]])
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(eqx_models.ConfigError, match=r"num_layers must be an integer in \[1, 10000\]"):
+        eqx_models.from_pretrained(folder)
+    config.update(num_layers=MAX_LAYERS, attention_types=[[["global", "local"], MAX_LAYERS // 2]])
     (folder / "config.json").write_text(json.dumps(config))
     tracemalloc.start()
     try:
