@@ -177,9 +177,9 @@ def attention_projections(
     return linear(qkv_bias, kq), linear(qkv_bias, kk), linear(qkv_bias, kv), linear(True, ko)
 
 
-class SelfAttention(eqx.Module):
-    """Multi-head causal self-attention with HF's `q_proj`/`k_proj`/`v_proj`/`out_proj`
-    names (GPT-Neo, XGLM), writing its keys and values to the cache when decoding."""
+class ProjectedAttention(eqx.Module):
+    """Multi-head attention's `q_proj`/`k_proj`/`v_proj`/`out_proj` (HF's names), dropout,
+    head count and score scale: what self- and cross-attention layers hold alike."""
 
     q_proj: nn.Linear
     k_proj: nn.Linear
@@ -205,6 +205,11 @@ class SelfAttention(eqx.Module):
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = projections
         self.dropout = eqx.nn.Dropout(dropout)
         self.num_heads, self.scale = num_heads, scale
+
+
+class SelfAttention(ProjectedAttention):
+    """Multi-head causal self-attention with HF's `q_proj`/`k_proj`/`v_proj`/`out_proj`
+    names (GPT-Neo, XGLM), writing its keys and values to the cache when decoding."""
 
     def __call__(
         self, x: Float[Array, "seq dim"], ctx: LayerContext, *, key: PRNGKeyArray | None = None
@@ -252,35 +257,10 @@ def no_cross_attention(family: str) -> InputError:
     )
 
 
-class CrossAttention(eqx.Module):
+class CrossAttention(ProjectedAttention):
     """Multi-head attention from a decoder's tokens to encoder states, with HF's
     `q_proj`/`k_proj`/`v_proj`/`out_proj` names (XGLM's `encoder_attn`). Queries come
     from the layer; keys and values from `cross_kv`, computed once per encoder input."""
-
-    q_proj: nn.Linear
-    k_proj: nn.Linear
-    v_proj: nn.Linear
-    out_proj: nn.Linear
-    dropout: eqx.nn.Dropout
-    num_heads: int = eqx.field(static=True)
-    scale: float | None = eqx.field(static=True)
-
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        *,
-        qkv_bias: bool,
-        scale: float | None,
-        dropout: float,
-        init_std: float,
-        dtype: DTypeLike,
-        key: PRNGKeyArray,
-    ):
-        projections = attention_projections(dim, qkv_bias=qkv_bias, init_std=init_std, dtype=dtype, key=key)
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = projections
-        self.dropout = eqx.nn.Dropout(dropout)
-        self.num_heads, self.scale = num_heads, scale
 
     def cross_kv(
         self, encoded: Float[Array, "src dim"]
