@@ -247,9 +247,9 @@ def test_configs_parse_hf_fields_and_round_trip():
 
 
 BAD_FEED_FORWARD = [
-    ("gated-gelu-fast", "not of the form"),
-    ("relu-gated", "not of the form"),
-    ("swiglu", "unsupported activation"),
+    ("gated-gelu-fast", r"feed_forward_proj must be a string of the form 'ACT' or 'gated-ACT' .*got 'gated-gelu-fast'"),
+    ("relu-gated", r"feed_forward_proj must be a string of the form 'ACT' or 'gated-ACT' .*got 'relu-gated'"),
+    ("swiglu", r"feed_forward_proj must be .*ACT one of .*got 'swiglu'"),
 ]
 
 

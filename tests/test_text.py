@@ -267,9 +267,9 @@ def test_cli_generate_falls_back_to_bytes(neo_folder, tmp_path, capsys):
 @pytest.mark.parametrize(
     "flags,message",
     [
-        (["--temperature", "-1"], "--temperature must be 0 (greedy) or positive, got -1.0"),
-        (["--num-beams", "0"], "--num-beams must be at least 1, got 0"),
-        (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
+        (["--temperature", "-1"], "--temperature must be a finite number >= 0 or null, got -1.0"),
+        (["--num-beams", "0"], "--num-beams must be an integer in [1, 2**31 - 1], got 0"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be an integer in [1, 2**31 - 1], got 0"),
     ],
 )
 def test_cli_generate_bad_flags_give_one_line(neo_folder, capsys, flags, message):
