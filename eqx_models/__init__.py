@@ -6,6 +6,7 @@ from .generation import generate
 from .models import FAMILIES
 from .nn import with_run_options
 from .pretrained import export_hf, from_pretrained, load_with_report, save_pretrained
+from .text import load_tokenizer
 
 __version__ = "0.1.0"
 
@@ -18,6 +19,7 @@ __all__ = [
     "export_hf",
     "from_pretrained",
     "generate",
+    "load_tokenizer",
     "load_with_report",
     "save_pretrained",
     "with_run_options",

@@ -108,19 +108,21 @@ def _generate(args: argparse.Namespace) -> None:
     from .generation import generate, stream
     from .models import Seq2SeqLM
     from .pretrained import from_pretrained
-    from .text import StreamDecoder, load_codec
+    from .text import StreamDecoder, load_tokenizer, prompt_ids
 
     options = _sampling_options(args)
+    codec = load_tokenizer(args.src, byte_level=args.byte_level)  # before the weights: a missing tokenizer fails fast
     model = from_pretrained(args.src, dtype=args.dtype, strict=args.strict)
-    codec = load_codec(args.src, model.config)
-    prompt_ids = codec.encode(args.prompt)
-    prompt = np.asarray([prompt_ids], np.int32)
+    ids = prompt_ids(codec, args.prompt, vocab_size=model.config.vocab_size, chat=args.chat)
+    prompt = np.asarray([ids], np.int32)
     eos = model.config.eos_token_id
     eos_ids = set() if eos is None else {int(e) for e in np.atleast_1d(eos)}
     # An encoder-decoder model reads the prompt and writes new text: show only its output.
     seq2seq = isinstance(model, Seq2SeqLM)
-    text = StreamDecoder(codec) if seq2seq else StreamDecoder(codec, prefix=prompt_ids)
-    if not seq2seq:
+    # A decoder continues the prompt: show it, then the new text. A chat prompt is the template's
+    # text, so only the reply is shown (the prompt stays decoding context).
+    text = StreamDecoder(codec) if seq2seq else StreamDecoder(codec, prefix=ids)
+    if not seq2seq and not args.chat:
         print(args.prompt, end="", flush=True)
 
     started = time.perf_counter()
@@ -211,12 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser(
         "generate",
         help="generate text from a prompt, printed as it is produced",
-        description="Encodes the prompt with the folder's tokenizer.json (byte-level ids if it has none), "
-        "generates and prints the text as it comes. Greedy unless --temperature, --top-k or --top-p is "
-        "given; --temperature 0 is greedy.",
+        description="Encodes the prompt with the folder's tokenizer (tokenizer.json, vocab.json + merges.txt or a "
+        "SentencePiece model, as transformers' AutoTokenizer reads them; byte-level ids only with --byte-level or "
+        "for a byte vocabulary), generates and prints the text as it comes. Greedy unless --temperature, "
+        "--top-k or --top-p is given; --temperature 0 is greedy. --chat wraps the prompt in the chat template.",
     )
     gen.add_argument("src", help="a HF or eqx folder")
     gen.add_argument("--prompt", default="def ", help="the text to continue (encoder input for LongT5)")
+    gen.add_argument("--chat", action="store_true", help="the prompt is one user message in the chat template")
+    gen.add_argument("--byte-level", action="store_true", help="encode the prompt as UTF-8 byte ids")
     gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.add_argument("--temperature", type=float, default=None, help="sample at this temperature; 0 is greedy")
     gen.add_argument("--top-k", type=int, default=None, help="sample from the K most likely tokens")

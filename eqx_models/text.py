@@ -402,7 +402,7 @@ def _added_token(value: Any, **overrides: Any) -> Any:
         if not isinstance(value.get("content"), str):
             raise CheckpointError(f"a token setting has no 'content' string: {value!r}")
         return AddedToken(**{**{k: value[k] for k in _TOKEN_FIELDS if k in value}, **overrides})
-    if value is not None and not isinstance(value, str):
+    if value is not None and not isinstance(value, (str, AddedToken)):
         raise CheckpointError(f"a token setting must be a string or an object, got {value!r}")
     return value
 
@@ -606,10 +606,9 @@ def _build(folder: Path) -> Tokenizer:
         json_path = None  # T5's fast class rebuilds from spiece.model when add_prefix_space is set
     if json_path is None:
         family = _slow_family(folder, family)
+    backend = _read_tokenizer_json(json_path) if json_path is not None else None  # a corrupt file is named first
     settings, added = _settings(folder, family, json_path)
-    if json_path is not None:
-        backend = _read_tokenizer_json(json_path)
-    else:
+    if backend is None:
         plain = {
             key: str(value) if key in SPECIAL_KEYS and value is not None else value for key, value in settings.items()
         }

@@ -271,7 +271,7 @@ class Tokens:
 
 def _special_id(codec: Any, names: tuple[str, ...], what: str) -> int:
     for name in names:
-        if (token := codec.tokenizer.token_to_id(name)) is not None:
+        if (token := codec.token_to_id(name)) is not None:
             return int(token)
     raise InputError(f"{codec.source} has no {what} token; looked for {', '.join(names)}")
 
@@ -279,19 +279,19 @@ def _special_id(codec: Any, names: tuple[str, ...], what: str) -> int:
 def _tokens(config: TrainConfig, train_docs: list[Document], output: Path, init_config: Any) -> Tokens:
     """The run's tokenizer: reused from the run folder when resuming, else as configured.
     A BPE is trained and saved by process 0; the other processes read its file."""
-    from .text import ByteCodec, TokenizerCodec
+    from . import text
 
     saved = output / "tokenizer.json"
     kind, value = _parse_tokenizer(config.tokenizer)
     if config.init_from is not None and kind != "file" and (Path(config.init_from) / "tokenizer.json").is_file():
         kind, value = "file", Path(config.init_from) / "tokenizer.json"
     if kind == "bytes":  # bytes 0-255, then EOS and padding
-        return Tokens(ByteCodec(258), 258, pad=257, eos=256, file=None)
+        return Tokens(text.ByteCodec(258), 258, pad=257, eos=256, file=None)
     if kind == "bpe":
         if jax.process_index() == 0 and not saved.is_file():
             train_bpe_tokenizer(train_docs, int(value)).save(str(saved))  # <pad> = 0, <eos> = 1
         barrier("eqx_models.train.tokenizer")
-    codec = TokenizerCodec.from_file(saved if kind == "bpe" else value)
+    codec = text.Tokenizer.from_file(saved if kind == "bpe" else value)
     eos = _special_id(codec, ("<eos>", "</s>", "<|endoftext|>"), "end-of-text")
     try:
         pad = _special_id(codec, ("<pad>",), "padding")

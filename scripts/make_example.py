@@ -23,7 +23,7 @@ import eqx_models
 from eqx_models import train as run
 from eqx_models.generation import generate
 from eqx_models.pretrained import export_hf, load_with_report, tokenizer_files
-from eqx_models.text import TokenizerCodec
+from eqx_models.text import Tokenizer
 from eqx_models.training.data import split_documents
 from eqx_models.training.loop import evaluate
 
@@ -31,11 +31,11 @@ ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ("def ", "class ", "import ", "    for i in range(")
 
 
-def eval_bits_per_byte(model, config: run.TrainConfig, codec: TokenizerCodec) -> tuple[float, float, float]:
+def eval_bits_per_byte(model, config: run.TrainConfig, codec: Tokenizer) -> tuple[float, float, float]:
     """(loss in nats/token, bits/byte, unigram bits/byte) on the run's evaluation split."""
     docs = run._documents(config)
     train_docs, eval_docs = split_documents(docs, config.eval_fraction, config.seed)
-    eos = codec.tokenizer.token_to_id("<eos>")
+    eos = codec.token_to_id("<eos>")
     tokens = run.Tokens(codec, codec.vocab_size, pad=0, eos=eos, file=None)
     train_ids = run.tokenize(train_docs, codec, eos)
     evals = run._eval_set(config, tokens, eval_docs, train_ids)
@@ -44,7 +44,7 @@ def eval_bits_per_byte(model, config: run.TrainConfig, codec: TokenizerCodec) ->
     return loss, loss * evals.tokens / (evals.bytes * math.log(2)), evals.unigram_bits_per_byte
 
 
-def greedy_matches_transformers(folder: Path, codec: TokenizerCodec, new_tokens: int = 48) -> list[tuple[str, bool]]:
+def greedy_matches_transformers(folder: Path, codec: Tokenizer, new_tokens: int = 48) -> list[tuple[str, bool]]:
     ours = eqx_models.from_pretrained(folder)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
     results = []
@@ -70,7 +70,7 @@ def main() -> None:
     model, _ = load_with_report(source, dtype="bfloat16")
     export_hf(model, args.out, extra_files=tokenizer_files(source))
     out = Path(args.out)
-    codec = TokenizerCodec.from_file(out / "tokenizer.json")
+    codec = Tokenizer.from_file(out / "tokenizer.json")
     loss, bpb, unigram = eval_bits_per_byte(eqx_models.from_pretrained(out), config, codec)
     samples = greedy_matches_transformers(out, codec)
     size = (out / "model.safetensors").stat().st_size / 2**20

@@ -8,7 +8,7 @@ import pytest
 from jaxtyping import TypeCheckError
 
 from eqx_models.errors import InputError
-from eqx_models.text import ByteCodec, TokenizerCodec
+from eqx_models.text import ByteCodec, Tokenizer
 from eqx_models.training.data import (
     Document,
     PackedBatches,
@@ -140,7 +140,7 @@ def test_tokenize_adds_eos():
     assert ids.dtype == np.int32
     assert ids.tolist() == [104, 0xC3, 0xA9, 256, 120, 121, 256]
     train = [Document(f"l{i}", line) for i, line in enumerate(_lines())]
-    codec = TokenizerCodec(train_bpe_tokenizer(train, 300))
+    codec = Tokenizer(train_bpe_tokenizer(train, 300))
     ids = tokenize(train[:20], codec, eos_id=1, chunk=7)
     expected = [t for d in train[:20] for t in [*codec.encode(d.text), 1]]
     assert ids.tolist() == expected

@@ -13,7 +13,6 @@ from oracle import hf_generate, left_pad
 
 import eqx_models
 from eqx_models.generation import generate
-from eqx_models.text import load_codec
 from eqx_models.training import head_loss
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "stdlib-gpt-neo"
@@ -22,7 +21,7 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "stdlib-gpt-neo"
 @pytest.fixture(scope="module")
 def example():
     model = eqx_models.from_pretrained(EXAMPLE)
-    return model, load_codec(EXAMPLE, model.config)
+    return model, eqx_models.load_tokenizer(EXAMPLE)
 
 
 def test_the_example_has_learned_python(example):

@@ -1,25 +1,25 @@
-"""Text in, text out: the tokenizer.json codec, its byte-level fallback, streaming decode,
+"""Text in, text out: the tokenizer.json tokenizer, byte-level ids, streaming decode,
 and the `generate` command line (streamed output equal to `eqx_models.generate`'s ids)."""
 
 import inspect
 import json
 import shutil
 import textwrap
-import types
 
 import jax
 import numpy as np
 import pytest
+import tokenizers
 import torch
 import transformers
 from oracle import randomise
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 import eqx_models
 import eqx_models.generation
 from eqx_models.cli import EXIT_BAD_INPUT
 from eqx_models.cli import main as cli
-from eqx_models.text import ByteCodec, StreamDecoder, TokenizerCodec, load_codec
+from eqx_models.text import ByteCodec, StreamDecoder, Tokenizer, load_tokenizer, prompt_ids
 
 TEXTS = ["def f(x):\n    return x + 1", "é漢🙂", "  leading spaces, tabs\tand\nnewlines ", "naïve café 🙂🙂 漢字"]
 PAD, EOS = 0, 1  # the tokenizer's special tokens, and the models' pad / eos ids
@@ -42,7 +42,7 @@ NEO = dict(
 @pytest.fixture(scope="module")
 def tokenizer_file(tmp_path_factory):
     """A small byte-level BPE trained on stdlib source: no downloads."""
-    tokenizer = Tokenizer(models.BPE())
+    tokenizer = tokenizers.Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -60,7 +60,7 @@ def tokenizer_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def codec(tokenizer_file):
-    return TokenizerCodec.from_file(tokenizer_file)
+    return Tokenizer.from_file(tokenizer_file)
 
 
 @pytest.fixture(scope="module")
@@ -101,31 +101,34 @@ def test_decode_skips_special_and_unknown_ids(codec):
     assert codec.decode(np.asarray(ids, np.int32)) == "hello world"
 
 
-def test_encode_rejects_empty_prompts_and_ids_the_model_lacks(tokenizer_file):
+def test_prompt_ids_rejects_empty_prompts_and_ids_the_model_lacks(codec):
+    assert codec.encode("") == []
     with pytest.raises(eqx_models.InputError, match="encodes to no tokens"):
-        TokenizerCodec.from_file(tokenizer_file).encode("")
-    small = TokenizerCodec.from_file(tokenizer_file, model_vocab_size=200)
+        prompt_ids(codec, "", vocab_size=MODEL_VOCAB)
     with pytest.raises(eqx_models.InputError, match=r"model has only 200 ids; .*tokenizer\.json"):
-        small.encode("def f(x): return x")
-
-
-def test_load_codec_uses_tokenizer_json_else_bytes(neo_folder, neo, tmp_path):
-    assert isinstance(load_codec(neo_folder, neo.config), TokenizerCodec)
-    assert load_codec(tmp_path, neo.config) == ByteCodec(MODEL_VOCAB)
+        prompt_ids(codec, "def f(x): return x", vocab_size=200)
     with pytest.raises(eqx_models.InputError, match="at least 256"):
-        load_codec(tmp_path, types.SimpleNamespace(vocab_size=100))
+        ByteCodec(100)
+
+
+def test_load_tokenizer_uses_tokenizer_json_else_bytes_only_when_asked(neo_folder, tmp_path):
+    assert isinstance(load_tokenizer(neo_folder), Tokenizer)
+    assert load_tokenizer(neo_folder, byte_level=True) == ByteCodec(MODEL_VOCAB)
+    shutil.copy(neo_folder / "config.json", tmp_path / "config.json")
+    with pytest.raises(eqx_models.CheckpointError, match="has no tokenizer files"):
+        load_tokenizer(tmp_path)
 
 
 @pytest.mark.parametrize("content", [b"{not json", b"", b'{"version": "1.0"}', b"\xff\xfe"])
-def test_corrupt_tokenizer_json_is_named(tmp_path, neo, content):
+def test_corrupt_tokenizer_json_is_named(tmp_path, content):
     (tmp_path / "tokenizer.json").write_bytes(content)
     with pytest.raises(eqx_models.CheckpointError, match=r"cannot read tokenizer file .*tokenizer\.json"):
-        load_codec(tmp_path, neo.config)
+        load_tokenizer(tmp_path)
 
 
 def test_missing_tokenizer_file_is_named(tmp_path):
     with pytest.raises(eqx_models.CheckpointError, match="no tokenizer file at .*nope.json"):
-        TokenizerCodec.from_file(tmp_path / "nope.json")
+        Tokenizer.from_file(tmp_path / "nope.json")
 
 
 # --- streaming decode -------------------------------------------------------------------
@@ -255,12 +258,16 @@ def test_cli_generate_seq2seq_prints_the_decoder_text(tokenizer_file, codec, tmp
     assert not out.startswith(PROMPT)
 
 
-def test_cli_generate_falls_back_to_bytes(neo_folder, tmp_path, capsys):
+def test_cli_generate_uses_bytes_only_when_asked(neo_folder, tmp_path, capsys):
     folder = tmp_path / "bytes"
     shutil.copytree(neo_folder, folder)
     (folder / "tokenizer.json").unlink()
     model = eqx_models.from_pretrained(folder)
-    out = run_generate(capsys, folder, "--max-new-tokens", "8").out
+    assert cli(["generate", str(folder), "--prompt", PROMPT]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "has no tokenizer files (looked for tokenizer.json" in err
+    assert err.count("\n") == 1
+    out = run_generate(capsys, folder, "--max-new-tokens", "8", "--byte-level").out
     assert out == expected_text(ByteCodec(MODEL_VOCAB), model, PROMPT, max_new_tokens=8)
 
 

@@ -259,7 +259,7 @@ def train_bpe_tokenizer(
 
     **Returns:**
 
-    A `tokenizers.Tokenizer`; wrap it in `eqx_models.text.TokenizerCodec`, or `.save(path)`
+    A `tokenizers.Tokenizer`; wrap it in `eqx_models.text.Tokenizer`, or `.save(path)`
     it as a `tokenizer.json`.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -298,8 +298,8 @@ def tokenize(
     **Arguments:**
 
     - `docs`: the documents, in order.
-    - `codec`: an `eqx_models.text` codec (`ByteCodec`, `TokenizerCodec`) or anything with
-      `encode(text) -> list[int]`. A `TokenizerCodec` encodes in parallel batches of
+    - `codec`: an `eqx_models.text` codec (`ByteCodec`, `Tokenizer`) or anything with
+      `encode(text) -> list[int]`. A `Tokenizer` encodes in parallel batches of
       `chunk` documents, giving the same ids as `codec.encode`.
     - `eos_id`: appended after each document.
     - `progress`: show a tqdm progress bar.
@@ -308,7 +308,7 @@ def tokenize(
 
     An int32 array of shape `[sum(len(ids) + 1 for each document)]`.
     """
-    from ..text import ByteCodec, TokenizerCodec
+    from ..text import ByteCodec, Tokenizer
 
     if not 0 <= eos_id < 2**31:
         raise InputError(f"eos_id must be a non-negative int32, got {eos_id}")
@@ -323,8 +323,8 @@ def tokenize(
         texts = [doc.text for doc in docs[start : start + chunk]]
         if isinstance(codec, ByteCodec):
             encoded = [np.frombuffer(text.encode("utf-8"), np.uint8) for text in texts]
-        elif isinstance(codec, TokenizerCodec):
-            encoded = [np.asarray(e.ids, np.int64) for e in codec.tokenizer.encode_batch(texts)]
+        elif isinstance(codec, Tokenizer):
+            encoded = [np.asarray(e.ids, np.int64) for e in codec.backend.encode_batch(texts)]
         else:
             encoded = [np.asarray(codec.encode(text) if text else [], np.int64) for text in texts]
         for ids in encoded:
