@@ -42,6 +42,7 @@ TOKENIZER_FILES = (
     "tokenizer.model",
     "spiece.model",
     "sentencepiece.bpe.model",
+    "chat_template.jinja",
 )
 
 
