@@ -2,6 +2,8 @@
 `huggingface_hub` (and through it `transformers`) uses to download a model repository.
 
 - `GET /api/models/{repo}[/revision/{rev}]`: the repo info, with `sha` and `siblings`.
+- `GET /api/models/{repo}/tree/{rev}/{folder}`: the files of a folder (transformers lists
+  `additional_chat_templates`).
 - `HEAD|GET /{repo}/resolve/{rev}/{file}`: a file with `X-Repo-Commit` and `ETag`. Weight
   files are stored as LFS on the real hub: their resolve answers 302 to a content URL
   (`/lfs/{sha256}`, the CDN's role) with `X-Linked-Etag` and `X-Linked-Size`; that URL
@@ -169,6 +171,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         hub.requests.append(Request(self.command, path, auth, self.headers.get("Range")))
         if path.startswith("/api/models/"):
             rest = path[len("/api/models/") :]
+            repo_id, tree, where = rest.partition("/tree/")
+            if tree:
+                revision, _, folder = where.partition("/")
+                return self._tree(unquote(repo_id), unquote(revision), unquote(folder), auth, body)
             repo_id, _, revision = rest.partition("/revision/")
             return self._info(unquote(repo_id), unquote(revision) or "main", auth, body)
         if path.startswith("/lfs/"):
@@ -217,6 +223,23 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             "siblings": [{"rfilename": name} for name in sorted(repo.commits[sha])],
         }
         self._send(200, json.dumps(info).encode(), {"Content-Type": "application/json"}, body)
+
+    def _tree(self, repo_id: str, revision: str, folder: str, auth: str | None, body: bool) -> None:
+        """The files directly in `folder` (all our repositories are flat: only the root has any)."""
+        repo = self.server_hub.repos.get(repo_id)
+        refused = self._access(repo, auth)
+        if refused:
+            return self._error(refused[0], refused[1], "Repository not found", body)
+        sha = self._commit(repo, revision)
+        if sha is None:
+            return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}", body)
+        if folder.strip("/"):
+            return self._error(404, "EntryNotFound", f"{folder} does not exist on {revision}", body)
+        entries = [
+            {"type": "file", "oid": hashlib.sha1(content).hexdigest(), "size": len(content), "path": name}
+            for name, content in sorted(repo.commits[sha].items())
+        ]
+        self._send(200, json.dumps(entries).encode(), {"Content-Type": "application/json"}, body)
 
     def _resolve(self, repo_id: str, revision: str, filename: str, auth: str | None, body: bool) -> None:
         hub = self.server_hub
