@@ -1,7 +1,8 @@
 """eqx_models: GPT-Neo, Gemma, XGLM, BigBird and LongT5 as Equinox modules, with HF
 checkpoint conversion, cached generation and optax training."""
 
-from .errors import CheckpointError, ConfigError, EqxModelsError, InputError
+from . import hub
+from .errors import CheckpointError, ConfigError, EqxModelsError, HubError, InputError
 from .generation import generate
 from .models import FAMILIES
 from .nn import with_run_options
@@ -15,10 +16,12 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "EqxModelsError",
+    "HubError",
     "InputError",
     "export_hf",
     "from_pretrained",
     "generate",
+    "hub",
     "load_tokenizer",
     "load_with_report",
     "save_pretrained",

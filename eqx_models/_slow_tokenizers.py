@@ -162,10 +162,10 @@ def _sentencepiece(family: str, proto: Any, settings: dict[str, Any]) -> Any:
     gemma = family == "gemma"
     vocab_scores = _vocab(family, proto, settings)
     unk_id = 3 if family in ("xglm", "gemma") else proto.trainer_spec.unk_id
-    model_type = proto.trainer_spec.model_type
-    if model_type == _UNIGRAM:
+    algorithm = proto.trainer_spec.model_type
+    if algorithm == _UNIGRAM:
         model = Unigram(vocab_scores, unk_id=unk_id, byte_fallback=gemma)
-    elif model_type == _BPE:
+    elif algorithm == _BPE:
         merges = _merges(proto, vocab_scores, tab_fallback=gemma)
         bpe_vocab = {piece: i for i, (piece, _) in enumerate(vocab_scores)}
         model = BPE(
@@ -173,7 +173,7 @@ def _sentencepiece(family: str, proto: Any, settings: dict[str, Any]) -> Any:
         )
     else:
         raise CheckpointError(
-            f"the SentencePiece model is of type {model_type}; only unigram (1) and BPE (2) models convert"
+            f"the SentencePiece model is of type {algorithm}; only unigram (1) and BPE (2) models convert"
         )
     tokenizer = Tokenizer(model)
     # Control pieces are special added tokens, user-defined pieces plain added tokens (Gemma's

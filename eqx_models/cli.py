@@ -28,22 +28,26 @@ nothing half-written is left)."""
 
 
 def _convert(args: argparse.Namespace) -> None:
+    from .hub import folder, is_local
     from .pretrained import export_hf, load_with_report, save_pretrained, tokenizer_files
 
-    check_destination(args.dst, source=args.src, overwrite=args.overwrite)  # before loading anything
+    # Before downloading or loading anything; again with the snapshot folder of a hub id.
+    check_destination(args.dst, source=args.src if is_local(args.src) else None, overwrite=args.overwrite)
     started = time.perf_counter()
-    model, report = load_with_report(args.src, dtype=args.dtype, strict=args.strict, progress=True)
+    src = folder(args.src, revision=args.revision)
+    check_destination(args.dst, source=src, overwrite=args.overwrite)
+    model, report = load_with_report(src, dtype=args.dtype, strict=args.strict, progress=True)
     for path in report.initialised:
         print(f"note: {path} is not in the checkpoint and was freshly initialised", file=sys.stderr)
     save = export_hf if args.to == "hf" else save_pretrained
-    save(model, args.dst, overwrite=args.overwrite, progress=True, extra_files=tokenizer_files(args.src))
+    save(model, args.dst, overwrite=args.overwrite, progress=True, extra_files=tokenizer_files(src))
     print(f"converted {args.src} -> {args.dst} ({args.to}, {time.perf_counter() - started:.1f}s)")
 
 
 def _verify(args: argparse.Namespace) -> None:
     from .verify import verify
 
-    diff = verify(args.src, seq_len=args.seq_len, seed=args.seed)
+    diff = verify(args.src, revision=args.revision, seq_len=args.seq_len, seed=args.seed)
     print(f"max |logits difference| vs transformers PyTorch: {diff:.3e}")
     if diff > args.tolerance:
         raise EqxModelsError(f"difference {diff:.3e} exceeds tolerance {args.tolerance:.1e}")
@@ -106,13 +110,15 @@ def _until_eos(ids: list[int], eos_ids: set[int]) -> tuple[list[int], bool]:
 
 def _generate(args: argparse.Namespace) -> None:
     from .generation import generate, stream
+    from .hub import folder
     from .models import Seq2SeqLM
     from .pretrained import from_pretrained
     from .text import StreamDecoder, load_tokenizer, prompt_ids
 
     options = _sampling_options(args)
-    codec = load_tokenizer(args.src, byte_level=args.byte_level)  # before the weights: a missing tokenizer fails fast
-    model = from_pretrained(args.src, dtype=args.dtype, strict=args.strict)
+    src = folder(args.src, revision=args.revision)
+    codec = load_tokenizer(src, byte_level=args.byte_level)  # before the weights: a missing tokenizer fails fast
+    model = from_pretrained(src, dtype=args.dtype, strict=args.strict)
     ids = prompt_ids(codec, args.prompt, vocab_size=model.config.vocab_size, chat=args.chat)
     prompt = np.asarray([ids], np.int32)
     eos = model.config.eos_token_id
@@ -179,6 +185,16 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, **options)
 
 
+SOURCE_HELP = (
+    "a local folder, or a hub id such as EleutherAI/gpt-neo-125m (downloaded into huggingface_hub's cache; "
+    "HF_ENDPOINT, HF_HOME, HF_HUB_OFFLINE and HF_TOKEN apply)"
+)
+
+
+def _add_revision_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--revision", default=None, help="branch, tag or commit of a hub id (default: main)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eqx-models", description=__doc__.splitlines()[0], epilog=EXIT_CODES)
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -186,14 +202,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = commands.add_parser(
         "convert",
-        help="convert a checkpoint folder (HF or ours) to ours or to HF",
+        help="convert a checkpoint folder (HF or ours) or a hub id to ours or to HF",
         description="Converts SRC into DST, written atomically. DST must be new or empty; with --overwrite "
         "it may also be a folder eqx_models wrote (convert or export marks it), which is replaced whole. Any "
         "other folder, a file or a link at DST, and a DST that is, contains or lies inside SRC are refused "
         "before anything is read.",
         epilog=EXIT_CODES,
     )
-    convert.add_argument("src", help="HF folder (safetensors, pytorch_model.bin, flax msgpack) or an eqx folder")
+    convert.add_argument(
+        "src", help="HF folder (safetensors, pytorch_model.bin, flax msgpack), an eqx folder, or " + SOURCE_HELP[2:]
+    )
+    _add_revision_flag(convert)
     convert.add_argument("dst", help="output folder, written atomically")
     convert.add_argument(
         "--overwrite", action="store_true", help="replace DST if it is a folder eqx_models wrote (never another)"
@@ -204,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(run=_convert)
 
     verify = commands.add_parser("verify", help="compare our logits with transformers' PyTorch model")
-    verify.add_argument("src", help="a HF checkpoint folder")
+    verify.add_argument("src", help="a HF checkpoint folder or an eqx folder; or " + SOURCE_HELP[2:])
+    _add_revision_flag(verify)
     verify.add_argument("--seq-len", type=int, default=16)
     verify.add_argument("--seed", type=int, default=0)
     verify.add_argument("--tolerance", type=float, default=1e-4)
@@ -218,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
         "for a byte vocabulary), generates and prints the text as it comes. Greedy unless --temperature, "
         "--top-k or --top-p is given; --temperature 0 is greedy. --chat wraps the prompt in the chat template.",
     )
-    gen.add_argument("src", help="a HF or eqx folder")
+    gen.add_argument("src", help="a HF or eqx folder; or " + SOURCE_HELP[2:])
+    _add_revision_flag(gen)
     gen.add_argument("--prompt", default="def ", help="the text to continue (encoder input for LongT5)")
     gen.add_argument("--chat", action="store_true", help="the prompt is one user message in the chat template")
     gen.add_argument("--byte-level", action="store_true", help="encode the prompt as UTF-8 byte ids")

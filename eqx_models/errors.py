@@ -19,3 +19,8 @@ class CheckpointError(EqxModelsError, ValueError):
 
 class InputError(EqxModelsError, ValueError):
     """Arguments to a model or to `generate` are malformed (ids out of range, too long...)."""
+
+
+class HubError(CheckpointError):
+    """A hub id cannot be resolved to a folder: no such repository or revision, no access, no
+    network and no cached copy, or no supported weights in the repository."""

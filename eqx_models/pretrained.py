@@ -17,10 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import save_file
 
-from . import nn
+from . import hub, nn
 from .checkpoint.keymap import KeyMap, LoadReport, array_leaves, fill_tree, from_flax_names, progress_bar, tree_to_state
 from .errors import CheckpointError
 from .files import atomic_folder, check_destination, copy_file_into, give_usual_permissions
+from .hub import TOKENIZER_FILES
 from .models import Model, class_by_name, resolve_class
 
 FORMAT_VERSION = 1
@@ -28,22 +29,6 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _OWN_MAP = KeyMap(rules=(("", ""),))  # our own folders store tree paths, layers stacked
-#: Files beside the weights that a converted folder keeps: the tokenizer (fast and slow
-#: formats) and the generation defaults. Neither format's loader reads them.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "generation_config.json",
-    "vocab.json",
-    "merges.txt",
-    "vocab.txt",
-    "tokenizer.model",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "chat_template.jinja",
-)
 
 
 def resolve_dtype(dtype: Any) -> Any:
@@ -120,8 +105,9 @@ def read_config(folder: str | os.PathLike, *, name: str = CONFIG_NAME) -> dict[s
 
 
 def from_pretrained(
-    path: str | os.PathLike,
+    path_or_repo_id: str | os.PathLike,
     *,
+    revision: str | None = None,
     dtype: Any = None,
     architecture: str | None = None,
     key: jax.Array | None = None,
@@ -133,6 +119,10 @@ def from_pretrained(
 
     **Arguments:**
 
+    - `path_or_repo_id`: a local folder, or a hub id (`"EleutherAI/gpt-neo-125m"`) whose
+      config, weights and tokenizer files are downloaded into huggingface_hub's cache
+      (`eqx_models.hub.folder`: `HF_ENDPOINT`, `HF_HOME`, `HF_HUB_OFFLINE`, `HF_TOKEN`).
+    - `revision`: a branch, tag or commit of a hub id (default `main`).
     - `dtype`: parameter dtype, `float32`, `bfloat16` or `float16`. Default: float32 for
       HF folders (as `transformers`), the saved dtype for our own folders.
     - `architecture`: a class name overriding `config.json`'s `architectures`
@@ -142,13 +132,16 @@ def from_pretrained(
       `NonFiniteWeightsWarning` naming them.
     - `options`: run options (`nn.RunOptions`) such as `scan_layers=False` or `remat=True`.
     """
-    model, _ = load_with_report(path, dtype=dtype, architecture=architecture, key=key, strict=strict, **options)
+    model, _ = load_with_report(
+        path_or_repo_id, revision=revision, dtype=dtype, architecture=architecture, key=key, strict=strict, **options
+    )
     return model
 
 
 def load_with_report(
-    path: str | os.PathLike,
+    path_or_repo_id: str | os.PathLike,
     *,
+    revision: str | None = None,
     dtype: Any = None,
     architecture: str | None = None,
     key: jax.Array | None = None,
@@ -161,7 +154,7 @@ def load_with_report(
     Reading is bounded by the file's and the model's size whatever the bytes: tensors are
     described first, each shape is checked against the model before it is read, and keys
     the model does not use are never read."""
-    folder = Path(path)
+    folder = hub.folder(path_or_repo_id, revision=revision)
     hf_config = read_config(folder)
     own = hf_config.pop("eqx_models", None)
     if own is not None:

@@ -359,16 +359,11 @@ def prompt_ids(codec: Codec, text: str, *, vocab_size: int, chat: bool = False) 
 
 
 def _folder(path_or_id: str | os.PathLike, revision: str | None) -> Path:
-    """The local folder holding a tokenizer's files.
+    """The local folder holding a tokenizer's files: the folder itself, or the snapshot of a
+    hub id with only its config and tokenizer files downloaded (`eqx_models.hub.folder`)."""
+    from .hub import folder
 
-    HUB WIRING POINT: the one place a `path_or_id` becomes a folder. Today it must be an
-    existing folder (`revision` is accepted and ignored for folders, as transformers ignores
-    it); a hub id resolves here through `eqx_models.hub` once that module lands.
-    """
-    path = Path(path_or_id)
-    if not path.is_dir():
-        raise CheckpointError(f"no tokenizer folder at {path}: it does not exist or is not a folder")
-    return path
+    return folder(path_or_id, revision=revision, want="tokenizer")
 
 
 def _read_json(path: Path) -> Any:

@@ -112,7 +112,10 @@ class TrainConfig:
     family: str = _field("gpt_neo", "model family: gpt_neo, gemma, xglm, big_bird, longt5")
     size: str = _field("small", "preset size of the family (tiny, small, or the published shape)")
     model_config: str | None = _field(None, "an HF config.json to train from scratch instead of a preset")
-    init_from: str | None = _field(None, "fine-tune: start from this checkpoint folder (HF or eqx) and its tokenizer")
+    init_from: str | None = _field(
+        None, "fine-tune: start from this checkpoint folder (HF or eqx) or hub id, and its tokenizer"
+    )
+    revision: str | None = _field(None, "branch, tag or commit of an init_from hub id (default: main)")
     # Data.
     data: Annotated[tuple[str, ...], Satisfies(len, "with at least one entry")] = _field(
         (STDLIB,), "text files, folders, globs or .jsonl; 'stdlib' is Python's own sources"
@@ -155,6 +158,7 @@ class TrainConfig:
         "size",
         "model_config",
         "init_from",
+        "revision",
         "data",
         "jsonl_field",
         "tokenizer",
@@ -171,6 +175,11 @@ class TrainConfig:
             ("model_config", "init_from"),
             lambda scratch, tune: not (scratch and tune),
             "give model_config (train from scratch) or init_from (fine-tune), not both",
+        ),
+        Relation(
+            ("revision", "init_from"),
+            lambda revision, init_from: revision is None or init_from is not None,
+            "revision applies to an init_from hub id; give init_from too",
         ),
     )
     # Our checks run in `__post_init__`, with our messages; jaxtyping's import hook (on in the
@@ -276,15 +285,18 @@ def _special_id(codec: Any, names: tuple[str, ...], what: str) -> int:
     raise InputError(f"{codec.source} has no {what} token; looked for {', '.join(names)}")
 
 
-def _tokens(config: TrainConfig, train_docs: list[Document], output: Path, init_config: Any) -> Tokens:
-    """The run's tokenizer: reused from the run folder when resuming, else as configured.
+def _tokens(
+    config: TrainConfig, train_docs: list[Document], output: Path, init_config: Any, init_folder: Path | None
+) -> Tokens:
+    """The run's tokenizer: reused from the run folder when resuming, else as configured
+    (the `init_from` folder's `tokenizer.json` unless a tokenizer file is named).
     A BPE is trained and saved by process 0; the other processes read its file."""
     from . import text
 
     saved = output / "tokenizer.json"
     kind, value = _parse_tokenizer(config.tokenizer)
-    if config.init_from is not None and kind != "file" and (Path(config.init_from) / "tokenizer.json").is_file():
-        kind, value = "file", Path(config.init_from) / "tokenizer.json"
+    if init_folder is not None and kind != "file" and (init_folder / "tokenizer.json").is_file():
+        kind, value = "file", init_folder / "tokenizer.json"
     if kind == "bytes":  # bytes 0-255, then EOS and padding
         return Tokens(text.ByteCodec(258), 258, pad=257, eos=256, file=None)
     if kind == "bpe":
@@ -398,6 +410,7 @@ def _count_parameters(model: Model) -> int:
 
 def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Runs `config` end to end (see the module docstring) and returns the summary."""
+    from .hub import folder
     from .pretrained import export_hf, from_pretrained
     from .training.sharding import initialize_distributed, make_mesh, make_sharded_train_step, shard_batch, shard_state
 
@@ -426,9 +439,10 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> dict[st
     # Data, tokenizer and model, all checked before compiling anything.
     docs = _documents(config)
     train_docs, eval_docs = split_documents(docs, config.eval_fraction, config.seed)
-    init = from_pretrained(config.init_from) if config.init_from is not None else None
+    init_folder = folder(config.init_from, revision=config.revision) if config.init_from is not None else None
+    init = from_pretrained(init_folder) if init_folder is not None else None
     output.mkdir(parents=True, exist_ok=True)
-    tokens = _tokens(config, train_docs, output, None if init is None else init.config)
+    tokens = _tokens(config, train_docs, output, None if init is None else init.config, init_folder)
     model = _build_model(config, tokens, init)
     log(
         f"{type(model).__name__}: {_count_parameters(model) / 1e6:.2f}M parameters; "

@@ -53,17 +53,23 @@ def _difference(mine: np.ndarray, expected: np.ndarray) -> np.ndarray:
     return np.nan_to_num(diff, nan=np.inf, posinf=np.inf)
 
 
-def verify(path: str | os.PathLike, *, seq_len: int = 16, seed: int = 0) -> float:
+def verify(
+    path_or_repo_id: str | os.PathLike, *, revision: str | None = None, seq_len: int = 16, seed: int = 0
+) -> float:
     """Max absolute difference between our float32 outputs and the HF PyTorch model's on
     random token ids with padding (only real tokens count). Weights holding NaN or Inf are
-    named on stderr; outputs agree where both are the same NaN or infinity."""
+    named on stderr; outputs agree where both are the same NaN or infinity. A hub id is
+    downloaded once (`eqx_models.hub.folder`) and both sides load the same snapshot folder."""
     try:
         import torch
         import transformers
     except ImportError:
         raise EqxModelsError("verify needs transformers and torch: pip install 'eqx_models[hf]'") from None
     from .checkpoint.keymap import NonFiniteWeightsWarning
+    from .hub import folder
     from .pretrained import export_hf, load_with_report, read_config
+
+    path = folder(path_or_repo_id, revision=revision)
 
     with warnings.catch_warnings():  # named below, once, on our own line
         warnings.simplefilter("ignore", NonFiniteWeightsWarning)

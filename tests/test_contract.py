@@ -131,9 +131,11 @@ LAYERS = {
     "errors": 0,
     "validation": 0,
     "files": 0,
-    "text": 0,
+    "_slow_tokenizers": 0,
     "nn": 1,
     "checkpoint": 2,
+    "hub": 3,  # huggingface_hub downloads; knows the checkpoint readers' file preference
+    "text": 3,  # tokenizers of folders and hub ids
     "models": 3,
     "generation": 4,
     "training": 4,

@@ -29,6 +29,7 @@ from ._msgpack import decode_flax_msgpack
 from ._torch_pickle import lazy_torch_file
 
 __all__ = [
+    "CHECKPOINT_FILES",
     "LazyTensor",
     "find_checkpoint_files",
     "lazy_msgpack",
@@ -39,10 +40,12 @@ __all__ = [
     "read_safetensors",
     "read_state_dict",
     "read_torch_bin",
+    "read_weight_map",
 ]
 
-# (file name, reader kind, is a sharding index), in order of preference.
-_CANDIDATES = (
+#: The checkpoint files of a HF folder: (file name, reader kind, is a sharding index), in order of
+#: preference. `eqx_models.hub` downloads the first a repository has, with its shards.
+CHECKPOINT_FILES = (
     ("model.safetensors", "safetensors", False),
     ("model.safetensors.index.json", "safetensors", True),
     ("pytorch_model.bin", "torch", False),
@@ -261,7 +264,9 @@ _READERS = {"safetensors": lazy_safetensors, "torch": lazy_torch_bin, "msgpack":
 # ----------------------------------------------------------------------------- folders and shards
 
 
-def _read_weight_map(index: Path) -> dict[str, str]:
+def read_weight_map(index: Path) -> dict[str, str]:
+    """The `weight_map` (tensor name -> shard file name) of a sharding index, validated: a
+    non-empty object whose shard names are plain file names."""
     try:
         content = json.loads(index.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
     except _DuplicateKey as err:
@@ -279,7 +284,7 @@ def _read_weight_map(index: Path) -> dict[str, str]:
 
 
 def _sharded_plan(index: Path, kind: str) -> _Plan:
-    weight_map = _read_weight_map(index)
+    weight_map = read_weight_map(index)
     files = [index.parent / shard for shard in sorted(set(weight_map.values()))]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
@@ -295,11 +300,11 @@ def _source_format(kind: str, first_file: Path) -> str:
 
 def _plan(folder: str | os.PathLike) -> _Plan:
     folder = _existing_folder(folder)
-    for name, kind, sharded in _CANDIDATES:
+    for name, kind, sharded in CHECKPOINT_FILES:
         path = folder / name
         if path.is_file():
             return _sharded_plan(path, kind) if sharded else _Plan([path], kind, _source_format(kind, path))
-    looked_for = ", ".join(name for name, _, _ in _CANDIDATES)
+    looked_for = ", ".join(name for name, _, _ in CHECKPOINT_FILES)
     raise CheckpointError(f"{folder}: no checkpoint file found (looked for {looked_for})")
 
 
