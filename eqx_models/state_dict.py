@@ -19,7 +19,7 @@ from .checkpoint.keymap import KeyMap, array_leaves, tree_to_state
 from .checkpoint.layout import flatten_params, flax_layout, tree_to_flax, unwrap_params
 from .errors import CheckpointError, ConfigError, InputError
 from .models import Family, Model, ModelConfig, class_by_name, family_of, resolve_class
-from .pretrained import load_state, resolve_dtype
+from .pretrained import load_state
 from .validation import show_value
 
 Layout = Literal["pytorch", "flax"]
@@ -108,7 +108,8 @@ def _config_dict(config: Any) -> dict[str, Any]:
             raise ConfigError(f"config.to_dict() returned {type(out).__name__}, not a dict")
     else:
         raise ConfigError(
-            f"config must be a transformers config, a config.json dict or an eqx_models config, got {show_value(config)}"
+            "config must be a transformers config, a config.json dict or an eqx_models config, "
+            f"got {show_value(config)}"
         )
     out.pop("eqx_models", None)  # our folders' metadata: the caller chooses architecture and dtype here
     return out
@@ -147,7 +148,9 @@ def _lazy(value: Any, name: str, layout: str) -> LazyTensor:
         try:
             dtype = jnp.dtype(dtype_name)
         except TypeError:
-            raise CheckpointError(f"state entry {name} has the torch dtype {value.dtype}, which is not supported") from None
+            raise CheckpointError(
+                f"state entry {name} has the torch dtype {value.dtype}, which is not supported"
+            ) from None
 
         def read() -> np.ndarray:
             tensor = value.detach().cpu()

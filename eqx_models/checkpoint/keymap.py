@@ -280,9 +280,7 @@ def fill_tree(
     return values, missing_paths, report
 
 
-def tree_to_state(
-    tree: Any, key_map: KeyMap, *, progress: bool = False, tied: bool = False
-) -> dict[str, np.ndarray]:
+def tree_to_state(tree: Any, key_map: KeyMap, *, progress: bool = False, tied: bool = False) -> dict[str, np.ndarray]:
     """A model tree's parameters under HF (PyTorch) names, unstacking layers; with `tied`,
     also the tied copies PyTorch's `state_dict()` holds (`KeyMap.tied`), as the same arrays."""
     state: dict[str, np.ndarray] = {}
