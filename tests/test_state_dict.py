@@ -100,7 +100,7 @@ def test_flax_layout_round_trips_through_our_tree(name, tmp_path):
             np.testing.assert_array_equal(a, b, err_msg=path)
 
 
-@pytest.mark.parametrize("name", ["GemmaForCausalLM", "T5ForConditionalGeneration"])
+@pytest.mark.parametrize("name", ["GemmaForCausalLM"])
 def test_tree_from_flax_differentiates_and_compiles(name):
     """The mapping alone, cheaply: for a loss weighing every parameter of the tree, the
     gradient with respect to Flax-layout params (jit-compiled through `tree_from_flax`) is
@@ -112,7 +112,7 @@ def test_tree_from_flax_differentiates_and_compiles(name):
         leaves = [leaf for _, leaf in array_leaves(tree)]
         return sum(jnp.sum(jnp.sin(leaf * (i + 1))) for i, leaf in enumerate(leaves))
 
-    params = eqx.filter_jit(tree_to_flax)(model, key_map)
+    params = tree_to_flax(model, key_map)
     via_params = jax.jit(jax.grad(lambda p: loss(tree_from_flax(model, p, key_map))))(params)
     via_tree = tree_to_flax(eqx.filter_jit(eqx.filter_grad(loss))(model), key_map)
     a, b = flatten_dict(via_params, sep="/"), flatten_dict(via_tree, sep="/")
