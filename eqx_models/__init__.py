@@ -7,6 +7,7 @@ from .generation import generate
 from .models import FAMILIES
 from .nn import with_run_options
 from .pretrained import export_hf, from_pretrained, load_with_report, save_pretrained
+from .state_dict import from_state_dict, to_state_dict
 from .text import load_tokenizer
 
 __version__ = "0.1.0"
@@ -20,10 +21,12 @@ __all__ = [
     "InputError",
     "export_hf",
     "from_pretrained",
+    "from_state_dict",
     "generate",
     "hub",
     "load_tokenizer",
     "load_with_report",
     "save_pretrained",
+    "to_state_dict",
     "with_run_options",
 ]

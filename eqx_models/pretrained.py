@@ -7,7 +7,7 @@ that computes nothing else.
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,8 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from . import hub, nn
-from .checkpoint.keymap import KeyMap, LoadReport, array_leaves, fill_tree, from_flax_names, progress_bar, tree_to_state
+from .checkpoint.keymap import KeyMap, LoadReport, array_leaves, fill_tree, progress_bar, tree_to_state
+from .checkpoint.layout import flax_to_state
 from .errors import CheckpointError
 from .files import atomic_folder, check_destination, copy_file_into, give_usual_permissions
 from .hub import TOKENIZER_FILES
@@ -162,30 +163,70 @@ def load_with_report(
             architecture = own.get("architecture")
         options = {**{k: own[k] for k in ("scan_layers", "remat") if k in own}, **options}
         dtype = own.get("dtype") if dtype is None else dtype
+
+    def state_of(cls: type[Model], config: Any, skeleton: Any) -> tuple[Mapping[str, Any], KeyMap, str]:
+        if own is not None:
+            return _read_own_weights(folder), _OWN_MAP, "eqx_models"
+        from .checkpoint.readers import lazy_state_dict
+
+        state, source_format = lazy_state_dict(folder)
+        return state, cls.key_map(config), source_format
+
+    return load_state(
+        hf_config,
+        state_of,
+        label=str(folder),
+        dtype=dtype,
+        architecture=architecture,
+        key=key,
+        progress=progress,
+        strict=strict,
+        **options,
+    )
+
+
+#: Given the class, its config and the model's skeleton: the state (HF names; arrays or
+#: `LazyTensor`s), the key map it is named by, and its layout: "pytorch" (PyTorch's names),
+#: "flax" (`.`-joined Flax paths) or "eqx_models" (our tree paths).
+StateSource = Callable[[type[Model], Any, Any], tuple[Mapping[str, Any], KeyMap, str]]
+
+
+def load_state(
+    hf_config: dict[str, Any],
+    state_of: StateSource,
+    *,
+    label: str,
+    dtype: Any = None,
+    architecture: str | None = None,
+    key: jax.Array | None = None,
+    progress: bool = False,
+    strict: bool = False,
+    **options: Any,
+) -> tuple[Model, LoadReport]:
+    """What every load shares once it has a config dict and a state: the class and config
+    (`resolve_class`), the skeleton, the strict fill (`keymap.fill_tree`: missing and
+    unexpected keys, shapes, base/head prefixes), non-finite weights (a warning, or an error
+    when `strict`), fresh heads, run options and inference mode. `label` names the source
+    in messages (a folder, or "state dict")."""
     family, cls = resolve_class(hf_config, architecture)
     config = family.config.from_hf_config(hf_config)
     dtype = resolve_dtype(dtype)
     skeleton = eqx.filter_eval_shape(cls, config, dtype=dtype, key=jax.random.key(0))
-    if own is not None:
-        state, key_map = _read_own_weights(folder), _OWN_MAP
-    else:
-        from .checkpoint.readers import lazy_state_dict
-
-        state, source_format = lazy_state_dict(folder)
-        if source_format == "flax":
-            state = from_flax_names(state)
-        key_map = cls.key_map(config)
-    head_paths = _head_paths(key_map)
-    values, missing, report = fill_tree(skeleton, state, key_map, may_initialise=head_paths, progress=progress)
+    state, key_map, layout = state_of(cls, config, skeleton)
+    initialisable = _head_paths(key_map)
+    if layout == "flax":  # named by HF's Flax class, which may lack parameters PyTorch's has
+        state = flax_to_state(state, skeleton, key_map)
+        initialisable += key_map.not_in_flax
+    values, missing, report = fill_tree(skeleton, state, key_map, may_initialise=initialisable, progress=progress)
     if report.nonfinite:
         import warnings
 
         from .checkpoint.keymap import NonFiniteWeightsWarning, describe_names
 
-        message = f"{folder}: {len(report.nonfinite)} tensor(s) hold NaN or Inf: {describe_names(report.nonfinite)}"
+        message = f"{label}: {len(report.nonfinite)} tensor(s) hold NaN or Inf: {describe_names(report.nonfinite)}"
         if strict:
             raise CheckpointError(message + " (strict loading)")
-        warnings.warn(message, NonFiniteWeightsWarning, stacklevel=2)
+        warnings.warn(message, NonFiniteWeightsWarning, stacklevel=3)
     if missing:
         fresh = _initialise(cls, config, dtype, missing, key if key is not None else jax.random.key(0))
         values = [fresh.pop(0) if v is None else v for v in values]

@@ -4,5 +4,6 @@ Loading and saving whole models (the application layer) is `eqx_models.pretraine
 """
 
 from .keymap import KeyMap, LoadReport
+from .layout import FLAX_LEAF_NAMES, tree_from_flax, tree_to_flax
 
-__all__ = ["KeyMap", "LoadReport"]
+__all__ = ["FLAX_LEAF_NAMES", "KeyMap", "LoadReport", "tree_from_flax", "tree_to_flax"]

@@ -28,15 +28,25 @@ class KeyMap:
     """HF name <-> tree path rules of one model class.
 
     - `rules`: `(hf_prefix, tree_prefix)` pairs, most specific first.
-    - `ignore`: regexes of HF keys that are read and dropped (buffers, tied copies).
+    - `ignore`: regexes of HF keys that are read and dropped (buffers some savers kept).
     - `prefix`: HF's `base_model_prefix` ("transformer", "model", "bert"...).
     - `is_head`: the tree nests the base model under `prefix`.
+    - `tied`: `(copy, source)` HF names: PyTorch's `state_dict()` holds `copy` as the very
+      tensor `source` is (tied embeddings and biases). Loading reads and drops a copy;
+      `to_state_dict` writes it, so that `load_state_dict(strict=True)` accepts the result.
+    - `embedding`: the HF name of the input-embedding weight, which heads tie to.
+    - `not_in_flax`: tree-path prefixes of parameters HF's Flax class of this model does not
+      hold (BigBird's pooler in heads that never use it): left out of the Flax layout and,
+      when a Flax checkpoint lacks them, initialised like a new head.
     """
 
     rules: tuple[Rule, ...]
     ignore: tuple[str, ...] = ()
     prefix: str = ""
     is_head: bool = False
+    tied: tuple[tuple[str, str], ...] = ()
+    embedding: str = ""
+    not_in_flax: tuple[str, ...] = ()
 
     def __post_init__(self):
         for hf_prefix, _ in self.rules:
@@ -52,11 +62,27 @@ class KeyMap:
             ignore=tuple(rf"{re.escape(prefix)}\.{pattern}" for pattern in self.ignore),
             prefix=prefix,
             is_head=True,
+            tied=tuple((join(copy), join(source)) for copy, source in self.tied),
+            embedding=join(self.embedding) if self.embedding else "",
+            not_in_flax=tuple(join(path) for path in self.not_in_flax),
         )
 
-    def extended(self, rules: tuple[Rule, ...] = (), ignore: tuple[str, ...] = ()) -> "KeyMap":
-        """Adds head rules (matched before the existing ones) and ignored keys."""
-        return dataclasses.replace(self, rules=rules + self.rules, ignore=self.ignore + ignore)
+    def extended(
+        self,
+        rules: tuple[Rule, ...] = (),
+        ignore: tuple[str, ...] = (),
+        tied: tuple[tuple[str, str], ...] = (),
+        not_in_flax: tuple[str, ...] = (),
+    ) -> "KeyMap":
+        """Adds head rules (matched before the existing ones), ignored keys, tied copies and
+        parameters HF's Flax class leaves out."""
+        return dataclasses.replace(
+            self,
+            rules=rules + self.rules,
+            ignore=self.ignore + ignore,
+            tied=self.tied + tied,
+            not_in_flax=self.not_in_flax + not_in_flax,
+        )
 
     def hf_pattern(self, path: str) -> str:
         """The HF key of the leaf at `path`, with `{i}` standing for the layer of a stacked leaf."""
@@ -75,7 +101,7 @@ class KeyMap:
         return [name.replace("{i}", str(i)) for i in range(num_layers)], True
 
     def is_ignored(self, name: str) -> bool:
-        return any(re.fullmatch(pattern, name) for pattern in self.ignore)
+        return any(copy == name for copy, _ in self.tied) or any(re.fullmatch(p, name) for p in self.ignore)
 
 
 def array_leaves(tree: Any) -> Iterator[tuple[str, Any]]:
@@ -83,30 +109,6 @@ def array_leaves(tree: Any) -> Iterator[tuple[str, Any]]:
     for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         if isinstance(leaf, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)):
             yield jax.tree_util.keystr(key_path, simple=True, separator="."), leaf
-
-
-def from_flax_names(state: Mapping[str, Any]) -> dict[str, Any]:
-    """Flax parameter names to PyTorch's: `kernel` (transposed), `scale` and
-    `embedding` all become `weight`. Works on arrays and `LazyTensor`s (transposed unread).
-    Two Flax names that become one PyTorch name (`embedding` and `weight` of one module)
-    are an error naming both: neither may silently win."""
-    out: dict[str, Any] = {}
-    source: dict[str, str] = {}
-    for name, array in state.items():
-        stem, _, last = name.rpartition(".")
-        if last == "kernel":
-            array = array.T if array.ndim == 2 else array
-            last = "weight"
-        elif last in ("scale", "embedding"):
-            last = "weight"
-        renamed = f"{stem}.{last}" if stem else last
-        if renamed in out:
-            raise CheckpointError(
-                f"checkpoint has both {source[renamed]} and {name}, which are both {renamed} in PyTorch "
-                "names: ambiguous, refused"
-            )
-        out[renamed], source[renamed] = array, name
-    return out
 
 
 def align_prefix(state: dict[str, Any], key_map: KeyMap) -> tuple[dict[str, Any], list[str]]:
@@ -278,12 +280,18 @@ def fill_tree(
     return values, missing_paths, report
 
 
-def tree_to_state(tree: Any, key_map: KeyMap, *, progress: bool = False) -> dict[str, np.ndarray]:
-    """A model tree's parameters under HF (PyTorch) names, unstacking layers."""
+def tree_to_state(tree: Any, key_map: KeyMap, *, progress: bool = False, tied: bool = False) -> dict[str, np.ndarray]:
+    """A model tree's parameters under HF (PyTorch) names, unstacking layers; with `tied`,
+    also the tied copies PyTorch's `state_dict()` holds (`KeyMap.tied`), as the same arrays."""
     state: dict[str, np.ndarray] = {}
     for path, leaf in progress_bar(list(array_leaves(tree)), progress, "exporting"):
         array = np.asarray(leaf)
         names, stacked = key_map.hf_names(path, array.shape[0] if array.ndim else None)
         for i, name in enumerate(names):
             state[name] = np.ascontiguousarray(array[i] if stacked else array)
+    if tied:
+        for copy, source in key_map.tied:
+            if source not in state:
+                raise CheckpointError(f"key map ties {copy} to {source}, which the model does not have")
+            state[copy] = state[source]
     return state

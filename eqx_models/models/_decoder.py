@@ -348,9 +348,10 @@ class DecoderLM(CausalLM):
     @classmethod
     def key_map(cls, config: ModelConfig) -> KeyMap:
         """The base model's map nested under its prefix, plus the head; a tied head's
-        `lm_head.weight` (written by some savers) is read and dropped."""
-        tied = ("lm_head.weight",) if config.tie_word_embeddings else ()
-        return cls.base_class.key_map(config).nested().extended(rules=(("lm_head.", "lm_head."),), ignore=tied)
+        `lm_head.weight` is the input embedding's (read and dropped, written for PyTorch)."""
+        base = cls.base_class.key_map(config).nested()
+        tied = (("lm_head.weight", base.embedding),) if config.tie_word_embeddings else ()
+        return base.extended(rules=(("lm_head.", "lm_head."),), tied=tied)
 
     def logits(self, hidden: Float[Array, "seq hidden"]) -> Float[Array, "seq vocab"]:
         head = self.input_embeddings.attend if self.lm_head is None else self.lm_head

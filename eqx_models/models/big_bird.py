@@ -494,6 +494,7 @@ class BigBirdModel(Decoder):
             ),
             ignore=(r"embeddings\.(position_ids|token_type_ids)",),  # buffers some savers kept
             prefix="bert",
+            embedding="embeddings.word_embeddings.weight",
         )
 
 
@@ -593,6 +594,11 @@ class _BigBirdHead(Model):
 
     bert: BigBirdModel
     head_rules: ClassVar[tuple[tuple[str, str], ...]]
+    #: The head predicts tokens (`cls.predictions`), whose decoder PyTorch ties to the word
+    #: embeddings (unless `tie_word_embeddings=False`) and to `cls.predictions.bias`.
+    mlm_head: ClassVar[bool] = False
+    #: HF's Flax class builds its base model with the pooler (some heads never use it).
+    flax_pooler: ClassVar[bool] = True
 
     @property
     def config(self) -> BigBirdConfig:
@@ -643,13 +649,14 @@ class _BigBirdHead(Model):
 
     @classmethod
     def key_map(cls, config: BigBirdConfig) -> KeyMap:
-        tied = (r"cls\.predictions\.decoder\.weight",) if config.tie_word_embeddings else ()
-        # HF ties `cls.predictions.decoder.bias` to `cls.predictions.bias`; savers keep either or both
-        return (
-            BigBirdModel.key_map(config)
-            .nested()
-            .extended(rules=cls.head_rules, ignore=tied + (r"cls\.predictions\.decoder\.bias",))
-        )
+        base = BigBirdModel.key_map(config).nested()
+        tied: tuple[tuple[str, str], ...] = ()
+        if cls.mlm_head:  # savers keep either or both of each tied pair
+            tied = (("cls.predictions.decoder.bias", "cls.predictions.bias"),)
+            if config.tie_word_embeddings:
+                tied += (("cls.predictions.decoder.weight", base.embedding),)
+        not_in_flax = () if cls.flax_pooler else ("bert.pooler.",)
+        return base.extended(rules=cls.head_rules, tied=tied, not_in_flax=not_in_flax)
 
 
 class BigBirdForPreTrainingOutput(NamedTuple):
@@ -664,6 +671,7 @@ class BigBirdForPreTraining(_BigBirdHead):
     task: ClassVar[str | None] = "pretraining"
     outputs: ClassVar[tuple[str, ...]] = ("prediction_logits", "seq_relationship_logits")
     head_rules: ClassVar = (("cls.", "cls."),)
+    mlm_head: ClassVar[bool] = True
 
     def __init__(self, config: BigBirdConfig, *, dtype: DTypeLike = jnp.float32, key: PRNGKeyArray):
         k1, k2 = jax.random.split(key)
@@ -682,6 +690,8 @@ class BigBirdForMaskedLM(_BigBirdHead):
     task: ClassVar[str | None] = "masked_lm"
     outputs: ClassVar[tuple[str, ...]] = ("logits",)
     head_rules: ClassVar = (("cls.", "cls."),)
+    mlm_head: ClassVar[bool] = True
+    flax_pooler: ClassVar[bool] = False
 
     def __init__(self, config: BigBirdConfig, *, dtype: DTypeLike = jnp.float32, key: PRNGKeyArray):
         k1, k2 = jax.random.split(key)
@@ -699,6 +709,8 @@ class BigBirdForCausalLM(_BigBirdHead, CausalLM):
 
     cls: BigBirdOnlyMLMHead
     head_rules: ClassVar = (("cls.", "cls."),)
+    mlm_head: ClassVar[bool] = True
+    flax_pooler: ClassVar[bool] = False
 
     def __init__(self, config: BigBirdConfig, *, dtype: DTypeLike = jnp.float32, key: PRNGKeyArray):
         k1, k2 = jax.random.split(key)
@@ -801,6 +813,7 @@ class BigBirdForTokenClassification(_BigBirdHead):
     task: ClassVar[str | None] = "token_classification"
     outputs: ClassVar[tuple[str, ...]] = ("logits",)
     head_rules: ClassVar = (("classifier.", "classifier."),)
+    flax_pooler: ClassVar[bool] = False
 
     def __init__(self, config: BigBirdConfig, *, dtype: DTypeLike = jnp.float32, key: PRNGKeyArray):
         k1, k2 = jax.random.split(key)

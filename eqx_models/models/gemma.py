@@ -196,6 +196,7 @@ class GemmaModel(DecoderModel):
             rules=(("layers.{i}.", "layers.layers."), ("", "")),
             ignore=(r"rotary_emb\.inv_freq", r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq"),
             prefix="model",
+            embedding="embed_tokens.weight",
         )
 
 

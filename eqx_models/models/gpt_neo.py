@@ -208,6 +208,7 @@ class GPTNeoModel(DecoderModel):
             ),
             ignore=(r"h\.\d+\.attn\.attention\.(bias|masked_bias)",),  # causal-mask buffers of old saves
             prefix="transformer",
+            embedding="wte.weight",
         )
 
 

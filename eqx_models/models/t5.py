@@ -445,13 +445,11 @@ def _under(prefix: str, rules: tuple[Rule, ...]) -> tuple[Rule, ...]:
 # What T5 and LongT5 share above their encoders: the shared embedding and the way a model
 # encodes, decodes and maps its keys. A family's final classes name their encoder class.
 
-#: HF keys read and dropped: tied copies of `shared.weight`, and a cross-attention bias
-#: table some savers wrote although upstream never uses it.
-_TIED_EMBEDDINGS = (r"encoder\.embed_tokens\.weight",)
-_DECODER_IGNORED = (
-    r"decoder\.embed_tokens\.weight",
-    r"decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight",
-)
+#: PyTorch's tied copies of `shared.weight`, and a cross-attention bias table some savers
+#: wrote although upstream never uses it (read and dropped).
+_ENCODER_TIED = (("encoder.embed_tokens.weight", "shared.weight"),)
+_DECODER_TIED = (("decoder.embed_tokens.weight", "shared.weight"),)
+_DECODER_IGNORED = (r"decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight",)
 
 
 class EncoderShell(Model):
@@ -477,7 +475,9 @@ class EncoderShell(Model):
     @classmethod
     def key_map(cls, config: Any) -> KeyMap:
         return KeyMap(
-            rules=(*_under("encoder.", cls.encoder_class.key_rules(config)), ("", "")), ignore=_TIED_EMBEDDINGS
+            rules=(*_under("encoder.", cls.encoder_class.key_rules(config)), ("", "")),
+            tied=_ENCODER_TIED,
+            embedding="shared.weight",
         )
 
 
@@ -563,7 +563,9 @@ class EncoderDecoderShell(EncoderDecoder):
                 *_under("encoder.", cls.encoder_class.key_rules(config)),
                 ("", ""),
             ),
-            ignore=_TIED_EMBEDDINGS + _DECODER_IGNORED,
+            ignore=_DECODER_IGNORED,
+            tied=_ENCODER_TIED + _DECODER_TIED,
+            embedding="shared.weight",
         )
 
 
@@ -663,11 +665,13 @@ class ConditionalGenerationShell(Seq2SeqLM):
         # the encoder-decoder is not nested under a prefix in HF's names: `shared`, `encoder`,
         # `decoder` and `lm_head` all sit at the top
         base = cls.base_class.key_map(config)
-        tied = (r"lm_head\.weight",) if config.tie_word_embeddings else ()
+        tied = (("lm_head.weight", base.embedding),) if config.tie_word_embeddings else ()
         return KeyMap(
             rules=tuple((hf, "model." + tree) for hf, tree in base.rules[:-1])
             + (("lm_head.", "lm_head."), ("", "model.")),
-            ignore=base.ignore + tied,
+            ignore=base.ignore,
+            tied=base.tied + tied,
+            embedding=base.embedding,
         )
 
 

@@ -188,6 +188,7 @@ class XGLMModel(DecoderModel):
             rules=(("layers.{i}.", "layers.layers."), ("", "")),
             ignore=(r"embed_positions\.(weights|_float_tensor)",),  # buffers some savers kept
             prefix="model",
+            embedding="embed_tokens.weight",
         )
 
 
