@@ -16,6 +16,7 @@ import transformers
 from cases import hf_neo
 from hub_server import HubServer, subprocess_env, use_hub
 from oracle import assert_same_tree
+from tokenizer_cases import TEXTS, build_folders
 
 import eqx_models
 from eqx_models import hub
@@ -123,6 +124,22 @@ def test_tokenizer_mode_fetches_no_weights(online):
     snapshot = hub.folder("tiny/neo", want="tokenizer")
     assert sorted(p.name for p in snapshot.iterdir()) == ["config.json", "generation_config.json", "tokenizer.json"]
     assert not any(name.endswith(".safetensors") for name in online.files_fetched())
+
+
+@pytest.mark.parametrize("case", ["gemma_slow", "longt5_only_spiece", "gpt_neo_slow"])
+def test_tokenizer_of_an_id_equals_its_folder(server, monkeypatch, tmp_path, case):
+    """`load_tokenizer` of an id: only config and tokenizer files fetched (into the standard
+    cache), the same ids and text as the folder it was served from."""
+    folder = build_folders(tmp_path / "tokenizers")[case]
+    server.add(f"tok/{case}", folder)
+    use_hub(monkeypatch, server, tmp_path / "hf")
+    ours, local = eqx_models.load_tokenizer(f"tok/{case}"), eqx_models.load_tokenizer(folder)
+    for text in TEXTS:
+        assert ours.encode(text) == local.encode(text)
+        assert ours.decode(local.encode(text)) == local.decode(local.encode(text))
+    fetched = set(server.files_fetched())
+    assert fetched and fetched <= set(hub.TOKENIZER_FILES) | {"config.json"}
+    assert cached_snapshot(tmp_path / "hf", f"tok/{case}").is_dir()
 
 
 def test_a_second_load_downloads_nothing(online):
