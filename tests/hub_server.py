@@ -197,14 +197,24 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return revision
         return repo.refs.get(revision)
 
-    def _info(self, repo_id: str, revision: str, auth: str | None, body: bool) -> None:
+    def _revision(self, repo_id: str, revision: str, auth: str | None, body: bool) -> tuple[Repo, str] | None:
+        """The repository and commit a request names, or None after answering its error."""
         repo = self.server_hub.repos.get(repo_id)
         refused = self._access(repo, auth)
         if refused:
-            return self._error(refused[0], refused[1], "Repository not found", body)
+            self._error(refused[0], refused[1], "Repository not found", body)
+            return None
         sha = self._commit(repo, revision)
         if sha is None:
-            return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}", body)
+            self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}", body)
+            return None
+        return repo, sha
+
+    def _info(self, repo_id: str, revision: str, auth: str | None, body: bool) -> None:
+        found = self._revision(repo_id, revision, auth, body)
+        if found is None:
+            return None
+        repo, sha = found
         info = {
             "_id": hashlib.md5(repo_id.encode()).hexdigest()[:24],
             "id": repo_id,
@@ -226,13 +236,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _tree(self, repo_id: str, revision: str, folder: str, auth: str | None, body: bool) -> None:
         """The files directly in `folder` (all our repositories are flat: only the root has any)."""
-        repo = self.server_hub.repos.get(repo_id)
-        refused = self._access(repo, auth)
-        if refused:
-            return self._error(refused[0], refused[1], "Repository not found", body)
-        sha = self._commit(repo, revision)
-        if sha is None:
-            return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}", body)
+        found = self._revision(repo_id, revision, auth, body)
+        if found is None:
+            return None
+        repo, sha = found
         if folder.strip("/"):
             return self._error(404, "EntryNotFound", f"{folder} does not exist on {revision}", body)
         entries = [
