@@ -648,6 +648,25 @@ class ConditionalGenerationShell(Seq2SeqLM):
     ) -> nn.CrossKV:
         return self.model.cross_kv(encoded, attention_mask)
 
+    def decode_full(
+        self,
+        decoder_input_ids: Int[Array, " tgt"],
+        encoded: Float[Array, "src d_model"],
+        *,
+        attention_mask: Int[Array, " src"] | Bool[Array, " src"] | None = None,
+        decoder_attention_mask: Int[Array, " tgt"] | Bool[Array, " tgt"] | None = None,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, "tgt vocab"]:
+        """Logits of a whole target sequence (no cache)."""
+        hidden = self.model.decode_full(
+            decoder_input_ids,
+            encoded,
+            attention_mask=attention_mask,
+            decoder_attention_mask=decoder_attention_mask,
+            key=key,
+        )
+        return self.logits(hidden)
+
     def decode(
         self, decoder_input_ids: Int[Array, " new"], cache: nn.KVCache, cross: nn.CrossKV
     ) -> tuple[Float[Array, "new vocab"], nn.KVCache]:
