@@ -168,7 +168,7 @@ def _encodable(node: Any, path: str) -> Any:
     if not hasattr(node, "shape") or not hasattr(node, "dtype"):
         raise CheckpointError(f"Flax params hold a {type(node).__name__} at {path}, not an array")
     array = np.asarray(node)
-    if array.dtype.kind not in "biufc":
+    if array.dtype.kind not in "biufc" and array.dtype.name not in _ML_DTYPES:
         raise CheckpointError(f"cannot write the {array.dtype} array at {path} to msgpack")
     if array.nbytes <= MAX_CHUNK_SIZE:
         return array

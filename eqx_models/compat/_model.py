@@ -309,8 +309,6 @@ class FlaxPreTrainedModel:
         """HF's `__call__` of this class: batched inputs (`input_ids [batch, seq]`, ...),
         `params=`, `dropout_rng=` with `train=True`, `output_hidden_states`, `return_dict`."""
         a = self._bind(self.call_arguments, args, kwargs)
-        hidden, return_dict, key = self._control(a)
-        model = self._module(a["params"], bool(a["train"]))
         inputs = {
             name: a[name]
             for name in self.call_arguments
@@ -318,13 +316,21 @@ class FlaxPreTrainedModel:
         }
         if "input_ids" not in inputs:
             raise InputError("input_ids is required")
-        if hidden and model.task == "multiple_choice":
+        if a["output_hidden_states"] and self.model_class.task == "multiple_choice":
             raise InputError("output_hidden_states=True is not supported for multiple choice")
-        outputs = self._forward(model, inputs, key, hidden)
+        return self._run(type(self).forward, a, inputs)
+
+    def _run(self, run: Any, a: dict[str, Any], inputs: dict[str, Any]) -> Any:
+        """`run(model, inputs, key, hidden)` compiled, on our model with `params` in place."""
+        hidden, return_dict, key = self._control(a)
+        inputs = {name: value if hasattr(value, "shape") else np.asarray(value) for name, value in inputs.items()}
+        outputs = _apply(run, self._model, a["params"] or None, self._key_map, bool(a["train"]), inputs, key, hidden)
         return outputs if return_dict else outputs.to_tuple()
 
-    def _forward(self, model: Model, inputs: dict[str, Any], key: Any, hidden: bool) -> out.ModelOutput:
-        arrays = {name: self._input(name, value) for name, value in inputs.items()}
+    @staticmethod
+    def forward(model: Model, inputs: dict[str, Any], key: Any, hidden: bool) -> out.ModelOutput:
+        """One batched forward pass of an encoder, decoder-only model or head."""
+        arrays = {name: FlaxPreTrainedModel._input(name, value) for name, value in inputs.items()}
         length = arrays["input_ids"].shape[-1]
 
         def one(arrays, key):
@@ -417,7 +423,9 @@ class FlaxSeq2SeqModel(FlaxPreTrainedModel):
         *_CONTROL,
     )
 
-    def _forward(self, model: Model, inputs: dict[str, Any], key: Any, hidden: bool) -> out.ModelOutput:
+    @staticmethod
+    def forward(model: Model, inputs: dict[str, Any], key: Any, hidden: bool) -> out.ModelOutput:
+        """One batched forward pass of an encoder-decoder: encode, then decode the target."""
         if "decoder_input_ids" not in inputs:
             raise InputError("Make sure to provide both input_ids and decoder_input_ids: decoder_input_ids is missing")
         ids, dec = _ids(inputs["input_ids"], "input_ids"), _ids(inputs["decoder_input_ids"], "decoder_input_ids")
@@ -441,10 +449,13 @@ class FlaxSeq2SeqModel(FlaxPreTrainedModel):
     def encode(self, *args: Any, **kwargs: Any) -> Any:
         """HF's `encode(input_ids, attention_mask=None, ...)`: a `FlaxBaseModelOutput`."""
         a = self._bind(self.encode_arguments, args, kwargs)
-        hidden, return_dict, key = self._control(a)
-        model = self._module(a["params"], bool(a["train"]))
-        ids = _ids(a["input_ids"], "input_ids")
-        mask = _ids(jnp.ones_like(ids) if a["attention_mask"] is None else a["attention_mask"], "attention_mask")
+        inputs = {name: a[name] for name in ("input_ids", "attention_mask") if a[name] is not None}
+        return self._run(type(self).encoder_pass, a, inputs)
+
+    @staticmethod
+    def encoder_pass(model: Model, inputs: dict[str, Any], key: Any, hidden: bool) -> out.ModelOutput:
+        ids = _ids(inputs["input_ids"], "input_ids")
+        mask = _ids(inputs.get("attention_mask", jnp.ones_like(ids)), "attention_mask")
 
         def one(arrays, key):
             with recording_hidden_states() as states:
@@ -452,8 +463,7 @@ class FlaxSeq2SeqModel(FlaxPreTrainedModel):
             return encoded, states if hidden else []
 
         encoded, states = _batched(one, (ids, mask), key)
-        result = out.FlaxBaseModelOutput(last_hidden_state=encoded, hidden_states=states[0] if hidden else None)
-        return result if return_dict else result.to_tuple()
+        return out.FlaxBaseModelOutput(last_hidden_state=encoded, hidden_states=states[0] if hidden else None)
 
     def decode(self, *args: Any, **kwargs: Any) -> Any:
         """HF's `decode(decoder_input_ids, encoder_outputs, encoder_attention_mask=None,
@@ -461,16 +471,22 @@ class FlaxSeq2SeqModel(FlaxPreTrainedModel):
         `FlaxCausalLMOutputWithCrossAttentions` (logits) for LM heads, else
         `FlaxBaseModelOutputWithPastAndCrossAttentions`."""
         a = self._bind(self.decode_arguments, args, kwargs)
-        hidden, return_dict, key = self._control(a)
-        model = self._module(a["params"], bool(a["train"]))
-        if a["encoder_outputs"] is None:
-            raise InputError("decode needs encoder_outputs (what encode returned)")
-        encoded = jnp.asarray(a["encoder_outputs"][0])
-        dec = _ids(a["decoder_input_ids"], "decoder_input_ids")
-        mask = a["encoder_attention_mask"]
-        mask = _ids(jnp.ones(encoded.shape[:2], jnp.int32) if mask is None else mask, "encoder_attention_mask")
-        dec_mask = a["decoder_attention_mask"]
-        dec_mask = _ids(jnp.ones_like(dec) if dec_mask is None else dec_mask, "decoder_attention_mask")
+        if a["encoder_outputs"] is None or a["decoder_input_ids"] is None:
+            raise InputError("decode needs decoder_input_ids and encoder_outputs (what encode returned)")
+        inputs = {"encoded": jnp.asarray(a["encoder_outputs"][0])}
+        for name in ("decoder_input_ids", "encoder_attention_mask", "decoder_attention_mask"):
+            if a[name] is not None:
+                inputs[name] = a[name]
+        return self._run(type(self).decoder_pass, a, inputs)
+
+    @staticmethod
+    def decoder_pass(model: Model, inputs: dict[str, Any], key: Any, hidden: bool) -> out.ModelOutput:
+        encoded = inputs["encoded"]
+        dec = _ids(inputs["decoder_input_ids"], "decoder_input_ids")
+        mask = _ids(
+            inputs.get("encoder_attention_mask", jnp.ones(encoded.shape[:2], jnp.int32)), "encoder_attention_mask"
+        )
+        dec_mask = _ids(inputs.get("decoder_attention_mask", jnp.ones_like(dec)), "decoder_attention_mask")
 
         def one(arrays, key):
             dec, encoded, mask, dec_mask = arrays
@@ -481,13 +497,23 @@ class FlaxSeq2SeqModel(FlaxPreTrainedModel):
         result, states = _batched(one, (dec, encoded, mask, dec_mask), key)
         states = states[0] if hidden else None
         if isinstance(model, Seq2SeqLM):
-            output = out.FlaxCausalLMOutputWithCrossAttentions(logits=result, hidden_states=states)
-        else:
-            output = out.FlaxBaseModelOutputWithPastAndCrossAttentions(last_hidden_state=result, hidden_states=states)
-        return output if return_dict else output.to_tuple()
+            return out.FlaxCausalLMOutputWithCrossAttentions(logits=result, hidden_states=states)
+        return out.FlaxBaseModelOutputWithPastAndCrossAttentions(last_hidden_state=result, hidden_states=states)
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+@eqx.filter_jit
+def _apply(
+    run: Any, model: Model, params: Any, key_map: KeyMap, train: bool, inputs: Any, key: Any, hidden: bool
+) -> out.ModelOutput:
+    """`run(model, inputs, key, hidden)` on `model` with HF's Flax `params` in place (when
+    given) in training or inference mode: compiled once per shapes and options, and simply
+    traced through when called inside the user's own `jit` or `grad`."""
+    if params is not None:
+        model = tree_from_flax(model, params, key_map)
+    return run(eqx.nn.inference_mode(model, value=not train), inputs, key, hidden)
 
 
 def _batched(one: Any, arrays: Any, key: Any) -> Any:
@@ -572,7 +598,7 @@ def _hf_padding(sequences: Any, prompt: int, max_length: int, eos: Any, pad: int
     sequences = jnp.asarray(sequences)
     new = sequences[:, prompt:]
     if eos is not None:
-        is_eos = jnp.isin(new, jnp.asarray(eos, jnp.int32).reshape(-1))
+        is_eos = jnp.isin(new, jnp.asarray(eos, jnp.int32).reshape(-1)).astype(jnp.int32)
         after = (jnp.cumsum(is_eos, axis=1) - is_eos) > 0
         new = jnp.where(after, pad, new)
     width = prompt + new.shape[1]
