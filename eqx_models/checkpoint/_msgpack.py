@@ -14,6 +14,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import ml_dtypes
 import msgpack
 import numpy as np
@@ -165,7 +166,7 @@ def _encodable(node: Any, path: str) -> Any:
                 raise CheckpointError(f"Flax params keys must be strings, got {key!r} under {path or 'the top'}")
             out[key] = _encodable(value, f"{path}/{key}" if path else key)
         return out
-    if not hasattr(node, "shape") or not hasattr(node, "dtype"):
+    if not isinstance(node, np.ndarray | np.generic | jax.Array):
         raise CheckpointError(f"Flax params hold a {type(node).__name__} at {path}, not an array")
     array = np.asarray(node)
     if array.dtype.kind not in "biufc" and array.dtype.name not in _ML_DTYPES:

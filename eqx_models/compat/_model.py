@@ -27,21 +27,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..checkpoint._msgpack import encode_flax_msgpack
-from ..checkpoint.keymap import KeyMap
+from ..checkpoint import KeyMap, encode_flax_msgpack
 from ..checkpoint.layout import tree_from_flax, tree_to_flax
 from ..errors import InputError
 from ..files import atomic_folder, write_text_atomically
+from ..generation import GenerateOutput
 from ..generation import generate as eqx_generate
-from ..generation._generate import GenerateOutput
-from ..models import CausalLM, EncoderDecoder, Family, Model, Seq2SeqLM
-from ..models._runner import recording_hidden_states
+from ..models import CausalLM, EncoderDecoder, Family, Model, Seq2SeqLM, recording_hidden_states
 from ..pretrained import CONFIG_NAME, load_state, load_with_report, model_dtype, read_config, resolve_dtype
 from ..validation import show_value
 from . import _outputs as out
 from ._config import Config, GenerationConfig, model_config
 
 FLAX_WEIGHTS_NAME = "flax_model.msgpack"
+_ARRAYS = (jax.Array, np.ndarray, np.generic)
 GENERATION_CONFIG_NAME = "generation_config.json"
 
 #: HF's output class of each task (base models: see `_base_output`).
@@ -75,7 +74,7 @@ def _config_dict(config: Any) -> dict[str, Any]:
 
 def _ids(value: Any, name: str) -> Any:
     """An integer input as int32 (HF casts with `jnp.array(x, dtype="i4")`)."""
-    if not hasattr(value, "shape"):
+    if not isinstance(value, _ARRAYS):
         value = np.asarray(value)
     if not jnp.issubdtype(value.dtype, jnp.integer) and not jnp.issubdtype(value.dtype, jnp.bool_):
         raise InputError(f"{name} must hold integers, got dtype {value.dtype}")
@@ -323,7 +322,7 @@ class FlaxPreTrainedModel:
     def _run(self, run: Any, a: dict[str, Any], inputs: dict[str, Any]) -> Any:
         """`run(model, inputs, key, hidden)` compiled, on our model with `params` in place."""
         hidden, return_dict, key = self._control(a)
-        inputs = {name: value if hasattr(value, "shape") else np.asarray(value) for name, value in inputs.items()}
+        inputs = {name: value if isinstance(value, _ARRAYS) else np.asarray(value) for name, value in inputs.items()}
         outputs = _apply(run, self._model, a["params"] or None, self._key_map, bool(a["train"]), inputs, key, hidden)
         return outputs if return_dict else outputs.to_tuple()
 
@@ -535,7 +534,7 @@ def _base_output(model: Model) -> type[out.ModelOutput]:
 
 def _cast_floating(params: Any, dtype: Any, mask: Any) -> Any:
     def cast(leaf: Any, masked: bool = True) -> Any:
-        if masked and hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating):
+        if masked and isinstance(leaf, _ARRAYS) and jnp.issubdtype(leaf.dtype, jnp.floating):
             return jnp.asarray(leaf).astype(dtype)
         return leaf
 
