@@ -142,6 +142,7 @@ LAYERS = {
     "pretrained": 5,
     "state_dict": 5,
     "verify": 6,
+    "compat": 6,
     "train": 6,
     "compat": 7,
     "cli": 7,
