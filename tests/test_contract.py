@@ -144,7 +144,6 @@ LAYERS = {
     "verify": 6,
     "compat": 6,
     "train": 6,
-    "compat": 7,
     "cli": 7,
     "__main__": 8,
     "__init__": 8,

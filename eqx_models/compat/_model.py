@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import hub
 from ..checkpoint import KeyMap, encode_flax_msgpack
 from ..checkpoint.layout import tree_from_flax, tree_to_flax
 from ..errors import InputError
@@ -197,11 +198,10 @@ class FlaxPreTrainedModel:
         unknown = sorted(set(kwargs) - _DOWNLOAD_OPTIONS)
         if model_args or unknown:
             raise InputError(f"{cls.__name__}.from_pretrained got unsupported arguments {unknown or model_args}")
-        if revision not in (None, "main"):
-            raise InputError(f"revision={revision!r}: a local folder has no revisions (hub ids are not supported yet)")
         if ignore_mismatched_sizes:
             raise InputError("ignore_mismatched_sizes=True is not supported: shapes must match the config")
-        folder = Path(pretrained_model_name_or_path)
+        # HF's default revision is "main"; for a local folder that means "no revision".
+        folder = hub.folder(pretrained_model_name_or_path, revision=None if revision == "main" else revision)
         architecture = cls.model_class.__name__
         if config is None:
             hf = read_config(folder)
