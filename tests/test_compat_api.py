@@ -213,7 +213,7 @@ def test_bad_calls_are_named(neo, tmp_path):
         neo(ids, labels=ids)
     with pytest.raises(InputError, match="output_attentions"):
         neo(ids, output_attentions=True)
-    with pytest.raises(InputError, match="revision"):
+    with pytest.raises(CheckpointError, match="revision"):
         compat.FlaxGPTNeoForCausalLM.from_pretrained(tmp_path, revision="v2")
     with pytest.raises(InputError, match="neither generation options nor inputs"):
         neo.generate(ids, max_new_tokens=2, foo=1)
