@@ -8,6 +8,7 @@ import argparse
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
@@ -108,6 +109,20 @@ def _until_eos(ids: list[int], eos_ids: set[int]) -> tuple[list[int], bool]:
     return ids, False
 
 
+def _eos_ids(config_eos: Any, folder: Path) -> set[int]:
+    """The model config's end tokens and those of the folder's `generation_config.json`,
+    which transformers' `generate` stops at (instruction-tuned checkpoints list their
+    end-of-turn token there)."""
+    from .pretrained import read_config
+
+    ids = set() if config_eos is None else {int(e) for e in np.atleast_1d(config_eos)}
+    if (folder / "generation_config.json").is_file():
+        extra = read_config(folder, name="generation_config.json").get("eos_token_id")
+        if isinstance(extra, int) or (isinstance(extra, list) and all(isinstance(e, int) for e in extra)):
+            ids |= set(np.atleast_1d(extra).tolist())
+    return ids
+
+
 def _generate(args: argparse.Namespace) -> None:
     from .generation import generate, stream
     from .hub import folder
@@ -121,8 +136,9 @@ def _generate(args: argparse.Namespace) -> None:
     model = from_pretrained(src, dtype=args.dtype, strict=args.strict)
     ids = prompt_ids(codec, args.prompt, vocab_size=model.config.vocab_size, chat=args.chat)
     prompt = np.asarray([ids], np.int32)
-    eos = model.config.eos_token_id
-    eos_ids = set() if eos is None else {int(e) for e in np.atleast_1d(eos)}
+    eos_ids = _eos_ids(model.config.eos_token_id, src)
+    if eos_ids:  # the loop stops at every end token transformers would (Gemma-it's <end_of_turn> too)
+        options["eos_token_id"] = sorted(eos_ids)
     # An encoder-decoder model reads the prompt and writes new text: show only its output.
     seq2seq = isinstance(model, Seq2SeqLM)
     # A decoder continues the prompt: show it, then the new text. A chat prompt is the template's

@@ -278,3 +278,16 @@ def test_tokenizer_is_a_codec_for_streaming(pairs):
     decoder = StreamDecoder(ours, prefix=ids[:2])
     pieces = [decoder.push([i]) for i in ids[2:]]
     assert ours.decode(ids[:2]) + "".join(pieces) + decoder.flush() == ours.decode(ids)
+
+
+def test_cli_stops_at_the_end_tokens_of_generation_config(tmp_path):
+    """`generate` stops where transformers would: the config's EOS and every id listed in
+    `generation_config.json` (Gemma-it lists `<end_of_turn>` there)."""
+    from eqx_models.cli import _eos_ids
+
+    assert _eos_ids(1, tmp_path) == {1}
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": [1, 107], "bos_token_id": 2}')
+    assert _eos_ids(1, tmp_path) == {1, 107}
+    assert _eos_ids(None, tmp_path) == {1, 107}
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": 5}')
+    assert _eos_ids([1, 2], tmp_path) == {1, 2, 5}
