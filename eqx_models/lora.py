@@ -392,7 +392,7 @@ def adapter_config(model: Model, *, base_model_name_or_path: str | None = None, 
     targets = sorted({layer.target for _, layer in layers})
     first = layers[0][1]
     return {
-        "alpha_pattern": {_pattern_key(m): _number(l.alpha) for m, l in layers if l.alpha != alpha},
+        "alpha_pattern": {_pattern_key(m): _number(a.alpha) for m, a in layers if a.alpha != alpha},
         "base_model_name_or_path": base_model_name_or_path,
         "bias": "none",
         "fan_in_fan_out": False,
@@ -405,7 +405,7 @@ def adapter_config(model: Model, *, base_model_name_or_path: str | None = None, 
         "modules_to_save": None,
         "peft_type": "LORA",
         "r": rank,
-        "rank_pattern": {_pattern_key(m): l.rank for m, l in layers if l.rank != rank},
+        "rank_pattern": {_pattern_key(m): a.rank for m, a in layers if a.rank != rank},
         "revision": None,
         "target_modules": targets[0] if len(targets) == 1 and _is_expression(targets[0], layers) else targets,
         "task_type": task_type,
