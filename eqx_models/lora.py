@@ -26,7 +26,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -362,6 +362,19 @@ def with_dropout_keys(model: PyTree, key: PRNGKeyArray | None) -> PyTree:
     )
 
 
+def with_adapter_dropout(loss_fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`loss_fn(model, batch, key=...)` giving the adapters fresh dropout keys from `key`
+    first (a training step's key; `None`, as in evaluation, means no dropout anywhere)."""
+
+    def loss(model: PyTree, batch: Any, *, key: PRNGKeyArray | None = None) -> Any:
+        if key is None:
+            return loss_fn(model, batch, key=None)
+        adapter_key, key = jax.random.split(key)
+        return loss_fn(with_dropout_keys(model, adapter_key), batch, key=key)
+
+    return loss
+
+
 # --------------------------------------------------------------------------- PEFT format
 
 
@@ -600,5 +613,6 @@ __all__ = [
     "lora_layers",
     "merge_lora",
     "save_adapter",
+    "with_adapter_dropout",
     "with_dropout_keys",
 ]
