@@ -94,9 +94,9 @@ class LoRALinear(nn.Adapter):
         lora_A: Float[Array, "*layers rank d_in"],
         lora_B: Float[Array, "*layers d_out rank"],
         *,
-        alpha: float,
+        alpha: float | int,
         use_rslora: bool = False,
-        dropout: float = 0.0,
+        dropout: float | int = 0.0,
         target: str,
     ):
         self.base, self.lora_A, self.lora_B = base, lora_A, lora_B
@@ -233,9 +233,9 @@ def add_lora(
     model: Model,
     *,
     rank: int,
-    alpha: float,
+    alpha: float | int,
     target_modules: str | Sequence[str],
-    dropout: float = 0.0,
+    dropout: float | int = 0.0,
     use_rslora: bool = False,
     key: PRNGKeyArray,
 ) -> Model:
@@ -281,6 +281,7 @@ def add_lora(
             f"its linear layers are named {', '.join(names)}"
         )
     keys = jax.random.split(key, len(chosen))
+    inference = _in_inference_mode(model)
     layers = []
     for (path, node, hit, num_layers), layer_key in zip(chosen, keys, strict=True):
         d_out, d_in = node.features
@@ -289,8 +290,17 @@ def add_lora(
         bound = 1 / math.sqrt(d_in)
         lora_A = jax.random.uniform(layer_key, (*stack, rank, d_in), dtype, -bound, bound)
         lora_B = jnp.zeros((*stack, d_out, rank), dtype)
-        layers.append(LoRALinear(node, lora_A, lora_B, alpha=alpha, use_rslora=use_rslora, dropout=dropout, target=hit))
+        layer = LoRALinear(node, lora_A, lora_B, alpha=alpha, use_rslora=use_rslora, dropout=dropout, target=hit)
+        layers.append(eqx.nn.inference_mode(layer, inference))
     return _replace(model, [path for path, *_ in chosen], layers)
+
+
+def _in_inference_mode(model: PyTree) -> bool:
+    """Whether the model's dropout layers are off (`eqx.nn.inference_mode`, as `from_pretrained`
+    returns models): new adapters follow the model."""
+    is_dropout = lambda x: isinstance(x, eqx.nn.Dropout)  # noqa: E731
+    layers = [x for x in jax.tree.leaves(model, is_leaf=is_dropout) if is_dropout(x)]
+    return bool(layers) and all(layer.inference for layer in layers)
 
 
 def _replace(model: PyTree, paths: list[str], nodes: list[Any]) -> PyTree:
@@ -552,6 +562,7 @@ def load_adapter(model: Model, folder_or_repo_id: str | os.PathLike, *, revision
             )
         found.setdefault(match["module"], {})[match["part"]] = (name, tensor)
     target = config.get("target_modules")
+    inference = _in_inference_mode(model)
     paths, layers, used = [], [], set()
     for path, node in _modules(model):
         module = _hf_module(key_map, path)
@@ -582,18 +593,17 @@ def load_adapter(model: Model, folder_or_repo_id: str | os.PathLike, *, revision
         used.update(names)
         alpha = _pattern_value(config.get("alpha_pattern"), names, config["lora_alpha"], "alpha_pattern", module)
         hit = (target and _matches(target, names[0])) or module.rsplit(".", 1)[-1]
-        paths.append(path)
-        layers.append(
-            LoRALinear(
-                node,
-                parts["A"],
-                parts["B"],
-                alpha=alpha,
-                use_rslora=bool(config.get("use_rslora", False)),
-                dropout=float(config.get("lora_dropout", 0.0) or 0.0),
-                target=hit,
-            )
+        layer = LoRALinear(
+            node,
+            parts["A"],
+            parts["B"],
+            alpha=alpha,
+            use_rslora=bool(config.get("use_rslora", False)),
+            dropout=float(config.get("lora_dropout", 0.0) or 0.0),
+            target=hit,
         )
+        paths.append(path)
+        layers.append(eqx.nn.inference_mode(layer, inference))
     unknown = sorted(f"{_PREFIX}{m}.lora_{p}.weight" for m in found if m not in used for p in found[m])
     if unknown:
         raise CheckpointError(
