@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
+import equinox as eqx
 import jax
 import numpy as np
 import peft
@@ -115,7 +116,12 @@ def peft_adapter(case: LoraCase, folder: Path, *, seed: int = 0, **changes) -> t
 
 
 def our_logits(case: LoraCase, model, batch: dict) -> np.ndarray:
-    return np.asarray(case.ours(model, batch))
+    return np.asarray(_compiled(case.ours, model, {k: jax.numpy.asarray(v) for k, v in batch.items()}))
+
+
+@eqx.filter_jit
+def _compiled(forward, model, batch):
+    return forward(model, batch)
 
 
 def load_base(folder: Path):
