@@ -141,7 +141,7 @@ def _modules(model: PyTree) -> list[tuple[str, Any]]:
     return found
 
 
-def _key_map(model: Any) -> KeyMap:
+def _key_map(model: object) -> KeyMap:
     if not isinstance(model, Model):
         raise ConfigError(f"LoRA needs an eqx_models model (a registered class), got {type(model).__name__}")
     return type(model).key_map(model.config)
