@@ -322,9 +322,11 @@ def merge_lora(model: Model) -> Model:
     paths, merged = [], []
     for path, layer in lora_layers(model):
         base = layer.base
-        if not isinstance(base, nn.Linear):
+        if not isinstance(base, nn.Linear) or not eqx.is_inexact_array(base.weight):
+            held = type(base.weight if isinstance(base, nn.Linear) else base).__name__
             raise ConfigError(
-                f"merge_lora folds adapters into float Linear weights; the base at {path} is a {type(base).__name__}"
+                f"merge_lora folds adapters into float Linear weights; the base at {path} holds a {held} "
+                "(dequantize the model first)"
             )
         # [*layers, d_out, rank] @ [*layers, rank, d_in] -> [*layers, d_out, d_in]
         update = jnp.einsum("...or,...ri->...oi", layer.lora_B.astype(jnp.float32), layer.lora_A.astype(jnp.float32))
