@@ -1,7 +1,8 @@
 """eqx_models: GPT-Neo, Gemma, XGLM, BigBird and LongT5 as Equinox modules, with HF
-checkpoint conversion, cached generation and optax training."""
+checkpoint conversion, cached generation and optax training; LoRA adapters in HF PEFT's
+format are the `lora` submodule (`add_lora`, `merge_lora`, `save_adapter`, `load_adapter`)."""
 
-from . import hub
+from . import hub, lora
 from .errors import CheckpointError, ConfigError, EqxModelsError, HubError, InputError
 from .generation import generate
 from .models import FAMILIES
@@ -26,6 +27,7 @@ __all__ = [
     "hub",
     "load_tokenizer",
     "load_with_report",
+    "lora",
     "save_pretrained",
     "to_state_dict",
     "with_run_options",

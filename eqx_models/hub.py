@@ -53,7 +53,10 @@ DEFAULT_ENDPOINT = "https://huggingface.co"
 DEFAULT_REVISION = "main"
 _TRUE = {"1", "ON", "YES", "TRUE"}  # what huggingface_hub accepts as a set flag
 
-Want = Literal["model", "tokenizer"]
+Want = Literal["model", "tokenizer", "adapter"]
+#: A PEFT adapter folder: its config, then its weights in the first format it has.
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 class CachedCopyWarning(UserWarning):
@@ -104,12 +107,12 @@ def folder(path_or_repo_id: str | os.PathLike, *, revision: str | None = None, w
     - `path_or_repo_id`: a folder, or a hub id (`"EleutherAI/gpt-neo-125m"`, `"gpt2"`).
     - `revision`: hub ids only.
     - `want`: `"model"` fetches config, weights and tokenizer files; `"tokenizer"` only the
-      config and tokenizer files.
+      config and tokenizer files; `"adapter"` a PEFT adapter's config and weights.
 
     **Returns:** the folder. Raises `HubError` (a `CheckpointError`) naming the problem.
     """
-    if want not in ("model", "tokenizer"):
-        raise ValueError(f"want must be 'model' or 'tokenizer', got {want!r}")
+    if want not in ("model", "tokenizer", "adapter"):
+        raise ValueError(f"want must be 'model', 'tokenizer' or 'adapter', got {want!r}")
     if is_local(path_or_repo_id):
         path = Path(path_or_repo_id).expanduser()
         if revision is not None:
@@ -183,6 +186,14 @@ def _needed(names: set[str], want: Want, repo_id: str, revision: str) -> list[st
             looked_for = ", ".join(TOKENIZER_FILES)
             raise HubError(f"{repo_id}@{revision} has no tokenizer files (looked for {looked_for}); it has: {has}")
         return [CONFIG_NAME] * (CONFIG_NAME in names) + tokenizer
+    if want == "adapter":
+        weights = next((name for name in ADAPTER_WEIGHTS if name in names), None)
+        if ADAPTER_CONFIG not in names or weights is None:
+            raise HubError(
+                f"{repo_id}@{revision} is not a PEFT adapter (it needs {ADAPTER_CONFIG} and "
+                f"{' or '.join(ADAPTER_WEIGHTS)}); it has: {has}"
+            )
+        return [ADAPTER_CONFIG, weights]
     if CONFIG_NAME not in names:
         raise HubError(f"{repo_id}@{revision} has no {CONFIG_NAME}, so it is not a model we can load; it has: {has}")
     weights = next((name for name, _, _ in CHECKPOINT_FILES if name in names), None)
@@ -236,6 +247,10 @@ def _missing(snapshot: Path, want: Want) -> str | None:
     if want == "tokenizer":
         present = any((snapshot / name).is_file() for name in TOKENIZER_FILES)
         return None if present else "its tokenizer files"
+    if want == "adapter":
+        if not (snapshot / ADAPTER_CONFIG).is_file():
+            return ADAPTER_CONFIG
+        return None if any((snapshot / name).is_file() for name in ADAPTER_WEIGHTS) else "its adapter weights"
     if not (snapshot / CONFIG_NAME).is_file():
         return CONFIG_NAME
     weights = next((name for name, _, _ in CHECKPOINT_FILES if (snapshot / name).is_file()), None)

@@ -20,7 +20,13 @@ OUTPUT/metrics.jsonl       one line per step and per evaluation
 OUTPUT/loss.png            the loss curve
 OUTPUT/summary.json        final losses, bits per byte against the unigram baseline, timing
 OUTPUT/model/              config.json + model.safetensors (+ tokenizer.json), HF format
+OUTPUT/adapter/            with --lora-rank: adapter_config.json + adapter_model.safetensors, PEFT's
+                           format (OUTPUT/model/ then holds the merged model, with --lora-merge only)
 ```
+
+With `--lora-rank R` (a fine-tune: `--init-from` is required) the model gets LoRA adapters on
+the `--lora-targets` layers (`eqx_models.lora`) and only the adapters train; the base weights
+stay exactly as loaded, and the optimizer state covers the adapters alone.
 
 The same command runs on every process of a multi-process (multi-host) job: with
 `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` set (or a cluster JAX
@@ -43,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import lora
 from .errors import ConfigError, InputError
 from .files import check_destination
 from .models import Model, Seq2SeqLM, resolve_class
@@ -59,9 +66,10 @@ from .training.data import (
     unigram_bits_per_byte,
 )
 from .training.loop import fit, plot_losses, read_metrics, truncate_metrics
+from .training.losses import head_loss
 from .training.optim import adamw, warmup_cosine
 from .training.presets import TEXT_HEADS, preset_config
-from .training.step import TrainState, init_state, make_train_step
+from .training.step import TrainState, all_inexact, init_state, make_train_step
 from .validation import (
     MAX_INT32,
     Count,
@@ -95,6 +103,11 @@ def _is_tokenizer(spec: str) -> bool:
     return size.isdigit() and len(size) < 11 and 258 <= int(size) <= MAX_INT32
 
 
+def _is_targets(spec: str) -> bool:
+    return spec == "" or all(part.strip() for part in spec.split(","))
+
+
+LoraTargets = Annotated[str, Satisfies(_is_targets, "of comma-separated module names, e.g. 'q_proj,v_proj'")]
 Mesh = Annotated[str, Satisfies(_is_mesh, "of the form DATAxFSDPxTENSOR, e.g. '2x4x1' or '-1x1x1'")]
 Tokenizer = Annotated[
     str,
@@ -151,6 +164,13 @@ class TrainConfig:
     resume: bool = _field(False, "continue from the newest checkpoint in the run folder")
     sample_prompt: Text = _field("def ", "greedy sample printed at the end ('' for none)")
     progress: bool = _field(True, "show a progress bar")
+    # LoRA (eqx_models.lora): adapters on the named layers of an init_from model, trained alone.
+    lora_rank: Count = _field(0, "LoRA: train rank-R adapters instead of every weight; 0: full fine-tuning")
+    lora_alpha: PositiveFloat = _field(16.0, "LoRA: scaling numerator (scale alpha / rank)")
+    lora_targets: LoraTargets = _field("", "LoRA: comma-separated HF module names, e.g. q_proj,v_proj")
+    lora_dropout: Annotated[float, Range(0, 1, open_high=True)] = _field(0.0, "LoRA: dropout on the adapters' input")
+    lora_rslora: bool = _field(False, "LoRA: scale by alpha / sqrt(rank) (rank-stabilised)")
+    lora_merge: bool = _field(False, "LoRA: also write the merged model to OUTPUT/model")
 
     # Fields that define the run: resuming with other values would train something else.
     IDENTITY = (
@@ -166,6 +186,11 @@ class TrainConfig:
         "seq_len",
         "batch_size",
         "seed",
+        "lora_rank",
+        "lora_alpha",
+        "lora_targets",
+        "lora_dropout",
+        "lora_rslora",
     )
     RELATIONS = (
         Relation(
@@ -180,6 +205,21 @@ class TrainConfig:
             ("revision", "init_from"),
             lambda revision, init_from: revision is None or init_from is not None,
             "revision applies to an init_from hub id; give init_from too",
+        ),
+        Relation(
+            ("lora_rank", "init_from"),
+            lambda rank, init_from: rank == 0 or init_from is not None,
+            "LoRA adapts a trained model: give init_from with lora_rank",
+        ),
+        Relation(
+            ("lora_rank", "lora_targets"),
+            lambda rank, targets: (rank == 0) == (targets == ""),
+            "lora_targets names the layers LoRA adapts: give it exactly when lora_rank is set",
+        ),
+        Relation(
+            ("lora_rank", "lora_merge"),
+            lambda rank, merge: rank > 0 or not merge,
+            "lora_merge applies to LoRA runs; give lora_rank too",
         ),
     )
     # Our checks run in `__post_init__`, with our messages; jaxtyping's import hook (on in the
@@ -230,6 +270,10 @@ class TrainConfig:
         values = dataclasses.asdict(self)
         values["data"] = list(self.data)
         return values
+
+    @property
+    def lora_target_list(self) -> list[str]:
+        return [part.strip() for part in self.lora_targets.split(",") if part.strip()]
 
     def mesh_shape(self) -> tuple[int, int, int]:
         data, fsdp, tensor = (int(part) for part in self.mesh.lower().split("x"))
@@ -401,8 +445,26 @@ def _check_resume(config: TrainConfig, output: Path, manager: CheckpointManager)
             raise InputError(f"cannot resume {output} with different settings ({shown})")
 
 
-def _count_parameters(model: Model) -> int:
-    return sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array)))
+def _count_parameters(model: Model, spec: Any = None) -> int:
+    """The number of floating-point parameters (those `spec` selects, if given)."""
+    return sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array if spec is None else spec)))
+
+
+def _with_lora(model: Model, config: TrainConfig) -> Model:
+    """The model with the run's LoRA adapters (drawn from the seed), when `lora_rank` is set."""
+    from . import lora
+
+    if not config.lora_rank:
+        return model
+    return lora.add_lora(
+        model,
+        rank=config.lora_rank,
+        alpha=config.lora_alpha,
+        target_modules=config.lora_target_list,
+        dropout=config.lora_dropout,
+        use_rslora=config.lora_rslora,
+        key=jax.random.fold_in(jax.random.key(config.seed), 1),
+    )
 
 
 # --------------------------------------------------------------------------- the run
@@ -434,7 +496,11 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> dict[st
     rows = _process_rows(mesh, config.batch_size)
     manager = CheckpointManager(output / "checkpoints", keep=config.keep_checkpoints)
     _check_resume(config, output, manager)
-    check_destination(output / "model", overwrite=True)  # the end's export must not fail after training
+    # The end's writes must not fail after training.
+    if config.lora_rank:
+        check_destination(output / "adapter", overwrite=True)
+    if not config.lora_rank or config.lora_merge:
+        check_destination(output / "model", overwrite=True)
 
     # Data, tokenizer and model, all checked before compiling anything.
     docs = _documents(config)
@@ -443,11 +509,15 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> dict[st
     init = from_pretrained(init_folder) if init_folder is not None else None
     output.mkdir(parents=True, exist_ok=True)
     tokens = _tokens(config, train_docs, output, None if init is None else init.config, init_folder)
-    model = _build_model(config, tokens, init)
+    model = _with_lora(_build_model(config, tokens, init), config)
+    trainable = lora.adapter_filter if config.lora_rank else all_inexact
     log(
         f"{type(model).__name__}: {_count_parameters(model) / 1e6:.2f}M parameters; "
         f"{len(train_docs)} training and {len(eval_docs)} evaluation documents; tokenizer {config.tokenizer}"
     )
+    if config.lora_rank:
+        share = _count_parameters(model, lora.adapter_filter(model)) / _count_parameters(model)
+        log(f"LoRA rank {config.lora_rank} on {config.lora_targets}: {share:.2%} of the parameters train")
     train_ids = tokenize(train_docs, tokens.codec, tokens.eos, progress=config.progress and main)
     batches = PackedBatches(train_ids, seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed)
     evals = _eval_set(config, tokens, eval_docs, train_ids)
@@ -458,13 +528,17 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> dict[st
 
     schedule = warmup_cosine(config.learning_rate, warmup_steps=config.warmup_steps, total_steps=config.steps)
     clip = config.clip_norm or None
-    optimizer = adamw(schedule, model, weight_decay=config.weight_decay, clip_norm=clip, accumulate=config.accumulate)
-    state = init_state(model, optimizer, key=jax.random.key(config.seed))
+    params = eqx.filter(model, trainable(model))
+    optimizer = adamw(schedule, params, weight_decay=config.weight_decay, clip_norm=clip, accumulate=config.accumulate)
+    state = init_state(model, optimizer, key=jax.random.key(config.seed), trainable=trainable)
     compute_dtype = jnp.bfloat16 if config.bf16 else None
+    step_options = dict(compute_dtype=compute_dtype, trainable=trainable)
+    if config.lora_dropout:
+        step_options["loss_fn"] = lora.with_adapter_dropout(head_loss)
     eval_place = None
     if mesh.size > 1:
         state = shard_state(state, mesh)
-        step = make_sharded_train_step(optimizer, mesh, compute_dtype=compute_dtype)
+        step = make_sharded_train_step(optimizer, mesh, **step_options)
 
         def shard(batch: dict[str, np.ndarray]) -> dict[str, Any]:  # this process's rows
             return shard_batch({k: v[rows] for k, v in batch.items()}, mesh)
@@ -475,7 +549,7 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> dict[st
         if processes > 1:  # the evaluation's model is global: so must its batches be
             eval_place = shard
     else:
-        step = make_train_step(optimizer, compute_dtype=compute_dtype)
+        step = make_train_step(optimizer, **step_options)
 
         def place(batch: dict[str, np.ndarray]) -> dict[str, Any]:
             return {k: jnp.asarray(v) for k, v in objective(batch).items()}
@@ -518,7 +592,16 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> dict[st
     if not main:
         barrier("eqx_models.train.done")
         return _summary(config, model, fit_records, evals, time.perf_counter() - started)
-    export_hf(model, output / "model", overwrite=True, extra_files=[tokens.file] if tokens.file is not None else [])
+    extra_files = [tokens.file] if tokens.file is not None else []
+    if config.lora_rank:
+        task = "SEQ_2_SEQ_LM" if isinstance(model, Seq2SeqLM) else "CAUSAL_LM"
+        lora.save_adapter(
+            model, output / "adapter", base_model_name_or_path=config.init_from, task_type=task, overwrite=True
+        )
+        log(f"adapter written to {output / 'adapter'}")
+    if not config.lora_rank or config.lora_merge:
+        export_hf(lora.merge_lora(model), output / "model", overwrite=True, extra_files=extra_files)
+        log(f"model written to {output / 'model'}")
     records = read_metrics(output / "metrics.jsonl")
     plot_losses(records, output / "loss.png", title=f"{type(model).__name__} on {', '.join(config.data)}")
     summary = _summary(config, model, records, evals, time.perf_counter() - started)
@@ -530,7 +613,6 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> dict[st
         )
     if config.sample_prompt:
         log("sample: " + _sample(model, tokens, config.sample_prompt))
-    log(f"model written to {output / 'model'}")
     barrier("eqx_models.train.done")
     return summary
 
@@ -596,6 +678,7 @@ def _summary(config: TrainConfig, model: Model, records: list[dict], evals: Eval
     summary: dict[str, Any] = {
         "model": type(model).__name__,
         "parameters": _count_parameters(model),
+        "trainable_parameters": _count_parameters(model, lora.adapter_filter(model) if config.lora_rank else None),
         "steps": steps[-1]["step"] if steps else 0,
         "train_loss": steps[-1]["loss"] if steps else None,
         "tokens_per_s": steps[-1]["tokens_per_s"] if steps else None,

@@ -140,6 +140,7 @@ LAYERS = {
     "generation": 4,
     "training": 4,
     "pretrained": 5,
+    "lora": 5,  # a tree transformation of any registered model; adapter folders and hub ids
     "state_dict": 5,
     "verify": 6,
     "compat": 6,

@@ -225,12 +225,12 @@ class SelfAttention(ProjectedAttention):
 
 
 def encoder_kv(
-    key_proj: nn.Linear, value_proj: nn.Linear, encoded: Float[Array, "src dim"], num_heads: int
+    key_proj: nn.AbstractLinear, value_proj: nn.AbstractLinear, encoded: Float[Array, "src dim"], num_heads: int
 ) -> tuple[Float[Array, "heads src head_dim"], Float[Array, "heads src head_dim"]]:
     """A cross-attention layer's keys and values of the encoder states, heads first (the
     layout of `CrossLayer` and of a layer's `cross_kv`). The states are cast to the
     parameters' dtype (float32 encoder outputs into a bfloat16 decoder)."""
-    encoded = encoded.astype(key_proj.weight.dtype)
+    encoded = encoded.astype(key_proj.dtype)
     k, v = nn.fused_projections(encoded, (key_proj, value_proj))
     return tuple(nn.heads_first(t.reshape(encoded.shape[0], num_heads, -1)) for t in (k, v))
 

@@ -177,7 +177,7 @@ class T5Attention(eqx.Module):
         self.dropout = eqx.nn.Dropout(config.dropout_rate)
         self.num_heads = config.num_heads
 
-    def heads(self, layer: nn.Linear, x: Float[Array, "seq dim"]) -> Float[Array, "seq heads head_dim"]:
+    def heads(self, layer: nn.AbstractLinear, x: Float[Array, "seq dim"]) -> Float[Array, "seq heads head_dim"]:
         """`layer(x)` split into heads."""
         return layer(x).reshape(x.shape[0], self.num_heads, -1)
 

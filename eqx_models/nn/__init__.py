@@ -15,13 +15,15 @@ from ._attention import (
     padding_mask,
 )
 from ._cache import CrossKV, KVCache, LayerWrite, cached_kv
-from ._linear import Embedding, Linear, fused_projections
+from ._linear import AbstractLinear, Adapter, Embedding, Linear, fused_projections
 from ._norm import LayerNorm, RMSNorm
 from ._positions import apply_rotary, relative_position_bucket, rotary_angles, sinusoidal_embedding
 from ._stack import RunOptions, Stacked, run_options, split_key, with_run_options
 
 __all__ = [
     "ACTIVATIONS",
+    "AbstractLinear",
+    "Adapter",
     "BIGBIRD_ADD",
     "LONGT5_ADD",
     "NO_WINDOW",

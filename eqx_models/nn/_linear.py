@@ -1,5 +1,11 @@
-"""Linear and embedding layers acting on the last axis of any leading shape."""
+"""Linear and embedding layers acting on the last axis of any leading shape.
 
+A model holds an `AbstractLinear` wherever it projects features: a plain `Linear`, or a
+layer that wraps one (an `Adapter` such as LoRA, `eqx_models.lora`) or stores its weights
+otherwise. Models call these layers, or `fused_projections`, and never read their weights.
+"""
+
+import abc
 import itertools
 
 import equinox as eqx
@@ -24,7 +30,25 @@ def matmul_transposed(
     return jnp.einsum("...i,oi->...o", x, weight)
 
 
-class Linear(eqx.Module):
+class AbstractLinear(eqx.Module):
+    """A layer mapping the last axis `d_in -> d_out`, as `x W^T + b` does."""
+
+    @abc.abstractmethod
+    def __call__(self, x: Float[Array, "*batch d_in"]) -> Float[Array, "*batch d_out"]:
+        """The projection of `x`, in the layer's `dtype`."""
+
+    @property
+    @abc.abstractmethod
+    def dtype(self) -> DTypeLike:
+        """The floating dtype the layer computes in (inputs are cast to it by callers that mix dtypes)."""
+
+    @property
+    @abc.abstractmethod
+    def features(self) -> tuple[int, int]:
+        """`(d_out, d_in)`, also when the layer is stored stacked over layers."""
+
+
+class Linear(AbstractLinear):
     """`y = x W^T + b` on the last axis. The weight keeps PyTorch's `[out, in]` layout,
     so HF checkpoints need no transpose."""
 
@@ -47,6 +71,38 @@ class Linear(eqx.Module):
     def __call__(self, x: Float[Array, "*batch d_in"]) -> Float[Array, "*batch d_out"]:
         y = matmul_transposed(x, self.weight)
         return y if self.bias is None else y + self.bias
+
+    @property
+    def dtype(self) -> DTypeLike:
+        return self.weight.dtype
+
+    @property
+    def features(self) -> tuple[int, int]:
+        d_out, d_in = self.weight.shape[-2:]
+        return d_out, d_in
+
+
+class Adapter(AbstractLinear):
+    """A layer plus a learned correction, `base(x) + delta(x)` (LoRA: `eqx_models.lora`).
+    `fused_projections` runs the bases of several adapters as one product and adds each
+    one's `delta`, so an adapted attention keeps its fused query/key/value projection."""
+
+    base: eqx.AbstractVar[AbstractLinear]
+
+    @abc.abstractmethod
+    def delta(self, x: Float[Array, "*batch d_in"]) -> Float[Array, "*batch d_out"]:
+        """The correction added to `base(x)`, in the base's dtype."""
+
+    def __call__(self, x: Float[Array, "*batch d_in"]) -> Float[Array, "*batch d_out"]:
+        return self.base(x) + self.delta(x)
+
+    @property
+    def dtype(self) -> DTypeLike:
+        return self.base.dtype
+
+    @property
+    def features(self) -> tuple[int, int]:
+        return self.base.features
 
 
 class Embedding(eqx.Module):
@@ -73,10 +129,23 @@ class Embedding(eqx.Module):
         return jnp.einsum("...d,vd->...v", x, self.weight)
 
 
-def fused_projections(x: Float[Array, "*batch d_in"], layers: tuple[Linear, ...]) -> tuple[Array, ...]:
-    """Applies several `Linear`s to the same input as one matmul over their stacked weights
-    (one large matmul beats three small ones; inside a layer scan the weights are being
-    copied out of the stack anyway, so stacking them costs nothing extra)."""
+def fused_projections(x: Float[Array, "*batch d_in"], layers: tuple[AbstractLinear, ...]) -> tuple[Array, ...]:
+    """Applies several layers to the same input: `Linear`s (and the `Linear` bases of
+    `Adapter`s, whose deltas are added after) as one matmul over their stacked weights (one
+    large matmul beats three small ones; inside a layer scan the weights are being copied
+    out of the stack anyway, so stacking them costs nothing extra); any other layer kind
+    one by one."""
+    bases = tuple(layer.base if isinstance(layer, Adapter) else layer for layer in layers)
+    if all(isinstance(base, Linear) for base in bases):
+        outputs = _fused_linear(x, bases)
+    else:
+        outputs = tuple(base(x) for base in bases)
+    return tuple(
+        y + layer.delta(x) if isinstance(layer, Adapter) else y for y, layer in zip(outputs, layers, strict=True)
+    )
+
+
+def _fused_linear(x: Float[Array, "*batch d_in"], layers: tuple[Linear, ...]) -> tuple[Array, ...]:
     weight = jnp.concatenate([layer.weight for layer in layers])
     y = matmul_transposed(x, weight)
     if any(layer.bias is not None for layer in layers):

@@ -12,18 +12,23 @@ from ..errors import InputError
 
 def decay_mask(params: PyTree) -> PyTree:
     """`True` for the parameters AdamW should decay: the weight matrices of `Linear`
-    layers. Biases, norm scales, embeddings and position tables are not decayed.
+    layers and every parameter an `Adapter` adds to its base (LoRA's matrices, as HF's
+    Trainer decays them). Biases, norm scales, embeddings and position tables are not
+    decayed.
 
-    `params` is the model (or its `eqx.filter(model, eqx.is_inexact_array)` part); the
-    result has the same structure with booleans at the arrays.
+    `params` is the model (or its `eqx.filter(model, eqx.is_inexact_array)` part, or the
+    trainable part of it); the result has the same structure with booleans at the arrays.
     """
 
     def mark(node):
-        if isinstance(node, nn.Linear):
+        if isinstance(node, nn.Linear) and node.weight is not None:
             return eqx.tree_at(lambda linear: linear.weight, jax.tree.map(lambda _: False, node), True)
+        if isinstance(node, nn.Adapter):
+            base, base_mask = node.base, decay_mask(node.base)
+            return jax.tree.map(lambda sub: base_mask if sub is base else True, node, is_leaf=lambda sub: sub is base)
         return jax.tree.map(lambda _: False, node)
 
-    return jax.tree.map(mark, params, is_leaf=lambda x: isinstance(x, nn.Linear))
+    return jax.tree.map(mark, params, is_leaf=lambda x: isinstance(x, (nn.Linear, nn.Adapter)))
 
 
 def warmup_cosine(peak: float, *, warmup_steps: int, total_steps: int, end_fraction: float = 0.1) -> optax.Schedule:

@@ -1,6 +1,6 @@
-"""One compiled training step: gradients of the inexact-array part of the model, the optax
-update, `apply_updates`; dropout keys derived from the step; optional bfloat16 compute over
-float32 master weights."""
+"""One compiled training step: gradients of the trainable part of the model (by default
+every inexact array; LoRA: the adapters alone), the optax update, `apply_updates`; dropout
+keys derived from the step; optional bfloat16 compute over float32 master weights."""
 
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +16,14 @@ from .losses import head_loss
 
 Batch = dict[str, Array]
 LossFn = Callable[..., tuple[Float[Array, ""], dict[str, Float[Array, ""]]]]
+#: Given the model, the `eqx.partition` filter spec of its trainable arrays (a callable per
+#: leaf, or a tree of booleans like `eqx_models.lora.adapter_filter(model)`).
+Trainable = Callable[[PyTree], Any]
+
+
+def all_inexact(model: PyTree) -> Any:
+    """Full training: every floating-point array is trainable."""
+    return eqx.is_inexact_array
 
 
 class TrainState(eqx.Module):
@@ -27,14 +35,17 @@ class TrainState(eqx.Module):
     key: PRNGKeyArray
 
 
-def init_state(model: PyTree, optimizer: optax.GradientTransformation, *, key: PRNGKeyArray) -> TrainState:
+def init_state(
+    model: PyTree, optimizer: optax.GradientTransformation, *, key: PRNGKeyArray, trainable: Trainable = all_inexact
+) -> TrainState:
     """A fresh state: a copy of `model` in training mode (dropout on), optimizer state for
-    its inexact arrays, step 0. `key` seeds every step's dropout. The state owns its arrays
-    (the train step donates them), so `model` stays usable."""
+    its trainable arrays (`trainable(model)`, by default every inexact array), step 0.
+    `key` seeds every step's dropout. The state owns its arrays (the train step donates
+    them), so `model` stays usable."""
     model = eqx.nn.inference_mode(model, value=False)
     model = jax.tree.map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, model)
     with jax.numpy_dtype_promotion("standard"):
-        opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+        opt_state = optimizer.init(eqx.filter(model, trainable(model)))
     return TrainState(model, opt_state, jnp.zeros((), jnp.int32), key)
 
 
@@ -48,6 +59,7 @@ def make_train_step(
     *,
     loss_fn: LossFn = head_loss,
     compute_dtype: DTypeLike | None = None,
+    trainable: Trainable = all_inexact,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Float[Array, ""]]]]:
     """`step(state, batch) -> (state, metrics)`, compiled once per batch shape.
 
@@ -55,6 +67,8 @@ def make_train_step(
     - `compute_dtype`: e.g. `jnp.bfloat16` runs the forward and backward passes in that
       dtype while the parameters and optimizer state stay float32 (gradients flow back
       through the cast, so updates land on the float32 master weights).
+    - `trainable(model)`: the filter spec of the arrays that get gradients and updates (as
+      given to `init_state`); the rest of the model is frozen, bit for bit.
 
     Dropout uses `fold_in(state.key, state.step)`, so a resumed run draws the same masks
     as an uninterrupted one. The state is donated: do not reuse the one passed in.
@@ -62,7 +76,7 @@ def make_train_step(
 
     @eqx.filter_jit(donate="all")
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Float[Array, ""]]]:
-        params, static = eqx.partition(state.model, eqx.is_inexact_array)
+        params, static = eqx.partition(state.model, trainable(state.model))
         dropout_key = jax.random.fold_in(state.key, state.step)
 
         def loss(params: PyTree) -> tuple[Float[Array, ""], Any]:
