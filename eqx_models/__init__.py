@@ -7,6 +7,7 @@ from .generation import generate
 from .models import FAMILIES
 from .nn import with_run_options
 from .pretrained import export_hf, from_pretrained, load_with_report, save_pretrained
+from .quantize import dequantize, quantize
 from .state_dict import from_state_dict, to_state_dict
 from .text import load_tokenizer
 
@@ -26,6 +27,8 @@ __all__ = [
     "hub",
     "load_tokenizer",
     "load_with_report",
+    "dequantize",
+    "quantize",
     "save_pretrained",
     "to_state_dict",
     "with_run_options",
