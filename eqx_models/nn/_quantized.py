@@ -20,6 +20,7 @@ pathological one here (0.13x for the LM head), so int8 products are always writt
 
 import equinox as eqx
 import jax.numpy as jnp
+from jax import lax
 from jaxtyping import Array, Float, Int, Int8
 
 INT8_MAX = 127
@@ -63,7 +64,11 @@ class Int8Weight(eqx.Module):
 
     def matmul_transposed(self, x: Float[Array, "*batch cols"]) -> Float[Array, "*batch rows"]:
         """`x @ weight.T` with the scale applied after the product (see the module docstring)."""
-        return (x @ self.values.astype(x.dtype).T) * self.scale.astype(x.dtype)
+        # Inside generation's decode loop the int8 weight is loop-invariant, and XLA hoists its
+        # conversion out of the loop: the loop then reads a float copy (the LM head ran at
+        # float32 speed). Tying the weight to this step's activations keeps it in the loop.
+        x, values = lax.optimization_barrier((x, self.values))
+        return (x @ values.astype(x.dtype).T) * self.scale.astype(x.dtype)
 
     def take_rows(self, ids: Int[Array, "*shape"]) -> Float[Array, "*shape cols"]:
         """The float rows at `ids` (an embedding lookup)."""
