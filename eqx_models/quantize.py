@@ -28,6 +28,8 @@ Scheme = Literal["int8"]
 SCHEMES: tuple[str, ...] = get_args(Scheme)
 
 Tree = TypeVar("Tree")
+# One compiled rounding per weight shape (eagerly, each of its operations would compile on its own).
+_quantize_weight = jax.jit(nn.Int8Weight.quantize)
 
 
 def _is_layer(node: Any) -> bool:
@@ -57,8 +59,6 @@ def quantize(model: Tree, scheme: str = "int8", *, embeddings: bool = True) -> T
     quantised model).
     """
     check_scheme(scheme)
-    if not isinstance(embeddings, bool):
-        raise InputError(f"embeddings must be True or False, got {show_value(embeddings)}")
     layers = [node for node in jax.tree.leaves(model, is_leaf=_is_layer) if _is_layer(node)]
     if not any(isinstance(node, nn.Linear) for node in layers):
         raise InputError(f"quantize: {type(model).__name__} holds no nn.Linear layer to quantise")
@@ -67,7 +67,7 @@ def quantize(model: Tree, scheme: str = "int8", *, embeddings: bool = True) -> T
         wanted = isinstance(node, nn.Linear) or (embeddings and isinstance(node, nn.Embedding))
         if not wanted or isinstance(node.weight, nn.Int8Weight):
             return node
-        return eqx.tree_at(lambda layer: layer.weight, node, nn.Int8Weight.quantize(node.weight))
+        return eqx.tree_at(lambda layer: layer.weight, node, _quantize_weight(node.weight))
 
     return jax.tree.map(convert, model, is_leaf=_is_layer)
 

@@ -139,6 +139,7 @@ LAYERS = {
     "models": 3,
     "generation": 4,
     "training": 4,
+    "quantize": 4,  # transforms any model's weights; pretrained loads and saves quantised models
     "pretrained": 5,
     "state_dict": 5,
     "verify": 6,
