@@ -79,10 +79,10 @@ def dequantize(model: Tree) -> Tree:
     return jax.tree.map(lambda node: node.dequantize() if is_int8(node) else node, model, is_leaf=is_int8)
 
 
-def quantization_of(model: Any) -> dict[str, Any] | None:
-    """What `quantize` did to `model`, as our folders record it (`{"scheme": "int8",
-    "embeddings": bool}`), or `None` for a float model."""
-    layers = [node for node in jax.tree.leaves(model, is_leaf=_is_layer) if _is_layer(node)]
+def quantization_of(tree: Any) -> dict[str, Any] | None:
+    """What `quantize` did to `tree`, as our folders record it (`{"scheme": "int8",
+    "embeddings": bool}`), or `None` for a float tree."""
+    layers = [node for node in jax.tree.leaves(tree, is_leaf=_is_layer) if _is_layer(node)]
     quantised = [node for node in layers if isinstance(node.weight, nn.Int8Weight)]
     if not quantised:
         return None
