@@ -8,6 +8,7 @@ from .generation import generate
 from .models import FAMILIES
 from .nn import with_run_options
 from .pretrained import export_hf, from_pretrained, load_with_report, save_pretrained
+from .quantize import dequantize, quantize
 from .state_dict import from_state_dict, to_state_dict
 from .text import load_tokenizer
 
@@ -28,6 +29,8 @@ __all__ = [
     "load_tokenizer",
     "load_with_report",
     "lora",
+    "dequantize",
+    "quantize",
     "save_pretrained",
     "to_state_dict",
     "with_run_options",

@@ -15,6 +15,7 @@ import numpy as np
 
 from .errors import EqxModelsError, InputError
 from .files import check_destination, interrupts_raise
+from .quantize import SCHEMES, Scheme
 from .validation import MAX_INT32, Range, Text, check_values
 
 EXIT_OK = 0
@@ -37,7 +38,9 @@ def _convert(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     src = folder(args.src, revision=args.revision)
     check_destination(args.dst, source=src, overwrite=args.overwrite)
-    model, report = load_with_report(src, dtype=args.dtype, strict=args.strict, progress=True)
+    if args.quantize is not None and args.to == "hf":
+        raise InputError(f"--quantize {args.quantize} writes int8 weights, which only eqx folders hold: use --to eqx")
+    model, report = load_with_report(src, dtype=args.dtype, strict=args.strict, quantize=args.quantize, progress=True)
     for path in report.initialised:
         print(f"note: {path} is not in the checkpoint and was freshly initialised", file=sys.stderr)
     save = export_hf if args.to == "hf" else save_pretrained
@@ -92,7 +95,10 @@ GENERATE_FLAGS = {
     "top_p": Annotated[float, Range(0, 1)] | None,
     "num_beams": Annotated[int, Range(1, MAX_INT32)],
     "seed": Seed,
+    "quantize": Scheme | None,
 }
+#: What each `convert` flag accepts.
+CONVERT_FLAGS = {"quantize": Scheme | None}
 #: What each `verify` flag accepts (a NaN tolerance would pass every model).
 VERIFY_FLAGS = {
     "seq_len": Annotated[int, Range(1, MAX_INT32)],
@@ -133,7 +139,7 @@ def _generate(args: argparse.Namespace) -> None:
     options = _sampling_options(args)
     src = folder(args.src, revision=args.revision)
     codec = load_tokenizer(src, byte_level=args.byte_level)  # before the weights: a missing tokenizer fails fast
-    model = from_pretrained(src, dtype=args.dtype, strict=args.strict)
+    model = from_pretrained(src, dtype=args.dtype, strict=args.strict, quantize=args.quantize)
     ids = prompt_ids(codec, args.prompt, vocab_size=model.config.vocab_size, chat=args.chat)
     prompt = np.asarray([ids], np.int32)
     eos_ids = _eos_ids(model.config.eos_token_id, src)
@@ -211,6 +217,16 @@ def _add_revision_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--revision", default=None, help="branch, tag or commit of a hub id (default: main)")
 
 
+def _add_quantize_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--quantize",
+        default=None,
+        metavar="SCHEME",
+        help=f"store the weights quantised ({', '.join(SCHEMES)}: int8 with one scale per output channel, "
+        "embeddings included; activations stay in float)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eqx-models", description=__doc__.splitlines()[0], epilog=EXIT_CODES)
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -236,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--to", choices=("eqx", "hf"), default="eqx", help="output format (default: eqx)")
     convert.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
     convert.add_argument("--strict", action="store_true", help="weights holding NaN or Inf are an error, not a warning")
-    convert.set_defaults(run=_convert)
+    _add_quantize_flag(convert)
+    convert.set_defaults(run=_checked(CONVERT_FLAGS, _convert))
 
     verify = commands.add_parser("verify", help="compare our logits with transformers' PyTorch model")
     verify.add_argument("src", help="a HF checkpoint folder or an eqx folder; or " + SOURCE_HELP[2:])
@@ -267,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="random seed of the sampler (default 0)")
     gen.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
     gen.add_argument("--strict", action="store_true", help="weights holding NaN or Inf are an error, not a warning")
+    _add_quantize_flag(gen)
     gen.set_defaults(run=_checked(GENERATE_FLAGS, _generate))
 
     train = commands.add_parser(

@@ -20,10 +20,12 @@ from safetensors.numpy import save_file
 from . import hub, nn
 from .checkpoint.keymap import KeyMap, LoadReport, array_leaves, fill_tree, progress_bar, tree_to_state
 from .checkpoint.layout import flax_to_state
-from .errors import CheckpointError
+from .errors import CheckpointError, InputError
 from .files import atomic_folder, check_destination, copy_file_into, give_usual_permissions
 from .hub import TOKENIZER_FILES
 from .models import Model, class_by_name, resolve_class
+from .quantize import apply_recorded, check_scheme, quantization_of
+from .quantize import quantize as quantize_model
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
@@ -113,6 +115,8 @@ def from_pretrained(
     architecture: str | None = None,
     key: jax.Array | None = None,
     strict: bool = False,
+    quantize: str | None = None,
+    quantize_embeddings: bool = True,
     **options: Any,
 ) -> Model:
     """Loads a HF checkpoint folder (safetensors, sharded or not; `pytorch_model.bin`;
@@ -131,10 +135,21 @@ def from_pretrained(
     - `key`: initialises heads absent from the checkpoint (default `PRNGKey(0)`).
     - `strict`: weights holding NaN or Inf are an error (`CheckpointError`) instead of a
       `NonFiniteWeightsWarning` naming them.
+    - `quantize`: `"int8"` stores the weights as int8 with one scale per output channel
+      (`eqx_models.quantize`), `quantize_embeddings=False` keeping the embedding tables (and
+      a tied LM head) in `dtype`. Our folders saved quantised load quantised as they were.
     - `options`: run options (`nn.RunOptions`) such as `scan_layers=False` or `remat=True`.
     """
     model, _ = load_with_report(
-        path_or_repo_id, revision=revision, dtype=dtype, architecture=architecture, key=key, strict=strict, **options
+        path_or_repo_id,
+        revision=revision,
+        dtype=dtype,
+        architecture=architecture,
+        key=key,
+        strict=strict,
+        quantize=quantize,
+        quantize_embeddings=quantize_embeddings,
+        **options,
     )
     return model
 
@@ -148,6 +163,8 @@ def load_with_report(
     key: jax.Array | None = None,
     progress: bool = False,
     strict: bool = False,
+    quantize: str | None = None,
+    quantize_embeddings: bool = True,
     **options: Any,
 ) -> tuple[Model, LoadReport]:
     """`from_pretrained`, also returning what was ignored, freshly initialised or non-finite.
@@ -155,6 +172,8 @@ def load_with_report(
     Reading is bounded by the file's and the model's size whatever the bytes: tensors are
     described first, each shape is checked against the model before it is read, and keys
     the model does not use are never read."""
+    if quantize is not None:
+        check_scheme(quantize)  # before any download or read
     folder = hub.folder(path_or_repo_id, revision=revision)
     hf_config = read_config(folder)
     own = hf_config.pop("eqx_models", None)
@@ -181,6 +200,9 @@ def load_with_report(
         key=key,
         progress=progress,
         strict=strict,
+        stored_quantization=None if own is None else own.get("quantization"),
+        quantize=quantize,
+        quantize_embeddings=quantize_embeddings,
         **options,
     )
 
@@ -201,17 +223,29 @@ def load_state(
     key: jax.Array | None = None,
     progress: bool = False,
     strict: bool = False,
+    stored_quantization: Any = None,
+    quantize: str | None = None,
+    quantize_embeddings: bool = True,
     **options: Any,
 ) -> tuple[Model, LoadReport]:
     """What every load shares once it has a config dict and a state: the class and config
     (`resolve_class`), the skeleton, the strict fill (`keymap.fill_tree`: missing and
     unexpected keys, shapes, base/head prefixes), non-finite weights (a warning, or an error
     when `strict`), fresh heads, run options and inference mode. `label` names the source
-    in messages (a folder, or "state dict")."""
+    in messages (a folder, or "state dict"). `stored_quantization` is the `quantization`
+    entry of our folder whose int8 state this is (the skeleton is quantised the same way);
+    `quantize` (a scheme, with `quantize_embeddings`) quantises the loaded model."""
+    if quantize is not None:
+        check_scheme(quantize)
     family, cls = resolve_class(hf_config, architecture)
     config = family.config.from_hf_config(hf_config)
     dtype = resolve_dtype(dtype)
-    skeleton = eqx.filter_eval_shape(cls, config, dtype=dtype, key=jax.random.key(0))
+
+    def build(key: jax.Array) -> Model:
+        model = cls(config, dtype=dtype, key=key)
+        return model if stored_quantization is None else apply_recorded(model, stored_quantization, label=label)
+
+    skeleton = eqx.filter_eval_shape(build, jax.random.key(0))
     state, key_map, layout = state_of(cls, config, skeleton)
     initialisable = _head_paths(key_map)
     if layout == "flax":  # named by HF's Flax class, which may lack parameters PyTorch's has
@@ -228,9 +262,11 @@ def load_state(
             raise CheckpointError(message + " (strict loading)")
         warnings.warn(message, NonFiniteWeightsWarning, stacklevel=3)
     if missing:
-        fresh = _initialise(cls, config, dtype, missing, key if key is not None else jax.random.key(0))
+        fresh = _initialise(build, missing, key if key is not None else jax.random.key(0))
         values = [fresh.pop(0) if v is None else v for v in values]
     model = nn.with_run_options(_replace_array_leaves(skeleton, values), **options)
+    if quantize is not None:
+        model = quantize_model(model, quantize, embeddings=quantize_embeddings)
     return eqx.nn.inference_mode(model), report
 
 
@@ -242,12 +278,13 @@ def _head_paths(key_map: KeyMap) -> tuple[str, ...]:
     return tuple(tree for _, tree in key_map.rules if not tree.startswith(base) and tree)
 
 
-def _initialise(cls: type, config: Any, dtype: Any, paths: list[str], key: jax.Array) -> list[Any]:
-    """Fresh values for the leaves at `paths`; XLA drops the rest of the init."""
+def _initialise(build: Callable[[jax.Array], Model], paths: list[str], key: jax.Array) -> list[Any]:
+    """Fresh values for the leaves at `paths` of the model `build(key)` makes; XLA drops the
+    rest of the init."""
 
     @jax.jit
     def init(key):
-        model = cls(config, dtype=dtype, key=key)
+        model = build(key)
         leaves = dict(array_leaves(model))
         return [leaves[p] for p in paths]
 
@@ -346,6 +383,9 @@ def save_pretrained(
         "layout": "stacked",
         **nn.run_options(model).as_dict(),
     }
+    quantization = quantization_of(model)
+    if quantization is not None:  # the int8 values and scales are stored as they are
+        hf["eqx_models"]["quantization"] = quantization
     arrays = {path: np.asarray(leaf) for path, leaf in progress_bar(list(array_leaves(model)), progress, "saving")}
     with atomic_folder(path, overwrite=overwrite) as tmp:
         _write_weights(tmp, arrays, "eqx_models")
@@ -364,8 +404,14 @@ def export_hf(
     """Writes a HF folder (`config.json` + `model.safetensors`, PyTorch names) that
     `transformers` loads with identical weights. Atomic, and `overwrite`, `extra_files` as
     in `save_pretrained`; the folder carries the same marker, so it can be replaced with
-    `overwrite=True` too."""
+    `overwrite=True` too. A quantised model is refused: HF folders hold float weights
+    (`eqx_models.dequantize` makes a float model of it, with the rounded values)."""
     check_destination(path, overwrite=overwrite)  # before any work
+    if quantization_of(model) is not None:
+        raise InputError(
+            "export_hf writes float weights and this model is quantised (int8): export the float model, or "
+            "eqx_models.dequantize(model) to export the rounded weights in float"
+        )
     cls, config = type(model), model.config
     state = tree_to_state(model, cls.key_map(config), progress=progress)
     hf = _hf_config(model)

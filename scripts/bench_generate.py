@@ -2,13 +2,17 @@
 
     python scripts/bench_generate.py                    # GPT-Neo-125M, Gemma-2B-width, LongT5-base-width
     python scripts/bench_generate.py --models gpt_neo --batches 1 --runs 3 --markdown
+    python scripts/bench_generate.py --models gpt_neo --batches 1 --variants float32 bfloat16 int8 int8-float-embeddings
 
 float32 random weights are written once per model family as a HF checkpoint and loaded by
 all three. Each run generates exactly `--new-tokens` tokens greedily from a `--prompt`-token
 prompt (EOS disabled). Prints tokens/s (new tokens * batch / median wall time), first-call
 times (compile + run), ratios, whether the three agree token for token, and this machine's
 memory-bandwidth bound for batch 1 (parameter bytes read per decode step / read bandwidth).
-Not a test: numbers depend on the machine.
+With `--variants`, only eqx_models runs, once per weight format (float32, bfloat16, int8 with
+the embedding quantised or kept in float: `VARIANTS`), interleaved run by run in one process;
+it prints tokens/s and parameter bytes as ratios to float32, and whether the greedy tokens
+equal float32's. Not a test: numbers depend on the machine.
 """
 
 import argparse
@@ -329,6 +333,70 @@ def family_rows(
     return rows, notes
 
 
+#: `--variants`: how each weight format is loaded (`from_pretrained` keyword arguments).
+VARIANTS = {
+    "float32": {},
+    "bfloat16": {"dtype": "bfloat16"},
+    "int8": {"quantize": "int8"},
+    "int8-float-embeddings": {"quantize": "int8", "quantize_embeddings": False},
+}
+VARIANT_TARGETS = {"bfloat16": 1.6, "int8": 2.0}  # tok/s over float32 (issue 17)
+INT8_BYTES_TARGET = 0.3  # int8 parameter bytes over float32's
+
+
+def parameter_bytes(model) -> int:
+    import equinox as eqx
+
+    return sum(leaf.nbytes for leaf in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
+
+
+def variant_rows(
+    case: GenCase, variants: list[str], batches: list[int], prompt: int, new: int, runs: int, root: str
+) -> list[tuple[str, str]]:
+    """eqx_models alone, one model per weight format, the formats interleaved run by run."""
+    import eqx_models
+
+    folder = os.path.join(root, case.name.split()[0])
+    write_checkpoint(case, folder)
+    gc.collect()
+    models = {name: eqx_models.from_pretrained(folder, **VARIANTS[name]) for name in variants}
+    size = {name: parameter_bytes(model) for name, model in models.items()}
+    rng = np.random.default_rng(0)
+    rows = []
+    for batch in batches:
+        ids = rng.integers(5, 1000, (batch, prompt)).astype(np.int32)
+        mask = np.ones((batch, prompt), np.int32)
+        outputs: dict[str, np.ndarray] = {}
+
+        def run(name: str) -> Callable[[], None]:
+            def fn():
+                out = eqx_models.generate(models[name], ids, mask, max_new_tokens=new, eos_token_id=None)
+                outputs[name] = new_tokens(np.asarray(out), case, prompt)
+
+            return fn
+
+        first, median = interleaved({name: run(name) for name in variants}, runs)
+        base = variants[0]
+        for name in variants:
+            rate = new * batch / median[name]
+            label = f"{case.name} b{batch}: {name}"
+            rows.append((label, f"{rate:.1f} tok/s ({median[name]:.2f} s per call; first call {first[name]:.1f} s)"))
+            if name != base:
+                target = VARIANT_TARGETS.get(name)
+                wanted = f" (target >= {target})" if target else ""
+                rows.append((f"{label} / {base} tok/s{wanted}", f"{median[base] / median[name]:.2f}"))
+                rows.append((f"{label}: greedy tokens equal {base}'s", agreement(outputs[name], outputs[base])))
+    for name in variants:
+        wanted = f" (target <= {INT8_BYTES_TARGET})" if name == "int8" else ""
+        rows.append(
+            (
+                f"{case.name}: {name} parameter bytes (/ {variants[0]}){wanted}",
+                f"{size[name] / 1e6:.0f} MB ({size[name] / size[variants[0]]:.2f})",
+            )
+        )
+    return rows
+
+
 def _ratio(rate: dict[str, float], other: str) -> str:
     return f"{rate['ours'] / rate[other]:.2f}"
 
@@ -341,12 +409,35 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=5, help="timed runs after the first call")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=list(VARIANTS),
+        help="time only eqx_models, once per weight format (the first is the baseline of the ratios)",
+    )
     args = parser.parse_args()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     # First calls must compile: no persistent compilation cache from earlier runs.
     jax.config.update("jax_enable_compilation_cache", False)
 
     load_before = os.getloadavg()[0]
+    if args.variants:
+        with tempfile.TemporaryDirectory(prefix="eqx-bench-gen-") as root:
+            rows = [
+                row
+                for name in args.models
+                for row in variant_rows(
+                    CASES[name], args.variants, args.batches, args.prompt, args.new_tokens, args.runs, root
+                )
+            ]
+        load_after = os.getloadavg()[0]
+        print(
+            f"machine: {os.cpu_count()} CPU cores, jax {jax.__version__}; 1-minute load average before / after: "
+            f"{load_before:.1f} / {load_after:.1f}; random weights, greedy, prompt {args.prompt}, "
+            f"{args.new_tokens} new tokens, EOS disabled, median of {args.runs} interleaved runs"
+        )
+        _print_rows(rows, [], args.markdown)
+        return
     measured = read_bandwidth()
     bandwidth = max(measured.values())
     gc.collect()
@@ -378,7 +469,11 @@ def main() -> None:
         f"1-minute load average before the run {load_before:.1f} (the benchmark itself keeps both cores busy: "
         "above ~0.5, other processes were competing)"
     )
-    if args.markdown:
+    _print_rows(rows, notes, args.markdown)
+
+
+def _print_rows(rows: list[tuple[str, str]], notes: list[str], markdown: bool) -> None:
+    if markdown:
         print("| measurement | value |\n|---|---|")
         for what, value in rows:
             print(f"| {what} | {value.replace('|', '/')} |")

@@ -139,6 +139,7 @@ LAYERS = {
     "models": 3,
     "generation": 4,
     "training": 4,
+    "quantize": 4,  # transforms any model's weights; pretrained loads and saves quantised models
     "pretrained": 5,
     "lora": 5,  # a tree transformation of any registered model; adapter folders and hub ids
     "state_dict": 5,

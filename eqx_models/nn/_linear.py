@@ -14,6 +14,8 @@ import jax.numpy as jnp
 from jax.typing import DTypeLike
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from ._quantized import Int8Weight, concatenate_rows
+
 # Measured on XLA:CPU (jax 0.10), one token against a layer's slice of stacked weights inside
 # `lax.scan`: written as `x @ W.T`, the slice is read in place at full memory bandwidth while
 # `d_in <= 3072`, but from `d_in = 4096` up the same form drops to about 1 GB/s; written as an
@@ -22,9 +24,12 @@ _IN_PLACE_MAX_D_IN = 3072
 
 
 def matmul_transposed(
-    x: Float[Array, "*batch d_in"], weight: Float[Array, "d_out d_in"]
+    x: Float[Array, "*batch d_in"], weight: Float[Array, "d_out d_in"] | Int8Weight
 ) -> Float[Array, "*batch d_out"]:
-    """`x @ weight.T`, in the form XLA runs fastest for this `d_in` (see above)."""
+    """`x @ weight.T`, in the form XLA runs fastest for this `d_in` (see above; an int8
+    weight has one form, `Int8Weight.matmul_transposed`)."""
+    if isinstance(weight, Int8Weight):
+        return weight.matmul_transposed(x)
     if weight.shape[1] <= _IN_PLACE_MAX_D_IN:
         return x @ weight.T
     return jnp.einsum("...i,oi->...o", x, weight)
@@ -50,9 +55,10 @@ class AbstractLinear(eqx.Module):
 
 class Linear(AbstractLinear):
     """`y = x W^T + b` on the last axis. The weight keeps PyTorch's `[out, in]` layout,
-    so HF checkpoints need no transpose."""
+    so HF checkpoints need no transpose. The weight may be stored as int8 rows with their
+    scales (`Int8Weight`, made by `eqx_models.quantize`); the layer computes the same way."""
 
-    weight: Float[Array, "d_out d_in"]
+    weight: Float[Array, "d_out d_in"] | Int8Weight
     bias: Float[Array, " d_out"] | None
 
     def __init__(
@@ -106,9 +112,10 @@ class Adapter(AbstractLinear):
 
 
 class Embedding(eqx.Module):
-    """A lookup table `[vocab, dim]` indexed by integer ids of any shape."""
+    """A lookup table `[vocab, dim]` indexed by integer ids of any shape; the table may be
+    stored as int8 rows with their scales (`Int8Weight`, one scale per token)."""
 
-    weight: Float[Array, "vocab dim"]
+    weight: Float[Array, "vocab dim"] | Int8Weight
 
     def __init__(
         self,
@@ -122,10 +129,14 @@ class Embedding(eqx.Module):
         self.weight = init_std * jax.random.normal(key, (num_embeddings, dim), dtype)
 
     def __call__(self, ids: Int[Array, "*shape"]) -> Float[Array, "*shape dim"]:
+        if isinstance(self.weight, Int8Weight):
+            return self.weight.take_rows(ids)
         return jnp.take(self.weight, ids, axis=0)
 
     def attend(self, x: Float[Array, "*batch dim"]) -> Float[Array, "*batch vocab"]:
         """Logits against every embedding row (a tied output head)."""
+        if isinstance(self.weight, Int8Weight):
+            return self.weight.matmul_transposed(x)
         return jnp.einsum("...d,vd->...v", x, self.weight)
 
 
@@ -146,7 +157,11 @@ def fused_projections(x: Float[Array, "*batch d_in"], layers: tuple[AbstractLine
 
 
 def _fused_linear(x: Float[Array, "*batch d_in"], layers: tuple[Linear, ...]) -> tuple[Array, ...]:
-    weight = jnp.concatenate([layer.weight for layer in layers])
+    weights = [layer.weight for layer in layers]
+    if all(isinstance(w, Int8Weight) for w in weights):
+        weight = concatenate_rows(weights)
+    else:  # float, or a mix (a partly quantised tree): the int8 ones in float
+        weight = jnp.concatenate([w.dequantize() if isinstance(w, Int8Weight) else w for w in weights])
     y = matmul_transposed(x, weight)
     if any(layer.bias is not None for layer in layers):
         biases = [jnp.zeros(m.weight.shape[:1], m.weight.dtype) if m.bias is None else m.bias for m in layers]
