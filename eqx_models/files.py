@@ -686,12 +686,15 @@ def atomic_folder(destination: str | os.PathLike, *, overwrite: bool = False) ->
                 _commit(tmp, target, exists, shown)
 
 
-def write_text_atomically(path: str | os.PathLike, text: str) -> None:
-    """Replaces the file at `path` with `text` in one step (a temporary file beside it,
-    renamed over it), keeping the file's permissions when it exists."""
+def write_text_atomically(path: str | os.PathLike, text: str | bytes) -> None:
+    """Replaces the file at `path` with `text` (or bytes) in one step (a temporary file
+    beside it, renamed over it), keeping the file's permissions when it exists."""
     path = Path(path)
     with _signals_unwind(), temporary_beside(path, folder=False) as tmp:
-        tmp.write_text(text)
+        if isinstance(text, bytes):
+            tmp.write_bytes(text)
+        else:
+            tmp.write_text(text)
         try:
             tmp.chmod(stat.S_IMODE(path.stat().st_mode))
         except FileNotFoundError:

@@ -139,6 +139,7 @@ LAYERS = {
     "training": 4,
     "pretrained": 5,
     "verify": 6,
+    "compat": 6,
     "train": 6,
     "cli": 7,
     "__main__": 8,

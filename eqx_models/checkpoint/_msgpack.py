@@ -1,4 +1,4 @@
-"""Decode the msgpack files of `flax.serialization` without flax.
+"""Decode and encode the msgpack files of `flax.serialization` without flax.
 
 Layout: a msgpack map of (nested) maps with string keys. Leaves use msgpack extension types:
 
@@ -11,7 +11,10 @@ Arrays larger than `flax.serialization.MAX_CHUNK_SIZE` bytes are written as a ma
 """
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
+import jax
 import ml_dtypes
 import msgpack
 import numpy as np
@@ -22,6 +25,7 @@ from ._lazy import MAX_NESTING, NameBudget
 
 _NDARRAY, _COMPLEX, _SCALAR = 1, 2, 3
 _CHUNKED = "__msgpack_chunked_array__"
+MAX_CHUNK_SIZE = 2**30  # flax.serialization's: larger arrays are written in chunks of this many bytes
 _ML_DTYPES = {
     name
     for name in dir(ml_dtypes)
@@ -145,3 +149,47 @@ def decode_flax_msgpack(data: bytes, label: str) -> dict[str, np.ndarray]:
         raise CheckpointError(
             f"{label}: not a valid Flax msgpack file, truncated or corrupt ({type(err).__name__}: {err})"
         ) from None
+
+
+def _array_record(array: np.ndarray) -> msgpack.ExtType:
+    """An array as flax writes it: extension 1 around `[shape, dtype name, C-order bytes]`."""
+    record = msgpack.packb((array.shape, array.dtype.name, array.tobytes("C")), use_bin_type=True)
+    return msgpack.ExtType(_NDARRAY, record)
+
+
+def _encodable(node: Any, path: str) -> Any:
+    """`node` with arrays as numpy (chunked above `MAX_CHUNK_SIZE`), maps as dicts."""
+    if isinstance(node, Mapping):
+        out = {}
+        for key, value in node.items():
+            if not isinstance(key, str):
+                raise CheckpointError(f"Flax params keys must be strings, got {key!r} under {path or 'the top'}")
+            out[key] = _encodable(value, f"{path}/{key}" if path else key)
+        return out
+    if not isinstance(node, np.ndarray | np.generic | jax.Array):
+        raise CheckpointError(f"Flax params hold a {type(node).__name__} at {path}, not an array")
+    array = np.asarray(node)
+    if array.dtype.kind not in "biufc" and array.dtype.name not in _ML_DTYPES:
+        raise CheckpointError(f"cannot write the {array.dtype} array at {path} to msgpack")
+    if array.nbytes <= MAX_CHUNK_SIZE:
+        return array
+    step = max(1, MAX_CHUNK_SIZE // array.dtype.itemsize)
+    flat = array.reshape(-1)
+    return {
+        _CHUNKED: True,
+        "shape": {str(i): d for i, d in enumerate(array.shape)},
+        "chunks": {str(i): flat[at : at + step] for i, at in enumerate(range(0, flat.size, step))},
+    }
+
+
+def _pack_default(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return _array_record(value)
+    raise TypeError(f"cannot encode {type(value).__name__}")  # pragma: no cover (never reached: see _encodable)
+
+
+def encode_flax_msgpack(params: Mapping[str, Any]) -> bytes:
+    """Nested params (string keys, array leaves: numpy, JAX or anything `np.asarray` reads)
+    as `flax.serialization.to_bytes` writes them, so HF's Flax `from_pretrained` and
+    `decode_flax_msgpack` read them back; bfloat16 arrays keep their dtype name."""
+    return msgpack.packb(_encodable(params, ""), default=_pack_default, strict_types=True)

@@ -1,5 +1,11 @@
 """`generate` and `stream`: check the request on the host, bucket its shapes, run the
-compiled search, and trim the result the way HF's `generate` does."""
+compiled search, and trim the result the way HF's `generate` does.
+
+Under a transformation (`jax.jit(lambda ids: generate(model, ids, ...))`) the prompt is a
+tracer: the request is then planned from shapes alone (ids are range-checked inside the
+model, at run time) and `generate` returns the whole budget, `[rows, seq + max_new_tokens]`,
+with the pad id after each row's end, since the number of steps taken is not known while
+tracing."""
 
 import dataclasses
 import os
@@ -42,14 +48,21 @@ def size_class(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())
 
 
-def _as_ids(value: Any, name: str) -> np.ndarray:
-    array = np.asarray(value)
+def is_traced(value: Any) -> bool:
+    """`value` is an abstract array of a JAX transformation (no values to check on the host)."""
+    return isinstance(value, jax.core.Tracer)
+
+
+def _as_ids(value: Any, name: str) -> Any:
+    array = value if is_traced(value) else np.asarray(value)
     if array.ndim != 2:
         raise InputError(f"{name} must be [batch, seq]; got shape {array.shape}. Wrap one sequence as ids[None]")
     return array
 
 
-def _checked_inputs(model: Model, input_ids: Any, attention_mask: Any) -> tuple[np.ndarray, np.ndarray]:
+def _checked_inputs(model: Model, input_ids: Any, attention_mask: Any) -> tuple[Any, Any]:
+    """The prompt as int32 ids and a boolean mask: numpy arrays, checked value by value, or
+    (when either is traced) JAX arrays checked by shape and dtype only."""
     ids = _as_ids(input_ids, "input_ids")
     if not np.issubdtype(ids.dtype, np.integer):
         raise InputError(f"input_ids must hold integers, got dtype {ids.dtype}")
@@ -58,6 +71,8 @@ def _checked_inputs(model: Model, input_ids: Any, attention_mask: Any) -> tuple[
     mask = np.ones(ids.shape, bool) if attention_mask is None else _as_ids(attention_mask, "attention_mask")
     if mask.shape != ids.shape:
         raise InputError(f"attention_mask has shape {mask.shape} but input_ids has {ids.shape}")
+    if is_traced(ids) or is_traced(mask):
+        return jnp.asarray(ids, jnp.int32), jnp.asarray(mask).astype(bool)
     vocab = model.config.vocab_size
     if ids.min() < 0 or ids.max() >= vocab:
         raise InputError(f"input_ids hold ids outside [0, {vocab}): min {ids.min()}, max {ids.max()}")
@@ -76,6 +91,8 @@ class _Plan:
     new_capacity: int
     width: int  # the caller's prompt width
     seq2seq: bool
+    traced: bool  # planned from shapes: the result spans the whole budget
+    budget: int  # max_new_tokens
 
 
 def _plan(model: Model, input_ids: Any, attention_mask: Any, custom: Sequence[LogitsProcessor], options) -> _Plan:
@@ -105,13 +122,15 @@ def _plan(model: Model, input_ids: Any, attention_mask: Any, custom: Sequence[Lo
 
     padded = size_class(width)
     fill = config.pad_token_id
+    traced = isinstance(ids, jax.Array)
+    pad = jnp.pad if traced else np.pad
     if seq2seq:  # encoder input: pad on the right
-        ids = np.pad(ids, ((0, 0), (0, padded - width)), constant_values=fill)
-        mask = np.pad(mask, ((0, 0), (0, padded - width)))
+        ids = pad(ids, ((0, 0), (0, padded - width)), constant_values=fill)
+        mask = pad(mask, ((0, 0), (0, padded - width)))
         first = 0
     else:  # decoder prompt: pad on the left, where HF's positions ignore it
-        ids = np.pad(ids, ((0, 0), (padded - width, 0)), constant_values=fill)
-        mask = np.pad(mask, ((0, 0), (padded - width, 0)))
+        ids = pad(ids, ((0, 0), (padded - width, 0)), constant_values=fill)
+        mask = pad(mask, ((0, 0), (padded - width, 0)))
         first = padded - width
     request = Request(
         first=jnp.asarray(first, jnp.int32),
@@ -128,6 +147,8 @@ def _plan(model: Model, input_ids: Any, attention_mask: Any, custom: Sequence[Lo
         new_capacity=size_class(config.max_new_tokens),
         width=width,
         seq2seq=seq2seq,
+        traced=traced,
+        budget=config.max_new_tokens,
     )
 
 
@@ -293,33 +314,39 @@ def generate(
     **Returns:** `[rows, seq + steps]` prompt plus new tokens as HF `generate` (for
     encoder-decoder models `[rows, 1 + steps]` decoder sequences starting with
     `decoder_start_token_id`); `rows` is `batch * num_return_sequences`. With
-    `output_scores=True`, a `GenerateOutput`.
+    `output_scores=True`, a `GenerateOutput`. Called on traced inputs (inside `jax.jit`),
+    `steps` is `max_new_tokens`, rows that stopped early holding the pad id after their end
+    (beam search: what HF PyTorch writes there), and `scores` span the whole budget.
     """
     plan = _plan(model, input_ids, attention_mask, logits_processors, options)
     config = plan.config
     key = _key(key, config)
     if streamer is not None:
+        if plan.traced:
+            raise InputError("generate cannot stream inside a JAX transformation (jit, vmap): call it eagerly")
         if config.is_beam_search:
             raise InputError("beam search cannot stream: its best hypothesis is only known at the end")
         if chunk_size < 1:
             raise InputError(f"chunk_size must be at least 1, got {chunk_size}")
         return _collect(_stream_chunks(plan, model, key, chunk_size), streamer, plan)
+    budget = plan.budget
     if config.is_beam_search:
         done, lengths, sequence_scores, scores, steps = compiled_beam(
             model, plan.ids, plan.mask, plan.request, config, plan.processors, plan.new_capacity
         )
-        new = int(jnp.max(lengths))
+        new, steps = (budget, budget) if plan.traced else (int(jnp.max(lengths)), int(steps))
         sequences = _trim(done, plan, new)
         if not config.output_scores:
             return sequences
-        return GenerateOutput(sequences, scores[:, : int(steps)], sequence_scores)
+        return GenerateOutput(sequences, scores[:, :steps], sequence_scores)
     tokens, steps, scores = compiled_sample(
         model, plan.ids, plan.mask, plan.request, config, plan.processors, key, plan.new_capacity
     )
-    sequences = _trim(tokens, plan, int(steps))
+    steps = budget if plan.traced else int(steps)
+    sequences = _trim(tokens, plan, steps)
     if not config.output_scores:
         return sequences
-    return GenerateOutput(sequences, scores[:, : int(steps)])
+    return GenerateOutput(sequences, scores[:, :steps])
 
 
 def _trim(tokens: Array, plan: _Plan, new: int) -> Array:
@@ -363,6 +390,8 @@ def stream(
         raise InputError(f"chunk_size must be at least 1, got {chunk_size}")
     plan = _plan(model, input_ids, attention_mask, logits_processors, options)
     config = plan.config
+    if plan.traced:
+        raise InputError("stream cannot run inside a JAX transformation (jit, vmap): call it eagerly")
     if config.is_beam_search:
         raise InputError("beam search cannot stream: its best hypothesis is only known at the end")
     key = _key(key, config)

@@ -151,6 +151,20 @@ class EncoderDecoder(Cached):
     ) -> tuple[Float[Array, "new out"], nn.KVCache]:
         """Outputs of the `new` decoder tokens and the updated cache."""
 
+    @abc.abstractmethod
+    def decode_full(
+        self,
+        decoder_input_ids: Int[Array, " tgt"],
+        encoded: Float[Array, "src hidden"],
+        *,
+        attention_mask: Int[Array, " src"] | Bool[Array, " src"] | None = None,
+        decoder_attention_mask: Int[Array, " tgt"] | Bool[Array, " tgt"] | None = None,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, "tgt out"]:
+        """Outputs of a whole target sequence against `encode`'s output, without a cache
+        (`model(input_ids, decoder_input_ids)` is `decode_full(decoder_input_ids,
+        encode(input_ids))`)."""
+
 
 class Seq2SeqLM(EncoderDecoder):
     """An encoder-decoder with logits: `model(input_ids, decoder_input_ids)` is

@@ -7,7 +7,8 @@ A model supplies only what differs: how it embeds, what one layer does with its
 `RunOptions`.
 """
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import equinox as eqx
@@ -123,14 +124,39 @@ def run_stack(
     embed_key, layers_key, finish_key = nn.split_key(key, 3)
     layer_keys = None if layers_key is None else jax.random.split(layers_key, stack.num_layers)
 
+    recorders = _HIDDEN_STATE_RECORDERS[-1:]
+
     def step(block, carry, xs):
         x, write = carry
         index, inputs, layer_key = xs
-        return layer(block, x, LayerStep(index, write, inputs), layer_key), None
+        return layer(block, x, LayerStep(index, write, inputs), layer_key), (x if recorders else None)
 
     indices = jnp.arange(stack.num_layers, dtype=jnp.int32)
-    (x, write), _ = stack.scan(step, (embed(embed_key), write), (indices, per_layer, layer_keys))
-    return finish(x, finish_key), write
+    (x, write), inputs = stack.scan(step, (embed(embed_key), write), (indices, per_layer, layer_keys))
+    x = finish(x, finish_key)
+    for states in recorders:
+        states.append((*(inputs[i] for i in range(stack.num_layers)), x))
+    return x, write
+
+
+_HIDDEN_STATE_RECORDERS: list[list[tuple[Array, ...]]] = []
+
+
+@contextlib.contextmanager
+def recording_hidden_states() -> Iterator[list[tuple[Array, ...]]]:
+    """Collects the hidden states of every stack `run_stack` runs inside the block, as HF's
+    `output_hidden_states`: for each stack, in the order they run, a tuple of the input of
+    every layer (the embeddings first) and the stack's final output.
+
+    Recording happens while tracing: read the list inside the same transformation as the
+    model call (e.g. return it from the function you `vmap` or `jit`), never outside it.
+    """
+    states: list[tuple[Array, ...]] = []
+    _HIDDEN_STATE_RECORDERS.append(states)
+    try:
+        yield states
+    finally:
+        _HIDDEN_STATE_RECORDERS.remove(states)
 
 
 def stack_cross_kv(stack: nn.Stacked, encoded: Float[Array, "src hidden"], valid: Bool[Array, " src"]) -> nn.CrossKV:

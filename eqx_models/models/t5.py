@@ -450,6 +450,7 @@ def _under(prefix: str, rules: tuple[Rule, ...]) -> tuple[Rule, ...]:
 _ENCODER_TIED = (("encoder.embed_tokens.weight", "shared.weight"),)
 _DECODER_TIED = (("decoder.embed_tokens.weight", "shared.weight"),)
 _DECODER_IGNORED = (r"decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight",)
+_ENCODER_ONLY_IGNORED = (r"decoder\..*", r"lm_head\..*")
 
 
 class EncoderShell(Model):
@@ -474,8 +475,11 @@ class EncoderShell(Model):
 
     @classmethod
     def key_map(cls, config: Any) -> KeyMap:
+        # A whole encoder-decoder checkpoint loads too, its decoder and head read and dropped,
+        # as HF's `T5EncoderModel` (`_keys_to_ignore_on_load_unexpected = [r"decoder"]`).
         return KeyMap(
             rules=(*_under("encoder.", cls.encoder_class.key_rules(config)), ("", "")),
+            ignore=_ENCODER_ONLY_IGNORED,
             tied=_ENCODER_TIED,
             embedding="shared.weight",
         )
@@ -647,6 +651,25 @@ class ConditionalGenerationShell(Seq2SeqLM):
         attention_mask: Int[Array, " src"] | Bool[Array, " src"] | None = None,
     ) -> nn.CrossKV:
         return self.model.cross_kv(encoded, attention_mask)
+
+    def decode_full(
+        self,
+        decoder_input_ids: Int[Array, " tgt"],
+        encoded: Float[Array, "src d_model"],
+        *,
+        attention_mask: Int[Array, " src"] | Bool[Array, " src"] | None = None,
+        decoder_attention_mask: Int[Array, " tgt"] | Bool[Array, " tgt"] | None = None,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, "tgt vocab"]:
+        """Logits of a whole target sequence (no cache)."""
+        hidden = self.model.decode_full(
+            decoder_input_ids,
+            encoded,
+            attention_mask=attention_mask,
+            decoder_attention_mask=decoder_attention_mask,
+            key=key,
+        )
+        return self.logits(hidden)
 
     def decode(
         self, decoder_input_ids: Int[Array, " new"], cache: nn.KVCache, cross: nn.CrossKV
