@@ -181,6 +181,12 @@ def runs(cls: type) -> contextlib.AbstractContextManager:
     return hf_flax_runs() if cls.__module__.startswith("transformers") else contextlib.nullcontext()
 
 
+def user_code() -> contextlib.AbstractContextManager:
+    """What users' training code runs with: JAX's default dtype promotion (optax's adamw itself promotes a Python
+    float against an int32 step count, which `jax_numpy_dtype_promotion=strict` refuses)."""
+    return jax.numpy_dtype_promotion("standard")
+
+
 # --------------------------------------------------------------------------- comparisons
 
 
@@ -300,7 +306,7 @@ def generic_loss(first_output, batch: dict[str, np.ndarray]):
     real tokens where the output is per token."""
     targets = jax.random.randint(jax.random.key(7), first_output.shape[:-1], 0, first_output.shape[-1])
     losses = optax.softmax_cross_entropy(first_output, onehot(targets, first_output.shape[-1]))
-    mask = batch.get("decoder_attention_mask", batch["attention_mask"])
+    mask = jnp.asarray(batch.get("decoder_attention_mask", batch["attention_mask"]), losses.dtype)
     if losses.shape == mask.shape:
         return (losses * mask).sum() / mask.sum()
     return losses.mean()
