@@ -473,9 +473,14 @@ def test_bad_verify_flags_get_one_line_naming_the_flag(folders, capsys, flags, n
 
 def test_generate_refuses_a_huge_budget_in_one_line(folders, capsys):
     started = time.perf_counter()
-    assert main(["generate", str(folders / "gemma"), "--prompt", "a", "--max-new-tokens", str(10**7)]) != 0
+    assert (
+        main(["generate", str(folders / "gemma"), "--byte-level", "--prompt", "a", "--max-new-tokens", str(10**7)]) != 0
+    )
     one_error_line(capsys, "max_new_tokens=10000000", "needs more memory than there is")
-    assert main(["generate", str(folders / "gemma"), "--prompt", "a", "--max-new-tokens", str(10**12)]) != 0
+    assert (
+        main(["generate", str(folders / "gemma"), "--byte-level", "--prompt", "a", "--max-new-tokens", str(10**12)])
+        != 0
+    )
     one_error_line(capsys, "--max-new-tokens", "1000000000000")
     assert time.perf_counter() - started < 20  # two model loads; no cache is allocated
 
