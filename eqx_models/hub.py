@@ -70,7 +70,10 @@ class HubSettings:
     endpoint: str
     cache: Path
     offline: bool
-    token: str | None
+    #: an access token; `False` sends none (not even a stored one)
+    token: str | bool | None
+    #: fetch every file again even if the cache has it (a per-call option, as HF's `force_download`)
+    force_download: bool = False
 
 
 def settings() -> HubSettings:
@@ -97,7 +100,13 @@ def is_local(path_or_repo_id: str | os.PathLike) -> bool:
     return path_or_repo_id.startswith((".", "/", "~")) or os.path.lexists(path_or_repo_id)
 
 
-def folder(path_or_repo_id: str | os.PathLike, *, revision: str | None = None, want: Want = "model") -> Path:
+def folder(
+    path_or_repo_id: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    want: Want = "model",
+    env: HubSettings | None = None,
+) -> Path:
     """The local folder of a model: `path_or_repo_id` itself when it is a local folder (see
     `is_local`), else the hub snapshot folder of that repository id at `revision` (a branch,
     tag or commit; default `main`), downloaded into the cache if needed.
@@ -108,6 +117,7 @@ def folder(path_or_repo_id: str | os.PathLike, *, revision: str | None = None, w
     - `revision`: hub ids only.
     - `want`: `"model"` fetches config, weights and tokenizer files; `"tokenizer"` only the
       config and tokenizer files; `"adapter"` a PEFT adapter's config and weights.
+    - `env`: the hub settings; default `settings()`, the environment's at this call.
 
     **Returns:** the folder. Raises `HubError` (a `CheckpointError`) naming the problem.
     """
@@ -122,7 +132,7 @@ def folder(path_or_repo_id: str | os.PathLike, *, revision: str | None = None, w
         if not path.is_dir():
             raise CheckpointError(f"{path_or_repo_id} is not a folder (a file; pass the folder holding the model)")
         return path
-    return _from_hub(path_or_repo_id, revision or DEFAULT_REVISION, want, settings())
+    return _from_hub(path_or_repo_id, revision or DEFAULT_REVISION, want, env or settings())
 
 
 # --------------------------------------------------------------------------- online
@@ -209,7 +219,13 @@ def _download(repo_id: str, name: str, revision: str, env: HubSettings) -> str:
 
     try:
         return hf_hub_download(
-            repo_id, name, revision=revision, cache_dir=env.cache, endpoint=env.endpoint, token=env.token
+            repo_id,
+            name,
+            revision=revision,
+            cache_dir=env.cache,
+            endpoint=env.endpoint,
+            token=env.token,
+            force_download=env.force_download,
         )
     except LocalEntryNotFoundError as err:  # the request failed and the file is not cached
         raise HubError(

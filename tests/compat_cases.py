@@ -217,7 +217,8 @@ def assert_close(name: str, ours, reference, masks: list[np.ndarray]) -> float:
 def output_masks(case: Case, inputs: dict[str, np.ndarray]) -> dict[str, list[np.ndarray]]:
     """Which mask selects the real tokens of each output field: the decoder's for decoder outputs of seq2seq
     models, the encoder's for `encoder_*` fields and for every other model."""
-    encoder = [inputs["attention_mask"]]
+    mask = inputs["attention_mask"]
+    encoder = [mask, mask.reshape(-1, mask.shape[-1])]  # the second for multiple choice's flattened hidden states
     decoder = [inputs["decoder_attention_mask"]] if "decoder_attention_mask" in inputs else encoder
     return {"encoder": encoder, "decoder": decoder}
 

@@ -39,7 +39,6 @@ from compat_cases import (
 from oracle import left_pad
 
 from eqx_models import compat
-from eqx_models.errors import InputError
 
 
 def ours(name: str) -> type:
@@ -143,14 +142,10 @@ def test_hidden_states_tuples_and_indexing(loaded, case_id):
     pair = loaded(case_id)
     inputs = pair.case.inputs(np.random.default_rng(2))
     masks = output_masks(pair.case, inputs)
-    if case_id == "FlaxBigBirdForMultipleChoice":  # a documented gap (docs/migration.md): refused by name
-        with pytest.raises(InputError, match="multiple choice"):
-            pair.ours(**inputs, output_hidden_states=True)
-    else:
-        reference = pair.call_hf(**inputs, output_hidden_states=True)
-        mine = pair.ours(**inputs, output_hidden_states=True)
-        diffs = assert_outputs_close(mine, reference, masks)
-        assert any("hidden_states[" in name for name in diffs), sorted(diffs)
+    reference = pair.call_hf(**inputs, output_hidden_states=True)
+    mine = pair.ours(**inputs, output_hidden_states=True)
+    diffs = assert_outputs_close(mine, reference, masks)
+    assert any("hidden_states[" in name for name in diffs), sorted(diffs)
 
     as_tuple = pair.ours(**inputs, return_dict=False)
     reference_tuple = pair.call_hf(**inputs, return_dict=False)

@@ -20,7 +20,7 @@ from tokenizer_cases import TEXTS, build_folders
 
 import eqx_models
 from eqx_models import hub
-from eqx_models.errors import CheckpointError, HubError
+from eqx_models.errors import CheckpointError, HubError, InputError
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "stdlib-gpt-neo"
 TOKEN = "hf_test_token_for_the_gated_repo"
@@ -182,6 +182,31 @@ def test_gated_repo_with_token(online, monkeypatch, folders):
     assert_same_tree(eqx_models.from_pretrained("tiny/private"), eqx_models.from_pretrained(folders / "first"))
     sent = {r.authorization for r in online.requests}
     assert sent == {f"Bearer {TOKEN}"}
+
+
+def test_compat_from_pretrained_takes_hfs_download_options(online, folders, monkeypatch, tmp_path):
+    """`cache_dir`, `token` (and `token=False`), `force_download`, `local_files_only` as in HF 4.57."""
+    from eqx_models.compat import FlaxGPTNeoForCausalLM
+
+    expected = eqx_models.from_pretrained(folders / "first")
+    cache = tmp_path / "elsewhere"
+    model = FlaxGPTNeoForCausalLM.from_pretrained("tiny/gated", cache_dir=cache, token=TOKEN)
+    assert_same_tree(model.eqx_model, expected)
+    assert (cache / "models--tiny--gated").is_dir() and not (tmp_path / "hf" / "hub" / "models--tiny--gated").exists()
+    fetched = len(online.files_fetched())
+    FlaxGPTNeoForCausalLM.from_pretrained("tiny/gated", cache_dir=cache, token=TOKEN)
+    assert len(online.files_fetched()) == fetched
+    FlaxGPTNeoForCausalLM.from_pretrained("tiny/gated", cache_dir=cache, token=TOKEN, force_download=True)
+    assert len(online.files_fetched()) > fetched
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    online.requests.clear()
+    FlaxGPTNeoForCausalLM.from_pretrained("tiny/neo", token=False)
+    assert {r.authorization for r in online.requests} == {None}
+    online.stop()
+    offline = FlaxGPTNeoForCausalLM.from_pretrained("tiny/gated", cache_dir=cache, local_files_only=True)
+    assert_same_tree(offline.eqx_model, expected)
+    with pytest.raises(InputError, match="subfolder= is not supported"):
+        FlaxGPTNeoForCausalLM.from_pretrained("tiny/neo", subfolder="flax")
 
 
 # --------------------------------------------------------------------------- errors

@@ -17,6 +17,7 @@ Seq2seq classes (`FlaxSeq2SeqModel`) add `encode` and `decode`.
 """
 
 import copy
+import dataclasses
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -57,9 +58,6 @@ TASK_OUTPUTS: dict[str, type[out.ModelOutput]] = {
 }
 
 #: Keyword arguments of HF's `from_pretrained` that only steer downloads or HF internals.
-_DOWNLOAD_OPTIONS = frozenset(
-    {"cache_dir", "force_download", "local_files_only", "token", "use_auth_token", "trust_remote_code", "subfolder"}
-)
 _CONTROL = ("output_attentions", "output_hidden_states", "return_dict", "train", "params", "dropout_rng")
 
 
@@ -185,23 +183,41 @@ class FlaxPreTrainedModel:
         dtype: Any = jnp.float32,
         *model_args: Any,
         config: Any = None,
+        cache_dir: str | os.PathLike | None = None,
+        force_download: bool = False,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
         revision: str | None = "main",
         from_pt: bool = False,
         ignore_mismatched_sizes: bool = False,
         _do_init: bool = True,
         **kwargs: Any,
     ) -> Any:
-        """Loads any checkpoint folder `eqx_models.from_pretrained` reads (safetensors,
-        `pytorch_model.bin`, `flax_model.msgpack`, sharded or not, or our own format) as
-        this class; `from_pt` is accepted and not needed. `config` overrides the folder's
-        `config.json`. With `_do_init=False`, returns `(model, params)` as HF does."""
-        unknown = sorted(set(kwargs) - _DOWNLOAD_OPTIONS)
-        if model_args or unknown:
-            raise InputError(f"{cls.__name__}.from_pretrained got unsupported arguments {unknown or model_args}")
+        """Loads any checkpoint folder or hub id `eqx_models.from_pretrained` reads
+        (safetensors, `pytorch_model.bin`, `flax_model.msgpack`, sharded or not, or our own
+        format) as this class; `from_pt` is accepted and not needed. `config` overrides the
+        folder's `config.json`. `cache_dir`, `force_download`, `local_files_only`, `token`
+        and `revision` act on hub downloads as in HF (`token=False`: no token). With
+        `_do_init=False`, returns `(model, params)` as HF does."""
+        token = kwargs.pop("use_auth_token", token)
+        kwargs.pop("trust_remote_code", None)  # a checkpoint never runs code here, whatever this says
+        if kwargs.pop("subfolder", "") not in ("", None):
+            raise InputError("subfolder= is not supported: pass the subfolder's own path or repository")
+        if model_args or kwargs:
+            raise InputError(f"{cls.__name__}.from_pretrained got unsupported arguments {sorted(kwargs) or model_args}")
         if ignore_mismatched_sizes:
             raise InputError("ignore_mismatched_sizes=True is not supported: shapes must match the config")
+        env = hub.settings()
+        env = dataclasses.replace(
+            env,
+            cache=Path(cache_dir).expanduser() if cache_dir is not None else env.cache,
+            offline=env.offline or local_files_only,
+            token=token if isinstance(token, str | bool) else env.token,
+            force_download=force_download,
+        )
         # HF's default revision is "main"; for a local folder that means "no revision".
-        folder = hub.folder(pretrained_model_name_or_path, revision=None if revision == "main" else revision)
+        revision = None if revision == "main" else revision
+        folder = hub.folder(pretrained_model_name_or_path, revision=revision, env=env)
         architecture = cls.model_class.__name__
         if config is None:
             hf = read_config(folder)
@@ -315,8 +331,6 @@ class FlaxPreTrainedModel:
         }
         if "input_ids" not in inputs:
             raise InputError("input_ids is required")
-        if a["output_hidden_states"] and self.model_class.task == "multiple_choice":
-            raise InputError("output_hidden_states=True is not supported for multiple choice")
         return self._run(type(self).forward, a, inputs)
 
     def _run(self, run: Any, a: dict[str, Any], inputs: dict[str, Any]) -> Any:
@@ -341,8 +355,8 @@ class FlaxPreTrainedModel:
         names = type(model).outputs
         values = [result] if len(names) == 1 and not isinstance(result, tuple) else [getattr(result, n) for n in names]
         fields = dict(zip(names, values))
-        if hidden:
-            fields["hidden_states"] = tuple(state[:, :length] for state in states[0])
+        if hidden:  # HF's [batch, seq, hidden]; multiple choice flattens choices into the batch
+            fields["hidden_states"] = tuple(s.reshape(-1, *s.shape[-2:])[:, :length] for s in states[0])
         return _base_output(model)(**fields)
 
     @staticmethod

@@ -159,6 +159,23 @@ def recording_hidden_states() -> Iterator[list[tuple[Array, ...]]]:
         _HIDDEN_STATE_RECORDERS.remove(states)
 
 
+def vmap_recording(fn: Callable[..., Any], *args: Any) -> Any:
+    """`jax.vmap(fn)(*args)` for a model that maps over inputs itself (multiple choice): the
+    hidden states recorded inside `fn` leave the `vmap` as outputs, with its leading axis, and
+    reach the enclosing `recording_hidden_states` instead of leaking as tracers."""
+    if not _HIDDEN_STATE_RECORDERS:
+        return jax.vmap(fn)(*args)
+
+    def recorded(*inner: Any) -> Any:
+        with recording_hidden_states() as states:
+            result = fn(*inner)
+        return result, states
+
+    result, states = jax.vmap(recorded)(*args)
+    _HIDDEN_STATE_RECORDERS[-1].extend(states)
+    return result
+
+
 def stack_cross_kv(stack: nn.Stacked, encoded: Float[Array, "src hidden"], valid: Bool[Array, " src"]) -> nn.CrossKV:
     """Every layer's cross-attention keys and values (`layer.cross_kv(encoded)`), stacked."""
     _, (keys, values) = stack.scan(lambda block, carry, _: (carry, block.cross_kv(encoded)), None)

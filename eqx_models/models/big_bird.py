@@ -57,6 +57,7 @@ from ._runner import (
     run_stack,
     token_inputs,
     valid_mask,
+    vmap_recording,
 )
 
 
@@ -800,9 +801,8 @@ class BigBirdForMultipleChoice(_BigBirdHead):
             return self.classifier(self.dropout(pooled, key=drop_key))[0]
 
         drop_keys = None if k2 is None else jax.random.split(k2, choices)
-        return jax.vmap(score)(input_ids, attention_mask, token_type_ids, position_ids, keys, drop_keys).astype(
-            jnp.float32
-        )
+        scores = vmap_recording(score, input_ids, attention_mask, token_type_ids, position_ids, keys, drop_keys)
+        return scores.astype(jnp.float32)
 
 
 class BigBirdForTokenClassification(_BigBirdHead):
