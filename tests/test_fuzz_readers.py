@@ -285,6 +285,19 @@ def test_fuzz_torch_pickles(tmp_path, unchanged_state, scale):
     assert tally.counts["refused"] and sum(v for k, v in tally.counts.items() if k.startswith("read"))
 
 
+def test_an_empty_tensor_whose_other_sizes_overflow_is_refused(tmp_path):
+    """Found by `test_fuzz_torch_pickles`: size (0, 2**62) passed the checks (no bytes to read)
+    and then NumPy refused the shape with a ValueError."""
+    data = (
+        b"\x80\x02}(X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v2\n((X\x07\x00\x00\x00storagectorch\n"
+        b"FloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x10tQK\x00(K\x00\x8a\x08\x00\x00\x00\x00\x00\x00"
+        b"\x00@t(K\x00K\x00t\x89ccollections\nOrderedDict\n)RtRu."
+    )
+    path = hostile.torch_zip(tmp_path / "empty.bin", data, {"0": bytes(64)})
+    with pytest.raises(CheckpointError, match=r"size \(0, 4611686018427387904\) is empty but too large"):
+        readers.read_torch_bin(path)
+
+
 @st.composite
 def mutated_torch_save(draw):
     """A real `torch.save` file (zip or legacy), then randomly corrupted or recompressed."""

@@ -31,6 +31,7 @@ anything is read; a storage record is read (once, CRC-checked) only when one of 
 import _compat_pickle
 import collections
 import io
+import math
 import mmap
 import pickletools
 import struct
@@ -597,7 +598,9 @@ def _check_fits(ref: _TensorRef, name: str, record_bytes: int | None, root_numel
             f"{where}: storage '{storage.key}' holds {record_bytes} bytes, expected {needed} "
             f"({root_numel} elements of {storage.dtype})"
         )
-    if 0 in ref.shape:
+    if 0 in ref.shape:  # no bytes to read, but NumPy still refuses a shape whose other sizes overflow
+        if math.prod(max(n, 1) for n in ref.shape) * ref.dtype.itemsize >= _LIMIT:
+            raise CheckpointError(f"{where} of size {ref.shape} is empty but too large for an array")
         return
     count = storage.numel * storage.dtype.itemsize // ref.dtype.itemsize
     last = ref.offset + sum((n - 1) * s for n, s in zip(ref.shape, ref.stride))
