@@ -3,6 +3,7 @@ families, shared by the test modules (Gemma and XGLM: tests/decoder_cases.py; T5
 tests/t5_cases.py)."""
 
 import numpy as np
+import pytest
 import torch
 import transformers
 from oracle import randomise
@@ -85,3 +86,14 @@ def hf_long_t5_encoder(folder, seed=0, **overrides):
     model = randomise(transformers.LongT5EncoderModel(transformers.LongT5Config(**{**LONG_T5, **overrides})), seed)
     model.save_pretrained(folder)
     return model
+
+
+def tiered(values, *fast):
+    """Parameter values for `pytest.mark.parametrize` of which only those in `fast` run in the
+    fast tier (`-m "not slow"`); the others are marked slow. A tuple is the arguments of a
+    multi-name parametrisation. Test ids are the same as without it."""
+
+    def param(value):
+        return pytest.param(*value) if isinstance(value, tuple) else pytest.param(value)
+
+    return [value if value in fast else pytest.param(*param(value).values, marks=pytest.mark.slow) for value in values]

@@ -204,6 +204,7 @@ def test_block_sparse_multiple_choice_matches_hf(tmp_path):
     assert float(np.abs(np.asarray(run_ours(model, ids, mask, types)) - expected).max()) < 2e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block_size,num_random_blocks,num_blocks", [(2, 1, 9), (3, 2, 11), (4, 3, 12)])
 def test_block_sparse_equals_dense_attention_under_the_plans_mask(getkey, block_size, num_random_blocks, num_blocks):
     """Our own reference for the sparse kernel: with a valid random plan (random blocks
@@ -226,6 +227,7 @@ def test_block_sparse_equals_dense_attention_under_the_plans_mask(getkey, block_
     assert not np.asarray(sparse)[n - 3 :].any()  # padded queries output zeros, as upstream
 
 
+@pytest.mark.slow
 def test_random_plan_is_valid_keyed_and_reproducible(getkey):
     from eqx_models.models._block_sparse import random_plan
 
@@ -240,6 +242,7 @@ def test_random_plan_is_valid_keyed_and_reproducible(getkey):
     assert not np.array_equal(plan, np.asarray(random_plan(getkey(), 4, 12, 3)))
 
 
+@pytest.mark.slow
 def test_block_sparse_training_draws_a_new_plan_per_key(tmp_path):
     import equinox as eqx
 
@@ -267,6 +270,7 @@ def test_bad_config_values_are_named():
         BigBirdConfig.from_hf_config({"model_type": "big_bird", **BIG_BIRD, "num_attention_heads": 5})
 
 
+@pytest.mark.slow
 def test_causal_lm_logits_cache_and_greedy_generation_match_hf(tmp_path):
     from oracle import hf_positions, left_padded
 

@@ -103,6 +103,7 @@ GENERATE = [
 # --------------------------------------------------------------------------- params
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case_id", tiered(ALL, FAST))
 def test_params_are_hf_flax_params(loaded, case_id):
     """Structure, key names, shapes, dtypes and values, loading the folder as it is and with `from_pt=True`."""
@@ -114,6 +115,7 @@ def test_params_are_hf_flax_params(loaded, case_id):
 # --------------------------------------------------------------------------- outputs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case_id", tiered(ALL, FAST))
 def test_outputs_on_padded_batch(loaded, case_id):
     pair = loaded(case_id)
@@ -123,6 +125,7 @@ def test_outputs_on_padded_batch(loaded, case_id):
     print(case_id, {name: f"{d:.1e}" for name, d in diffs.items()})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case_id", ONE_PER_KIND)
 def test_params_argument_overrides_the_weights(loaded, case_id):
     """Both sides get the same perturbed params; the outputs move with them."""
@@ -136,6 +139,7 @@ def test_params_argument_overrides_the_weights(loaded, case_id):
     assert not np.allclose(np.asarray(mine[0]), np.asarray(pair.ours(**inputs)[0]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case_id", ONE_PER_KIND)
 def test_hidden_states_tuples_and_indexing(loaded, case_id):
     """`output_hidden_states=True` (one more than layers, per stack), `return_dict=False` tuples, `outputs[0]`."""
@@ -159,6 +163,7 @@ def test_hidden_states_tuples_and_indexing(loaded, case_id):
     np.testing.assert_array_equal(np.asarray(pair.ours(**inputs)[0]), np.asarray(as_tuple[0]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", SPARSE, ids=lambda c: f"block{c['block_size']}")
 @pytest.mark.parametrize(
     "case_id",
@@ -176,6 +181,7 @@ def test_big_bird_block_sparse_outputs(loaded, case_id, config):
     assert_outputs_close(pair.ours(**inputs), pair.call_hf(**inputs), masks)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case_id", tiered(SEQ2SEQ, FAST))
 def test_encode_then_decode(loaded, case_id):
     pair = loaded(case_id)
@@ -199,6 +205,7 @@ def test_encode_then_decode(loaded, case_id):
 # --------------------------------------------------------------------------- training idiom
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case_id", ONE_PER_KIND)
 def test_training_step_loss_gradients_and_update(loaded, case_id):
     """TrainState.create(apply_fn=model.__call__, params=model.params, tx=adamw), `jax.value_and_grad` over the
@@ -221,6 +228,7 @@ DROPOUT_CASES = ["FlaxGPTNeoForCausalLM", "FlaxGemmaForCausalLM", "FlaxXGLMForCa
                  "FlaxT5ForConditionalGeneration", "FlaxLongT5ForConditionalGeneration"]  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case_id", [case for case in DROPOUT_CASES if case in FAST])
 def test_train_true_applies_dropout_from_dropout_rng(loaded, case_id):
     """With dropout > 0: `train=True` with a `dropout_rng` runs, is a function of the key, and differs from
@@ -283,6 +291,7 @@ def run_generate(model, ids, mask, *, jit: bool, seq2seq: bool, **options) -> np
         return np.asarray(generate(ids, attention_mask=mask).sequences)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case_id,jit", GENERATE)
 def test_greedy_generate_equals_hf_flax(loaded, case_id, jit):
     """Sequences in HF Flax's shape (`[batch, max_length]`) and padding (pad id after EOS), token for token; EOS is
@@ -298,6 +307,7 @@ def test_greedy_generate_equals_hf_flax(loaded, case_id, jit):
     assert (reference == pair.case.pad).any()  # a row ended early and was padded
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case_id,jit", GENERATE)
 def test_beam_generate_equals_hf_pytorch(loaded, case_id, jit):
     """Beam search follows HF PyTorch where HF Flax differs (documented in docs/migration.md: at max_length running
@@ -333,6 +343,7 @@ def test_beam_generate_equals_hf_pytorch(loaded, case_id, jit):
         assert (a[end:] == pair.case.pad).all(), (row, a.tolist())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case_id", ["FlaxGPTNeoForCausalLM", "FlaxT5ForConditionalGeneration"])
 def test_generate_keyword_options_and_params(loaded, case_id):
     """Options as `generate` keywords rather than in generation_config, and `params=` for generation."""
@@ -350,6 +361,7 @@ def test_generate_keyword_options_and_params(loaded, case_id):
 # --------------------------------------------------------------------------- save_pretrained
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case_id", ONE_PER_KIND)
 def test_save_pretrained_loads_in_hf_flax_and_back(loaded, case_id, tmp_path):
     pair = loaded(case_id)
@@ -370,6 +382,7 @@ def test_save_pretrained_loads_in_hf_flax_and_back(loaded, case_id, tmp_path):
 # --------------------------------------------------------------------------- HF's example scripts
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case_id", ["FlaxGPTNeoForCausalLM", "FlaxGemmaForCausalLM", "FlaxXGLMForCausalLM"])
 def test_run_clm_flax_pattern(tmp_path, case_id):
     """The same run_clm_flax.py-style code with HF's class and with ours (dropout 0, so `train=True` is
@@ -424,6 +437,7 @@ def torch_output(model, **inputs):
         return model(**{name: torch.tensor(np.asarray(value, np.int64)) for name, value in inputs.items()})
 
 
+@pytest.mark.slow
 def test_gemma_rope_theta_follows_pytorch(tmp_path):
     """HF Flax Gemma ignores `rope_theta` (always 10000); we use it, as PyTorch does."""
     case = CASES["FlaxGemmaForCausalLM"]
@@ -437,6 +451,7 @@ def test_gemma_rope_theta_follows_pytorch(tmp_path):
     assert not np.allclose(hf_flax, expected, atol=1e-3)  # the deviation is real
 
 
+@pytest.mark.slow
 def test_long_t5_transient_global_blocks_follow_pytorch(tmp_path):
     """For global_block_size 3, HF Flax LongT5 rounds the running block boundary differently from PyTorch (a float32
     cumsum of 1/3); we follow PyTorch."""
@@ -454,6 +469,7 @@ def test_long_t5_transient_global_blocks_follow_pytorch(tmp_path):
     assert not np.allclose(np.asarray(hf_flax), expected.encoder_last_hidden_state.numpy(), atol=1e-3)
 
 
+@pytest.mark.slow
 def test_big_bird_causal_lm_generates_as_pytorch(tmp_path):
     """HF Flax BigBird's causal-LM cache only works with `add_cross_attention`; we generate without it, greedy
     token for token as HF PyTorch (equal-length prompts: PyTorch BigBird's positions ignore the mask)."""

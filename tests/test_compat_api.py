@@ -78,6 +78,7 @@ def test_one_class_per_registered_model_and_every_class_of_the_issue():
         assert issubclass(cls, compat.FlaxSeq2SeqModel) == issubclass(cls.model_class, EncoderDecoder)
 
 
+@pytest.mark.slow
 def test_params_are_hf_layout_and_override_the_weights(neo):
     params = neo.params
     assert params["transformer"]["wte"]["embedding"].shape == (61, 32)

@@ -52,6 +52,7 @@ def test_a_class_declaring_an_unknown_task_is_refused():
             task = "summarise_poetry"
 
 
+@pytest.mark.slow
 def test_tiny_models_of_every_class_build_and_run_through_the_contract(getkey):
     """Every registered class builds from its config's defaults shrunk to a toy size, and a
     causal LM or seq2seq LM runs one cached step through the contract's methods."""

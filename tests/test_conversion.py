@@ -49,6 +49,7 @@ def checkpoints(reference, tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["sharded_safetensors", "bin", "sharded_bin", "msgpack", "sharded_msgpack"])
 def test_every_format_gives_the_same_tree(checkpoints, fmt):
     files = {p.name for p in (checkpoints / fmt).iterdir()}
@@ -206,6 +207,7 @@ def test_cli_errors_on_missing_folder(tmp_path, capsys):
     assert "is not a folder" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_verify_reports_difference(checkpoints, capsys):
     assert cli(["verify", str(checkpoints / "safetensors")]) == 0
     out = capsys.readouterr().out
@@ -213,6 +215,7 @@ def test_cli_verify_reports_difference(checkpoints, capsys):
     assert diff < 1e-4
 
 
+@pytest.mark.slow
 def test_cli_generate_prints_byte_level_text(tmp_path, capsys):
     torch.manual_seed(0)
     config = transformers.GPTNeoConfig(**{**CONFIG, "vocab_size": 260, "eos_token_id": 259, "bos_token_id": 259})

@@ -196,6 +196,7 @@ def big_bird(tmp_path_factory):
     return hf_big_bird(folder, "BigBirdForCausalLM", seed=2, tie_word_embeddings=False), folder
 
 
+@pytest.mark.slow
 def test_xglm_cross_attention_matches_hf(xglm):
     reference, folder = xglm
     b = batch(1)
@@ -210,6 +211,7 @@ def test_xglm_cross_attention_matches_hf(xglm):
     assert_close("XGLMModel", ours_run(base, b), torch_run(reference.model, b), b["mask"])
 
 
+@pytest.mark.slow
 def test_big_bird_cross_attention_matches_the_bert_decoder(big_bird):
     reference, folder = big_bird
     b = batch(2)

@@ -83,6 +83,7 @@ def test_find_documents_errors(corpus, tmp_path):
         find_documents([empty])
 
 
+@pytest.mark.slow
 def test_stdlib_sources():
     files = stdlib_sources()
     assert len(files) > 300

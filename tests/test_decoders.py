@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from cases import tiered
 from decoder_cases import CASES
 from oracle import assert_same_tree, hf_positions, left_padded, max_diff_valid, torch_logits
 
@@ -19,8 +20,8 @@ def batched(model, ids, mask, positions):
     return jax.vmap(lambda i, m, p: model(i, attention_mask=m, position_ids=p))(ids, mask, positions)
 
 
-@pytest.mark.parametrize("scan_layers", [True, False])
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("scan_layers", tiered([True, False], True))
+@pytest.mark.parametrize("case", tiered(list(CASES), "gemma-gqa3", "xglm"))
 def test_logits_match_hf_on_left_padded_batch(tmp_path, case, scan_layers):
     case = CASES[case]
     reference = case.save(tmp_path)
@@ -32,6 +33,7 @@ def test_logits_match_hf_on_left_padded_batch(tmp_path, case, scan_layers):
     assert diff < 2e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["gemma-gqa3", "xglm", "gpt-neo"])
 def test_base_model_matches_hf(tmp_path, case):
     case = CASES[case]
@@ -44,7 +46,7 @@ def test_base_model_matches_hf(tmp_path, case):
     assert diff < 1e-5
 
 
-@pytest.mark.parametrize("case", ["gemma-gqa2", "xglm", "gpt-neo"])
+@pytest.mark.parametrize("case", tiered(["gemma-gqa2", "xglm", "gpt-neo"], "gemma-gqa2"))
 def test_cached_decoding_equals_full_forward(tmp_path, case):
     case = CASES[case]
     case.save(tmp_path)

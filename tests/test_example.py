@@ -24,6 +24,7 @@ def example():
     return model, eqx_models.load_tokenizer(EXAMPLE)
 
 
+@pytest.mark.slow
 def test_the_example_has_learned_python(example):
     """On a standard-library file's source, the loss is far below a uniform guess's ln(4096)."""
     model, codec = example

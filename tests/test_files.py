@@ -75,6 +75,7 @@ def one_error_line(capsys, *fragments):
 # --------------------------------------------------------------------------- defect 1: convert deletes data
 
 
+@pytest.mark.slow
 def test_convert_into_the_sources_parent_is_refused_and_loses_nothing(tmp_path, capsys):
     foreign_hf_folder(tmp_path / "x" / "model")
     (tmp_path / "x" / "sibling").mkdir()
@@ -622,6 +623,7 @@ def whole_conversion(dst):
     )
 
 
+@pytest.mark.slow
 def test_sigterm_during_convert_exits_130_with_one_line_and_leaves_the_old_folder(tmp_path):
     source = foreign_hf_folder(tmp_path / "src")
     dst = tmp_path / "dst"
@@ -649,6 +651,7 @@ def run_kills(tmp_path, trials, seed):
     return results
 
 
+@pytest.mark.slow
 def test_kills_at_random_points_of_a_write_leave_the_old_or_the_new_folder(tmp_path):
     run_kills(tmp_path, trials=4, seed=0)
 

@@ -260,6 +260,7 @@ def same_arrays(ours: dict[str, np.ndarray], theirs: dict[str, torch.Tensor]) ->
         np.testing.assert_array_equal(ours[name].astype(expected.dtype), expected, err_msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scale", SCALES)
 def test_fuzz_torch_pickles(tmp_path, unchanged_state, scale):
     sentinel = tmp_path / "pwned"
@@ -435,6 +436,7 @@ def header_is_plain(raw: bytes) -> bool:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scale", SCALES)
 def test_fuzz_safetensors_agrees_with_the_library(tmp_path, unchanged_state, scale):
     """Differential: we accept a file only if the safetensors library does, read the same bytes
@@ -784,6 +786,7 @@ def _worst_cases(root: Path, hf_folder: Path) -> list[tuple[str, str]]:
     return cases
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scale", SCALES)
 def test_peak_memory_and_time_are_bounded_in_a_fresh_process(tmp_path, scale):
     """A corpus of generated hostile files and the issue's worst cases (the 16384x16384 stride-0

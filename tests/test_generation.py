@@ -140,6 +140,7 @@ def test_processors_end_to_end_match_hf(tmp_path, options):
     np.testing.assert_array_equal(ours, theirs)
 
 
+@pytest.mark.slow
 def test_seq2seq_forced_bos_and_begin_suppression_match_hf(tmp_path):
     arch = ARCHS["long_t5_local"]
     reference, model = arch.build(tmp_path, seed=15)
@@ -157,6 +158,7 @@ def neo(tmp_path_factory):
     return ARCHS["gpt_neo"].build(folder, seed=17)[1]
 
 
+@pytest.mark.slow
 def test_prompt_and_budget_buckets_share_one_compiled_program(neo, monkeypatch):
     counted = eqx.filter_jit(eqx.debug.assert_max_traces(_generate._sample_program, max_traces=1))
     monkeypatch.setattr(_generate, "compiled_sample", counted)
@@ -169,6 +171,7 @@ def test_prompt_and_budget_buckets_share_one_compiled_program(neo, monkeypatch):
         eqx_models.generate(neo, rng.integers(0, 90, (2, 17)), max_new_tokens=4, eos_token_id=None)
 
 
+@pytest.mark.slow
 def test_bucket_padding_does_not_change_the_result(neo):
     """The same prompt generated in two size classes (by adding HF-visible left padding)
     gives the same new tokens."""
@@ -180,6 +183,7 @@ def test_bucket_padding_does_not_change_the_result(neo):
     np.testing.assert_array_equal(short, long)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampled", [False, True])
 def test_streaming_yields_the_tokens_of_generate(neo, sampled):
     ids, mask = left_padded(np.random.default_rng(1), 90, [6, 2])
@@ -204,6 +208,7 @@ def test_streaming_stops_when_every_row_has_ended(neo):
     assert np.concatenate(chunks, 1).tolist() == [first[0, 3:5].tolist()]
 
 
+@pytest.mark.slow
 def test_max_length_and_several_samples_per_prompt(neo):
     ids, mask = left_padded(np.random.default_rng(2), 90, [5, 3])
     by_new = eqx_models.generate(neo, ids, mask, max_new_tokens=4, eos_token_id=None)

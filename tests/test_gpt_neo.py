@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from cases import GPT_NEO, hf_neo
+from cases import GPT_NEO, hf_neo, tiered
 from oracle import Float64Throughout, hf_positions, left_padded, max_diff_valid, torch_logits
 
 import eqx_models
@@ -21,8 +21,8 @@ PATTERNS = [
 ]
 
 
-@pytest.mark.parametrize("scan_layers", [True, False])
-@pytest.mark.parametrize("attention_types,num_layers,window_size", PATTERNS)
+@pytest.mark.parametrize("scan_layers", tiered([True, False], True))
+@pytest.mark.parametrize("attention_types,num_layers,window_size", tiered(PATTERNS, PATTERNS[0]))
 def test_causal_lm_logits_match_hf_on_left_padded_batch(
     tmp_path, attention_types, num_layers, window_size, scan_layers
 ):
@@ -62,6 +62,7 @@ def test_long_left_padded_batch_matches_hf(tmp_path):
     assert max_diff_valid(ours, hf32, mask) < 1e-4
 
 
+@pytest.mark.slow
 def test_default_positions_are_slots_as_in_hf(tmp_path):
     reference = hf_neo(tmp_path)
     model = eqx_models.from_pretrained(tmp_path)
@@ -71,6 +72,7 @@ def test_default_positions_are_slots_as_in_hf(tmp_path):
     assert max_diff_valid(model(jnp.asarray(ids[0]))[None], expected, mask) < 2e-5
 
 
+@pytest.mark.slow
 def test_untied_head_matches_hf(tmp_path):
     reference = hf_neo(tmp_path, tie_word_embeddings=False)
     model = eqx_models.from_pretrained(tmp_path)
@@ -92,6 +94,7 @@ def test_base_checkpoint_loads_into_head_and_head_into_base(tmp_path):
     np.testing.assert_array_equal(base_from_lm.h.layers.mlp.c_fc.weight, lm.transformer.h.layers.mlp.c_fc.weight)
 
 
+@pytest.mark.slow
 def test_cached_decoding_equals_full_forward(tmp_path):
     hf_neo(tmp_path, window_size=2)
     model = eqx_models.from_pretrained(tmp_path)
@@ -114,7 +117,7 @@ def test_cached_decoding_equals_full_forward(tmp_path):
     assert diff < 1e-5
 
 
-@pytest.mark.parametrize("eos", [None, "pick"])
+@pytest.mark.parametrize("eos", tiered([None, "pick"], "pick"))
 def test_greedy_generate_matches_hf_token_for_token(tmp_path, eos):
     reference = hf_neo(tmp_path, seed=7)
     model = eqx_models.from_pretrained(tmp_path)
@@ -135,6 +138,7 @@ def test_greedy_generate_matches_hf_token_for_token(tmp_path, eos):
     np.testing.assert_array_equal(ours, theirs)
 
 
+@pytest.mark.slow
 def test_generate_defaults_eos_from_config(tmp_path):
     hf_neo(tmp_path, eos_token_id=5, bos_token_id=5)
     model = eqx_models.from_pretrained(tmp_path)
@@ -173,6 +177,7 @@ def test_wrong_shapes_fail_the_type_check(getkey):
         model(jnp.ones((2, 5), jnp.int32))
 
 
+@pytest.mark.slow
 def test_dropout_is_active_only_with_a_key(getkey):
     config = GPTNeoConfig(
         **GPT_NEO,

@@ -333,6 +333,7 @@ def test_cli_convert_and_generate_from_an_id(server, tmp_path):
     assert done.stdout.startswith("def ") and len(done.stdout) > len("def \n")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("argv", "message"), ERRORS[:4] + ERRORS[5:])
 def test_cli_errors(server, tmp_path, argv, message):
     done = cli(["convert", *argv, str(tmp_path / "out")], subprocess_env(server, tmp_path / "hf"), tmp_path)

@@ -513,6 +513,7 @@ def run_cli(args: list, **kwargs) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_in_a_subprocess_a_non_utf8_prompt_is_one_line_naming_the_prompt(folders):
     """Python decodes argv bytes that are not UTF-8 to lone surrogates; they reach us here."""
     result = run_cli([b"generate", str(folders / "neo").encode(), b"--prompt", b"caf\xe9 \xff"])
@@ -521,6 +522,7 @@ def test_in_a_subprocess_a_non_utf8_prompt_is_one_line_naming_the_prompt(folders
     assert err.startswith("error: --prompt must be a string of valid UTF-8 text, got 'caf\\udce9 \\udcff'"), err
 
 
+@pytest.mark.slow
 def test_in_a_subprocess_a_bad_config_is_one_line(tmp_path):
     write_config(tmp_path / "src", {**NEO, "num_layers": 2.0}, {})
     result = run_cli(["convert", str(tmp_path / "src"), str(tmp_path / "out")], text=True)

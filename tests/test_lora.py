@@ -49,6 +49,7 @@ def made(request, tmp_path_factory) -> Made:
     return Made(case, folder, fresh, batch, hf_logits(adapted, batch))
 
 
+@pytest.mark.slow
 def test_peft_adapters_load_and_give_peft_logits_merged_or_not(made):
     case, batch, expected = made.case, made.batch, made.expected
     base = load_base(made.folder)
@@ -106,6 +107,7 @@ def tiny_neo(key, dtype=jnp.float32, hidden=64) -> GPTNeoForCausalLM:
     return GPTNeoForCausalLM(config, dtype=dtype, key=key)
 
 
+@pytest.mark.slow
 def test_add_lora_starts_where_the_model_was_with_peft_init_stacked_over_layers(getkey):
     base = tiny_neo(getkey())
     model = lora.add_lora(base, rank=4, alpha=8, target_modules=["q_proj", "c_fc"], key=getkey())
@@ -141,6 +143,7 @@ def test_bad_lora_settings_are_named(getkey, options, match):
         lora.add_lora(tiny_neo(getkey()), **settings)
 
 
+@pytest.mark.slow
 def test_adapters_do_not_stack_on_adapters(getkey):
     model = lora.add_lora(tiny_neo(getkey()), rank=2, alpha=2, target_modules=["q_proj"], key=getkey())
     with pytest.raises(ConfigError, match="needs a model without LoRA adapters"):
@@ -152,6 +155,7 @@ def forward(model, ids):
     return model(ids)
 
 
+@pytest.mark.slow
 def test_adapter_dropout_applies_only_in_training(getkey):
     model = lora.add_lora(tiny_neo(getkey()), rank=4, alpha=8, target_modules=["q_proj"], dropout=0.5, key=getkey())
     model = eqx.tree_at(lambda m: m.transformer.h.layers.attn.q_proj.lora_B, model, jnp.full((2, 64, 4), 0.1))
@@ -181,6 +185,7 @@ def bytes_of(tree) -> int:
     return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float32, pytest.param(jnp.bfloat16, marks=pytest.mark.slow)])
 def test_lora_training_lowers_the_loss_and_leaves_the_base_bit_identical(getkey, dtype):
     model = lora.add_lora(

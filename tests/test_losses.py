@@ -102,6 +102,7 @@ def test_masked_lm_loss_matches_hf(tmp_path):
     check("BigBirdForMaskedLM", ours_loss(model, batch)[0], hf_loss(reference, batch))
 
 
+@pytest.mark.slow
 def test_pretraining_loss_matches_hf(tmp_path):
     reference = hf_bird(tmp_path, "BigBirdForPreTraining", seed=2)
     model = eqx_models.from_pretrained(tmp_path)
@@ -139,6 +140,7 @@ def test_sequence_classification_rejects_float_labels_of_the_wrong_shape():
         sequence_classification_loss(jnp.zeros((3, 4)), jnp.zeros((3,), jnp.float32))
 
 
+@pytest.mark.slow
 def test_multiple_choice_loss_matches_hf(tmp_path):
     reference = hf_bird(tmp_path, "BigBirdForMultipleChoice", seed=4)
     model = eqx_models.from_pretrained(tmp_path)
@@ -160,6 +162,7 @@ def test_token_classification_loss_matches_hf(tmp_path):
     check("BigBirdForTokenClassification", ours_loss(model, batch)[0], hf_loss(reference, batch))
 
 
+@pytest.mark.slow
 def test_question_answering_loss_matches_hf_with_positions_outside_the_input(tmp_path):
     reference = hf_bird(tmp_path, "BigBirdForQuestionAnswering", seed=6, num_labels=2)
     model = eqx_models.from_pretrained(tmp_path)
@@ -174,6 +177,7 @@ def test_question_answering_loss_matches_hf_with_positions_outside_the_input(tmp
     assert abs((float(metrics["start_loss"]) + float(metrics["end_loss"])) / 2 - ours) < 1e-6
 
 
+@pytest.mark.slow
 def test_question_answering_loss_ignores_index_seq():
     logits = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5)), jnp.float32)
     both = question_answering_loss(logits, logits, jnp.array([1, 5]), jnp.array([2, 9]))
@@ -181,6 +185,7 @@ def test_question_answering_loss_ignores_index_seq():
     assert abs(float(both) - float(first)) < 1e-6
 
 
+@pytest.mark.slow
 def test_seq2seq_loss_matches_hf_with_shifted_labels(tmp_path):
     config = transformers.LongT5Config(**{**LONG_T5, "num_decoder_layers": 2, "decoder_start_token_id": 0})
     torch.manual_seed(0)
@@ -213,6 +218,7 @@ def _qa_model(folder):
     return eqx_models.from_pretrained(folder)
 
 
+@pytest.mark.slow
 def test_gradient_is_finite_and_dropout_keys_change_the_loss(tmp_path):
     hf_bird(tmp_path, "BigBirdForSequenceClassification", seed=8)
     model = eqx_models.from_pretrained(tmp_path)
@@ -244,6 +250,7 @@ def _corpus(rng, shape=(64, 512)):
     return jnp.asarray(ids, jnp.int32), jnp.asarray(special)
 
 
+@pytest.mark.slow
 def test_mask_tokens_follows_bert_80_10_10():
     ids, special = _corpus(np.random.default_rng(0))
     inputs, labels = mask_tokens(

@@ -11,6 +11,7 @@ from eqx_models import nn, with_run_options
 from eqx_models.models import GPTNeoConfig, GPTNeoForCausalLM
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 2), (4, 1)])
 def test_grouped_attention_equals_attention_with_repeated_kv(getkey, heads, kv_heads):
     q = jax.random.normal(getkey(), (5, heads, 8))
@@ -28,6 +29,7 @@ def test_grouped_attention_equals_attention_with_repeated_kv(getkey, heads, kv_h
     np.testing.assert_allclose(ours, expected.numpy(), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_unscaled_attention_and_bias(getkey):
     q, k, v = (jax.random.normal(getkey(), (3, 2, 4)) for _ in range(3))
     bias = jax.random.normal(getkey(), (2, 3, 3))
@@ -66,6 +68,7 @@ def _tiny(num_layers, **kw):
     )
 
 
+@pytest.mark.slow
 def test_scan_loop_and_remat_agree_in_value_and_gradient(getkey):
     model = GPTNeoForCausalLM(_tiny(4), key=getkey())
     ids = jnp.arange(10, dtype=jnp.int32) % 50
@@ -85,6 +88,7 @@ def test_scan_loop_and_remat_agree_in_value_and_gradient(getkey):
             np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_program_size_does_not_grow_with_depth(getkey):
     """With scan, the traced program is the same size at any depth (so is compile time)."""
 
@@ -102,6 +106,7 @@ def test_stacked_layer_unstacks_one_layer(getkey):
     np.testing.assert_array_equal(stack.layer(2).weight, stack.layers.weight[2])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("window", [nn.NO_WINDOW, 100])
 def test_causal_block_skipping_equals_full_attention(getkey, window):
     seq = 601  # several query blocks, the last one short

@@ -121,6 +121,7 @@ def check(ours_processor, hf_processor, scores, ids, context, *, fires: bool | N
 # ---------------------------------------------------------------- processors
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("penalty", [1.3, 0.7])
 @pytest.mark.parametrize("cur_len", [1, 7])
 def test_repetition_penalty(penalty, cur_len):
@@ -134,6 +135,7 @@ def test_repetition_penalty(penalty, cur_len):
         assert not np.array_equal(run_ours(RepetitionPenalty(penalty), scores, exposed)[0], expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "size,cur_len,alphabet,fires",
     [
@@ -281,6 +283,7 @@ WARPERS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ours,theirs", WARPERS, ids=[repr(w[0]).replace(" ", "") for w in WARPERS])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_warper(ours, theirs, seed):
@@ -344,6 +347,7 @@ def hf_chain(options: dict, prompt_length: int, max_length: int) -> transformers
     return processors
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "cur_len,prompt_length,max_length",
     [

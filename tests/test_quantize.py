@@ -69,6 +69,7 @@ def test_quantize_replaces_weights_only_and_keeps_the_tree(getkey):
     assert back.transformer.wte.weight.shape == model.transformer.wte.weight.shape
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", sorted(TINY))
 def test_every_family_runs_quantised_with_logits_close_to_float(getkey, model_type):
     """Teacher-forced logits of each family's text head, int8 against float32, random tiny
@@ -82,6 +83,7 @@ def test_every_family_runs_quantised_with_logits_close_to_float(getkey, model_ty
     assert result.kl < 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", ["gpt_neo", "t5"])
 def test_greedy_generation_and_streaming_run_quantised(getkey, model_type):
     """Greedy decoding of a quantised decoder and encoder-decoder (the cached decode loop and
@@ -100,6 +102,7 @@ def example():
     return eqx_models.from_pretrained(EXAMPLE), eqx_models.load_tokenizer(EXAMPLE)
 
 
+@pytest.mark.slow
 def test_from_pretrained_quantize_is_quantize_of_the_loaded_model(example):
     """`from_pretrained(quantize="int8")` gives `quantize(from_pretrained(...))` bit for bit,
     and the quantised bundled model generates (greedy, one row)."""
@@ -134,6 +137,7 @@ def test_save_and_load_round_trip_is_bit_identical(getkey, tmp_path):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow
 def test_cli_generate_and_convert_quantised(tmp_path, capsys):
     assert cli.main(["generate", str(EXAMPLE), "--quantize", "int8", "--prompt", "def ", "--max-new-tokens", "8"]) == 0
     out = capsys.readouterr()

@@ -508,6 +508,7 @@ def test_folder_with_garbage_checkpoints(tmp_path):
             readers.read_state_dict(folder)
 
 
+@pytest.mark.slow
 def test_readers_import_neither_torch_nor_flax(hf_dirs, flax_dirs):
     root, _ = hf_dirs
     script = (
@@ -582,6 +583,7 @@ def test_build_cannot_poison_later_loads(tmp_path):
     assert all("only the OrderedDicts it creates may have one" in error for error in errors), errors
 
 
+@pytest.mark.slow
 def test_build_poisoning_then_benign_load_in_a_fresh_process(tmp_path):
     """The issue's sequence, without pytest's jaxtyping import hook (whose wrappers hide the
     poisoned defaults): poison, then load a benign .bin and compare with torch's own load."""
@@ -873,6 +875,7 @@ def test_shard_with_an_extra_copy_of_a_key_is_ambiguous(hf_dirs, tmp_path):
         readers.read_state_dict(folder)
 
 
+@pytest.mark.slow
 def test_msgpack_embedding_and_weight_collide(flax_dirs, tmp_path):
     """Issue 13, defect 11: `embedding` and `weight` under one Flax module both become `weight`
     in PyTorch names, and the last one silently won."""

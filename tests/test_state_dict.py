@@ -36,6 +36,7 @@ def neo(tmp_path):
     return reference, eqx_models.from_pretrained(tmp_path / "neo")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CLASSES)
 def test_torch_state_dict_loads_as_the_folder_does_and_goes_back(name, tmp_path):
     reference = torch_model(name)
@@ -145,6 +146,7 @@ def test_grad_through_tree_from_flax_is_the_trees_gradient_in_flax_layout():
     assert scale > 0 and worst <= 1e-6 * scale
 
 
+@pytest.mark.slow
 def test_architecture_is_inferred_from_the_state_when_the_config_names_none():
     cases = {
         "GPTNeoModel": "GPTNeoModel",

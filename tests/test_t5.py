@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from cases import tiered
 from oracle import assert_same_tree, hf_generate, max_diff_valid
 from t5_cases import CASES, right_padded, write_flax_msgpack
 
@@ -58,7 +59,7 @@ class Loaded:
     model: eqx_models.models.Seq2SeqLM
 
 
-@pytest.fixture(scope="module", params=list(CASES))
+@pytest.fixture(scope="module", params=tiered(list(CASES), "t5"))
 def loaded(request, tmp_path_factory) -> Loaded:
     """Each case's conditional-generation model, saved and loaded once for the tests below."""
     folder = tmp_path_factory.mktemp(request.param)
@@ -126,6 +127,7 @@ def encode_once(model, ids, mask):
     return model.cross_kv(model.encode(ids, attention_mask=mask), mask)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loaded", cases("mt5"), indirect=True)
 def test_cached_decoding_one_token_at_a_time_equals_the_full_forward(loaded):
     model = loaded.model
@@ -203,6 +205,7 @@ def test_every_checkpoint_format_export_and_our_folder_give_the_same_tree(loaded
     assert_same_tree(eqx_models.from_pretrained(tmp_path / "export"), model)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loaded", cases("t5", "mt5"), indirect=True)
 def test_seq2seq_loss_matches_hf_with_padded_labels(loaded):
     ids, mask, labels, label_mask = padded_batch(seed=7)

@@ -185,6 +185,7 @@ def run_generate(capsys, folder, *flags):
     return capsys.readouterr()
 
 
+@pytest.mark.slow
 def test_cli_generate_greedy_prints_prompt_and_decoded_tokens(neo_folder, neo, codec, capsys):
     out = run_generate(capsys, neo_folder, "--max-new-tokens", "20")
     assert out.out == expected_text(codec, neo, PROMPT, max_new_tokens=20)
@@ -209,6 +210,7 @@ def test_cli_generate_streams_text_before_generation_ends(neo_folder, codec, cap
     assert any(printed[1:-1])  # text from early chunks shows while later ones are generated
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "flags,options",
     [
@@ -228,11 +230,13 @@ def test_cli_generate_samples_reproducibly(neo_folder, neo, codec, capsys, flags
     assert first == reference
 
 
+@pytest.mark.slow
 def test_cli_generate_beam_search_prints_the_best_beam(neo_folder, neo, codec, capsys):
     out = run_generate(capsys, neo_folder, "--max-new-tokens", "10", "--num-beams", "3")
     assert out.out == expected_text(codec, neo, PROMPT, max_new_tokens=10, num_beams=3)
 
 
+@pytest.mark.slow
 def test_cli_generate_seq2seq_prints_the_decoder_text(tokenizer_file, codec, tmp_path, capsys):
     config = transformers.LongT5Config(
         vocab_size=MODEL_VOCAB,
@@ -258,6 +262,7 @@ def test_cli_generate_seq2seq_prints_the_decoder_text(tokenizer_file, codec, tmp
     assert not out.startswith(PROMPT)
 
 
+@pytest.mark.slow
 def test_cli_generate_uses_bytes_only_when_asked(neo_folder, tmp_path, capsys):
     folder = tmp_path / "bytes"
     shutil.copytree(neo_folder, folder)

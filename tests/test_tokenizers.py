@@ -253,6 +253,7 @@ def test_cli_generate_chat_applies_the_template(folders, tmp_path, capsys):
     assert out == expected + "\n"
 
 
+@pytest.mark.slow
 def test_cli_generate_without_tokenizer_files_needs_byte_level(folders, tmp_path, capsys):
     config = transformers.GPTNeoConfig(
         vocab_size=300, hidden_size=16, num_heads=2, num_layers=1, attention_types=[[["global"], 1]],

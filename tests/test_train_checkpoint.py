@@ -66,6 +66,7 @@ def assert_trees_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_resumed_run_equals_uninterrupted_bit_for_bit(neo, tmp_path):
     optimizer, step = setup(neo)
     batches = make_batches()
@@ -94,6 +95,7 @@ def test_resumed_run_equals_uninterrupted_bit_for_bit(neo, tmp_path):
     assert_trees_equal(state.key, full.key)
 
 
+@pytest.mark.slow
 def test_dropout_key_matters(neo):
     """Sanity check that the bit-for-bit test would notice a wrong key."""
     optimizer, step = setup(neo)

@@ -71,6 +71,7 @@ def trained(corpus, tmp_path_factory):
     return output
 
 
+@pytest.mark.slow
 def test_a_run_writes_everything_and_the_model_loads_in_transformers(trained):
     for name in ("train_config.json", "tokenizer.json", "metrics.jsonl", "loss.png", "summary.json"):
         assert (trained / name).is_file(), name
@@ -96,6 +97,7 @@ def test_a_run_writes_everything_and_the_model_loads_in_transformers(trained):
 
 
 # gpt_neo stays in the fast tier; the other families' runs are slow
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "family", [f if f == "gpt_neo" else pytest.param(f, marks=pytest.mark.slow) for f in sorted(PRESETS)]
 )
@@ -112,6 +114,7 @@ def losses(output):
     return [(r["step"], r.get("loss"), r.get("eval_loss")) for r in metrics(output)]
 
 
+@pytest.mark.slow
 def test_resuming_continues_exactly_and_cuts_the_metrics_back_to_the_checkpoint(corpus, trained, tmp_path, capsys):
     # A run killed after writing step 6's records but before its checkpoint: metrics.jsonl
     # holds steps 4-6, which the resumed run writes again; each step must appear once.
@@ -123,6 +126,7 @@ def test_resuming_continues_exactly_and_cuts_the_metrics_back_to_the_checkpoint(
     assert losses(resumed) == losses(trained)
 
 
+@pytest.mark.slow
 def test_resume_skips_a_corrupt_newest_checkpoint_and_a_torn_metrics_line(corpus, trained, tmp_path, capsys):
     resumed = tmp_path / "neo"
     shutil.copytree(trained, resumed)
@@ -138,6 +142,7 @@ def test_resume_skips_a_corrupt_newest_checkpoint_and_a_torn_metrics_line(corpus
     assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["step_00000003", "step_00000006"]
 
 
+@pytest.mark.slow
 def test_a_run_refuses_to_overwrite_or_resume_with_other_settings(corpus, trained, capsys):
     assert main(tiny_flags(corpus, trained, tokenizer="bpe:300")) == EXIT_BAD_INPUT
     assert "already holds checkpoints" in capsys.readouterr().err
@@ -145,6 +150,7 @@ def test_a_run_refuses_to_overwrite_or_resume_with_other_settings(corpus, traine
     assert "seq_len: 32 -> 16" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_fine_tuning_starts_from_a_checkpoint_and_keeps_its_tokenizer(corpus, trained, tmp_path):
     output = tmp_path / "tuned"
     flags = tiny_flags(corpus, output, steps=3, eval_every=0, checkpoint_every=3, size="ignored")
@@ -156,6 +162,7 @@ def test_fine_tuning_starts_from_a_checkpoint_and_keeps_its_tokenizer(corpus, tr
     assert 0 < np.abs(np.asarray(tuned(ids)) - np.asarray(start(ids))).max() < 1.0
 
 
+@pytest.mark.slow
 def test_an_hf_config_json_trains_from_scratch_and_must_fit_the_tokenizer(corpus, tmp_path, capsys):
     config = transformers.XGLMConfig(d_model=32, ffn_dim=64, num_layers=2, attention_heads=4, vocab_size=300)
     config.to_json_file(tmp_path / "config.json")

@@ -48,6 +48,7 @@ def test_decay_mask_decays_only_linear_weights(tmp_path):
     assert not any(jax.tree.leaves(decay_mask(base.wte))) and not any(jax.tree.leaves(decay_mask(base.ln_f)))
 
 
+@pytest.mark.slow
 def test_overfitting_one_batch_lowers_the_causal_lm_loss(tmp_path):
     hf_neo(tmp_path)
     model = eqx_models.from_pretrained(tmp_path)
@@ -55,6 +56,7 @@ def test_overfitting_one_batch_lowers_the_causal_lm_loss(tmp_path):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+@pytest.mark.slow
 def test_overfitting_one_batch_lowers_the_classification_loss(tmp_path):
     hf_bird(
         tmp_path,
@@ -75,6 +77,7 @@ def test_overfitting_one_batch_lowers_the_classification_loss(tmp_path):
     assert losses[-1] < 0.3 * losses[0], losses
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_master_weights_and_tracks_float32(tmp_path):
     hf_neo(tmp_path)
     model = eqx_models.from_pretrained(tmp_path)
@@ -97,6 +100,7 @@ def test_schedule_and_bad_options_are_named():
         adamw(1e-3, {}, accumulate=0)
 
 
+@pytest.mark.slow
 def test_fit_logs_metrics_evaluates_and_plots(tmp_path):
     from eqx_models.training.data import PackedBatches
     from eqx_models.training.loop import fit, plot_losses, read_metrics
@@ -204,6 +208,7 @@ def test_overfitting_one_batch_lowers_every_heads_loss(tmp_path, head):
     assert losses[-1] < 0.6 * losses[0], losses
 
 
+@pytest.mark.slow
 def test_a_trained_model_exported_to_hf_gives_the_same_logits_in_transformers(tmp_path):
     import torch
 

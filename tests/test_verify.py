@@ -35,6 +35,7 @@ def private_tmp(tmp_path, monkeypatch):
     return folder
 
 
+@pytest.mark.slow
 def test_verify_our_folder_leaves_no_temporary_folder(hf_folder, tmp_path, private_tmp):
     """Issue 13, defect 8: each `verify` on our folder leaked a /tmp/eqx-verify-* folder."""
     eqx_models.save_pretrained(eqx_models.from_pretrained(hf_folder), tmp_path / "ours")
