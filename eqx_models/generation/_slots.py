@@ -68,13 +68,13 @@ class SlotRequest:
     - `prompt`: token ids (the decoder prompt, or the encoder input of a seq2seq model).
     - `max_tokens`: at most this many new tokens.
     - `temperature`: 0 is greedy (argmax); above 0 samples at that temperature.
-    - `top_p`: nucleus sampling's mass (1 keeps every token).
+    - `top_p`: nucleus sampling's mass (1 keeps every token, 0 only the most likely).
     - `seed`: the sampler's seed (`jax.random.key(seed)`, folded with the step number, as
       `generate(..., do_sample=True, key=jax.random.key(seed))` draws).
     - `on_token(token) -> bool`: called, in the engine's thread, with each new token (end
       tokens excluded); returning True ends the request with reason `"stop"`.
     - `on_done(reason)`: called once at the end: `"stop"` (an end token, or `on_token`
-      said so), `"length"` (`max_tokens` reached) or `"cancelled"`.
+      said so), `"length"` (`max_tokens` reached), `"cancelled"`, or `"error"` (a step failed).
     """
 
     prompt: Sequence[int]
@@ -237,14 +237,7 @@ class SlotEngine:
         start = model.config.decoder_start_token_id if self.seq2seq else None
         self._join = jax.jit(functools.partial(_join, static, start), donate_argnums=(1,))
         self._step = jax.jit(functools.partial(_step, static), donate_argnums=(1,))
-        cache = init_batched_cache(model, slots, max_new_tokens if self.seq2seq else context)
-        cache = eqx.tree_at(lambda c: c.index, cache, jnp.zeros((slots,), jnp.int32))
-        cross = None
-        if self.seq2seq:  # shapes of one prefilled row's cross keys and values, widened to every slot
-            one = jnp.ones((1, 1), jnp.int32)
-            shape = jax.eval_shape(lambda: prefill(model, one, one.astype(bool), 1, start)[0].cross)
-            cross = jax.tree.map(lambda a: jnp.zeros(self._all_slots(a.shape), a.dtype), shape)
-        self._state = SlotState(Rows(cache, jnp.zeros((slots,), jnp.int32)), cross)
+        self._state = self._empty()
 
         self._running: list[_Running | None] = [None] * slots
         self._tokens = np.zeros(slots, np.int32)
@@ -253,6 +246,19 @@ class SlotEngine:
         self._keys = np.zeros((slots, 2), np.uint32)
         self._waiting: collections.deque[SlotRequest] = collections.deque()
         self._wake = threading.Condition()
+
+    def _empty(self) -> SlotState:
+        """Every slot free: zero caches (one write index each) and cross keys and values."""
+        model, slots = self.model, self.slots
+        cache = init_batched_cache(model, slots, self.max_new_tokens if self.seq2seq else self.context)
+        cache = eqx.tree_at(lambda c: c.index, cache, jnp.zeros((slots,), jnp.int32))
+        cross = None
+        if self.seq2seq:  # shapes of one prefilled row's cross keys and values, widened to every slot
+            one = jnp.ones((1, 1), jnp.int32)
+            start = model.config.decoder_start_token_id
+            shape = jax.eval_shape(lambda: prefill(model, one, one.astype(bool), 1, start)[0].cross)
+            cross = jax.tree.map(lambda a: jnp.zeros(self._all_slots(a.shape), a.dtype), shape)
+        return SlotState(Rows(cache, jnp.zeros((slots,), jnp.int32)), cross)
 
     def _all_slots(self, row: tuple[int, ...]) -> tuple[int, ...]:
         """The shape of every slot's cross keys, values or validity from one row's."""
@@ -286,13 +292,18 @@ class SlotEngine:
                 f"temperature must be >= 0 and top_p in (0, 1]; got {request.temperature}, {request.top_p}"
             )
 
-    def submit(self, request: SlotRequest) -> None:
-        """Queues a checked request; raises `BusyError` when `max_queue` requests wait already."""
-        self.check(request)
+    def submit(self, *requests: SlotRequest) -> None:
+        """Queues checked requests, all or none: raises `InputError` for one beyond a limit and
+        `BusyError` when they would make more than `max_queue` requests wait."""
+        for request in requests:
+            self.check(request)
         with self._wake:
-            if len(self._waiting) >= self.max_queue:
-                raise BusyError(f"{len(self._waiting)} requests are waiting for a slot already; retry later")
-            self._waiting.append(request)
+            if len(self._waiting) + len(requests) > self.max_queue:
+                raise BusyError(
+                    f"{len(self._waiting)} requests are waiting for a slot already (at most {self.max_queue}); "
+                    "retry later"
+                )
+            self._waiting.extend(requests)
             self._wake.notify()
 
     def cancel(self, request: SlotRequest) -> None:
@@ -312,12 +323,29 @@ class SlotEngine:
     # ------------------------------------------------------------------ the device's thread
 
     def run(self, stop: threading.Event, *, poll: float = 0.05) -> None:
-        """Serves until `stop` is set (work in hand is left where it is)."""
+        """Serves until `stop` is set (work in hand is left where it is). A failing step ends
+        every request in hand with `"error"` and the engine goes on with the next ones."""
         while not stop.is_set():
-            if not self.run_once():
+            try:
+                worked = self.run_once()
+            except Exception:
+                _log.exception("a decoding step failed; the requests in hand end with an error")
+                self._fail_all()
+                continue
+            if not worked:
                 with self._wake:
                     if not self._waiting:
                         self._wake.wait(poll)
+
+    def _fail_all(self) -> None:
+        self._state = self._empty()  # the failed step may have consumed (donated) the old one
+        with self._wake:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        for slot, running in enumerate(self._running):
+            if running is not None:
+                self._finish(slot, "error")
+        for request in waiting:
+            request.on_done("error")
 
     def run_once(self) -> bool:
         """Admits waiting requests into free slots, then advances every busy slot one token.
