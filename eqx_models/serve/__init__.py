@@ -7,8 +7,6 @@ since every field is checked by hand with OpenAI's messages (`_protocol`).
 
 import logging
 import signal
-import socket
-import threading
 
 from ..generation import SlotEngine, SlotRequest
 from ..models import CausalLM, Seq2SeqLM
@@ -16,7 +14,7 @@ from ..text import Codec
 from ._app import Served, build_app
 from ._protocol import RequestError, error_body
 
-__all__ = ["RequestError", "Served", "build_app", "error_body", "load_served", "run", "warm_up"]
+__all__ = ["RequestError", "Served", "build_app", "error_body", "load_served", "run", "server", "warm_up"]
 
 
 def load_served(
@@ -68,11 +66,9 @@ def warm_up(served: Served) -> None:
         pass
 
 
-def run(
-    served: Served, *, host: str = "127.0.0.1", port: int = 8000, grace: float = 30.0, sock: socket.socket | None = None
-) -> None:
-    """Serves until SIGTERM or Ctrl-C. On SIGTERM the server stops accepting connections,
-    finishes the requests in flight for up to `grace` seconds, and returns normally."""
+def server(served: Served, *, host: str = "127.0.0.1", port: int = 8000, grace: float = 30.0):
+    """A `uvicorn.Server` of `served`'s app: `server.run()` serves (`sockets=[...]` for sockets
+    bound already), `server.should_exit = True` stops it from another thread."""
     import uvicorn
 
     if not logging.getLogger().handlers:
@@ -86,14 +82,16 @@ def run(
         timeout_graceful_shutdown=max(1, round(grace)),
         log_level="info",
     )
-    server = uvicorn.Server(config)
+    return uvicorn.Server(config)
+
+
+def run(served: Served, *, host: str = "127.0.0.1", port: int = 8000, grace: float = 30.0) -> None:
+    """Serves until SIGTERM or Ctrl-C. On SIGTERM the server stops accepting connections,
+    finishes the requests in flight for up to `grace` seconds, and returns normally."""
     # uvicorn drains on SIGTERM, then re-raises the signal to the handler it found: a drained
     # server has done what SIGTERM asks, so that handler does nothing and we return (exit 0).
-    # (Signals reach only the main thread; a server run in another thread is stopped by its caller.)
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None) if main else None
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
-        server.run(sockets=None if sock is None else [sock])
+        server(served, host=host, port=port, grace=grace).run()
     finally:
-        if main:
-            signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous)

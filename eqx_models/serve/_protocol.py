@@ -152,7 +152,7 @@ _COMPLETION = _COMMON | {"prompt", "suffix", "echo", "best_of"}
 _CHAT = _COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
 
 
-def _sampling(fields: _Fields, max_tokens: int, default_max_tokens: int, logprobs: int | None) -> Sampling:
+def _sampling(fields: _Fields, max_tokens: int | None, default_max_tokens: int, logprobs: int | None) -> Sampling:
     for name in ("presence_penalty", "frequency_penalty"):
         fields.unsupported(name, 0)
     fields.unsupported("logit_bias", {})
