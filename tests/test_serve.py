@@ -217,3 +217,40 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(tmp_path):
             process.kill()
         log = process.communicate()[1]
     assert "completion: " in log and "tokens in" in log  # one line for the request
+
+
+def test_a_bounded_load_test_reports_throughput_and_latency(neo):
+    prompts = [PROMPTS[i % 4] for i in range(12)]
+    report = serve.load_test(neo.url, prompts, clients=4, max_tokens=8, time_limit=120, model=neo.served.name)
+    print(report.line())
+    assert len(report.latencies) == 12 and report.seconds < 120
+    assert 0 < report.percentile(50) <= report.percentile(99) <= report.seconds
+    assert report.tokens_per_second > 0 and len(set(report.texts)) == 4  # one answer per distinct prompt
+    with pytest.raises(eqx_models.EqxModelsError, match="not answered within"):
+        serve.load_test(neo.url, prompts, clients=1, max_tokens=100, time_limit=0.2)
+
+
+@pytest.mark.slow
+def test_int8_weights_and_lora_adapters_are_served(tmp_path):
+    import equinox as eqx
+    import jax
+
+    from eqx_models.lora import LoRALinear, add_lora, save_adapter
+    from eqx_models.nn import Int8Weight
+
+    base = eqx_models.from_pretrained(EXAMPLE)
+    adapted = add_lora(base, rank=2, alpha=4, target_modules=["q_proj", "v_proj"], key=jax.random.key(0))
+    is_lora = lambda x: isinstance(x, LoRALinear)  # noqa: E731
+    loras = [x for x in jax.tree.leaves(adapted, is_leaf=is_lora) if is_lora(x)]
+    # PEFT starts B at zero: give the adapters something to change
+    adapted = eqx.tree_at(lambda m: [x.lora_B for x in loras], adapted, [0.5 + x.lora_B for x in loras])
+    save_adapter(adapted, tmp_path / "adapter")
+    served = serve.load_served(str(EXAMPLE), slots=2, context=64, quantize="int8", adapter=str(tmp_path / "adapter"))
+    leaves = jax.tree.leaves(served.engine.model, is_leaf=lambda x: is_lora(x) or isinstance(x, Int8Weight))
+    assert any(is_lora(x) for x in leaves) and any(isinstance(x, Int8Weight) for x in leaves)
+    with ServerThread(served) as server:
+        answer = server.client().completions.create(model=served.name, prompt=PROMPTS[0], max_tokens=12, temperature=0)
+    text = answer.choices[0].text
+    assert (text, answer.choices[0].finish_reason) == expected(served, served.encode(PROMPTS[0]), 12)
+    plain = serve.load_served(str(EXAMPLE), slots=1, context=64)
+    assert text != expected(plain, plain.encode(PROMPTS[0]), 12)[0]  # the adapters and int8 weights took effect

@@ -48,7 +48,7 @@ def reference(engine, prompt, max_tokens, **options):
     return ids[0, 1 if engine.seq2seq else len(prompt) :].tolist()
 
 
-PROMPTS = [(3, 16), (11, 9), (20, 13), (7, 4), (5, 16)]  # (prompt length, max_tokens): 5 requests, 3 slots
+PROMPTS = [(3, 16), (11, 9), (14, 13), (7, 4), (5, 16)]  # (prompt length, max_tokens): 5 requests, 3 slots
 
 
 def prompts(rng, vocab):

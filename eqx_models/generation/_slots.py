@@ -107,7 +107,7 @@ class Sampling(NamedTuple):
 
     temperature: Float[Array, " rows"]
     top_p: Float[Array, " rows"]
-    keys: UInt32[Array, "rows 2"]  # raw key data of jax.random.key(seed)
+    keys: UInt32[Array, "rows key"]  # raw key data of jax.random.key(seed)
     steps: Int[Array, " rows"]
 
 
@@ -243,7 +243,7 @@ class SlotEngine:
         self._tokens = np.zeros(slots, np.int32)
         self._temperature = np.zeros(slots, np.float32)
         self._top_p = np.ones(slots, np.float32)
-        self._keys = np.zeros((slots, 2), np.uint32)
+        self._keys = np.zeros((slots, *jax.random.key_data(jax.random.key(0)).shape), np.uint32)
         self._waiting: collections.deque[SlotRequest] = collections.deque()
         self._wake = threading.Condition()
 

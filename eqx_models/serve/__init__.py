@@ -12,9 +12,21 @@ from ..generation import SlotEngine, SlotRequest
 from ..models import CausalLM, Seq2SeqLM
 from ..text import Codec
 from ._app import Served, build_app
+from ._load import LoadReport, load_test
 from ._protocol import RequestError, error_body
 
-__all__ = ["RequestError", "Served", "build_app", "error_body", "load_served", "run", "server", "warm_up"]
+__all__ = [
+    "LoadReport",
+    "RequestError",
+    "Served",
+    "build_app",
+    "error_body",
+    "load_served",
+    "load_test",
+    "run",
+    "server",
+    "warm_up",
+]
 
 
 def load_served(

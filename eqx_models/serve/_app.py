@@ -135,7 +135,8 @@ class Served:
             raise RequestError(str(err), param="prompt") from None
 
 
-def _error(err: RequestError) -> JSONResponse:
+def _error(err: RequestError, endpoint: str) -> JSONResponse:
+    log.info("rejected %s request: %d %s", endpoint, err.status, err.message)
     return JSONResponse(err.body(), status_code=err.status)
 
 
@@ -277,6 +278,8 @@ async def _stream(run: _Run) -> AsyncIterator[str]:
                 logprobs = (_chat_logprobs if chat else _completion_logprobs)([extra])
             if kind == "token" and not piece and logprobs is None:
                 continue
+            if kind == "done" and extra == "error":  # OpenAI's way to fail a stream that has begun
+                yield f"data: {json.dumps(error_body('decoding failed on the server', kind='server_error'))}\n\n"
             reason = _finish_reason(extra) if kind == "done" else None
             if chat:
                 delta = {"content": piece} if piece or kind == "token" else {}
@@ -307,7 +310,7 @@ async def _respond(served: Served, kind: str, prompts: list[list[int]], sampling
     failure = run.failed()
     run.log("ok" if failure is None else "error")
     if failure is not None:
-        return _error(failure)
+        return JSONResponse(failure.body(), status_code=failure.status)
     return JSONResponse(_final(run))
 
 
@@ -339,7 +342,7 @@ def build_app(served: Served) -> Starlette:
             prompts = [served.encode(p) for p in parsed.prompts]
             return await _respond(served, "completion", prompts, parsed.sampling)
         except RequestError as err:
-            return _error(err)
+            return _error(err, "completion")
 
     async def chat(request: Request) -> Response:
         try:
@@ -354,7 +357,7 @@ def build_app(served: Served) -> Starlette:
                 raise RequestError(str(err), param="messages") from None
             return await _respond(served, "chat", [ids], parsed.sampling)
         except RequestError as err:
-            return _error(err)
+            return _error(err, "chat")
 
     async def not_found(request: Request, exc: Exception) -> Response:
         status = getattr(exc, "status_code", 404)
