@@ -17,6 +17,7 @@ from pathlib import Path
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import eqx_models
 from eqx_models import serve
@@ -42,17 +43,17 @@ T5 = dict(
 )
 
 
-def randomised(model: eqx.Module, seed: int = 0, std: float = 1.0) -> eqx.Module:
-    """Every floating-point parameter replaced by noise of `std` around its mean where it is
-    constant (a fresh norm's 1s), around 0 elsewhere."""
-    params, static = eqx.partition(model, eqx.is_inexact_array)
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    fresh = []
-    for key, leaf in zip(keys, leaves, strict=True):
-        center = leaf.mean() if leaf.ndim == 1 and bool(jnp.all(leaf == leaf.reshape(-1)[0])) else 0.0
-        fresh.append((center + std * jax.random.normal(key, leaf.shape)).astype(leaf.dtype))
-    return eqx.combine(jax.tree.unflatten(tree, fresh), static)
+def random_model(cls: type, config, seed: int = 0, std: float = 1.0) -> eqx.Module:
+    """A model of `cls` whose every parameter is drawn from N(0, std²) (vectors, which hold
+    norm scales, around 1), built on the abstract skeleton: no initialiser runs, numpy fills
+    the leaves, so no XLA op compiles per leaf."""
+    rng = np.random.default_rng(seed)
+    skeleton = eqx.filter_eval_shape(cls, config, key=jax.random.key(seed))
+    abstract = lambda x: isinstance(x, jax.ShapeDtypeStruct)  # noqa: E731
+    draw = lambda x: (len(x.shape) == 1) + std * rng.standard_normal(x.shape)  # noqa: E731
+    fill = lambda x: jnp.asarray(draw(x), x.dtype) if abstract(x) else x  # noqa: E731
+    model = jax.tree.map(fill, skeleton, is_leaf=abstract)
+    return eqx.nn.inference_mode(model)
 
 
 def tiny_gpt_neo(seed: int = 0) -> GPTNeoForCausalLM:
@@ -60,12 +61,11 @@ def tiny_gpt_neo(seed: int = 0) -> GPTNeoForCausalLM:
         **{**GPT_NEO, "num_layers": 2, "attention_types": ((("global", "local"), 1),), "pad_token_id": 0},
         eos_token_id=5,
     )
-    return eqx.nn.inference_mode(randomised(GPTNeoForCausalLM(config, key=jax.random.key(seed)), seed))
+    return random_model(GPTNeoForCausalLM, config, seed)
 
 
 def tiny_t5(seed: int = 0) -> T5ForConditionalGeneration:
-    model = T5ForConditionalGeneration(T5Config(**T5), key=jax.random.key(seed))
-    return eqx.nn.inference_mode(randomised(model, seed))
+    return random_model(T5ForConditionalGeneration, T5Config(**T5), seed)
 
 
 #: A chat template for the bundled model's tokenizer (which ships none), enough to test the endpoint.
@@ -86,9 +86,9 @@ def chat_folder(tmp: Path) -> Path:
 def t5_folder(tmp: Path) -> Path:
     """A tiny random T5 with a byte vocabulary (256 bytes, then pad/start and EOS ids mapped
     onto bytes 0 and 1, which prompts never hold), saved as an eqx folder."""
-    model = T5ForConditionalGeneration(T5Config(**{**T5, "vocab_size": 260}), key=jax.random.key(1))
+    model = random_model(T5ForConditionalGeneration, T5Config(**{**T5, "vocab_size": 260}), 1)
     folder = tmp / "t5-bytes"
-    eqx_models.save_pretrained(randomised(model, 1), folder)
+    eqx_models.save_pretrained(model, folder)
     return folder
 
 

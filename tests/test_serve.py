@@ -241,9 +241,9 @@ def test_int8_weights_and_lora_adapters_are_served(tmp_path):
     base = eqx_models.from_pretrained(EXAMPLE)
     adapted = add_lora(base, rank=2, alpha=4, target_modules=["q_proj", "v_proj"], key=jax.random.key(0))
     is_lora = lambda x: isinstance(x, LoRALinear)  # noqa: E731
-    loras = [x for x in jax.tree.leaves(adapted, is_leaf=is_lora) if is_lora(x)]
     # PEFT starts B at zero: give the adapters something to change
-    adapted = eqx.tree_at(lambda m: [x.lora_B for x in loras], adapted, [0.5 + x.lora_B for x in loras])
+    shift = lambda x: eqx.tree_at(lambda layer: layer.lora_B, x, x.lora_B + 0.5) if is_lora(x) else x  # noqa: E731
+    adapted = jax.tree.map(shift, adapted, is_leaf=is_lora)
     save_adapter(adapted, tmp_path / "adapter")
     served = serve.load_served(str(EXAMPLE), slots=2, context=64, quantize="int8", adapter=str(tmp_path / "adapter"))
     leaves = jax.tree.leaves(served.engine.model, is_leaf=lambda x: is_lora(x) or isinstance(x, Int8Weight))

@@ -126,6 +126,8 @@ def test_limits_are_one_line_errors_and_a_full_queue_is_busy(engine):
         engine.submit(SlotRequest([vocab], 4))
     with pytest.raises(InputError, match="prompt has|exceed the context"):
         engine.submit(SlotRequest([2] * (engine.context + 1), 1))
+    with pytest.raises(InputError, match="use fewer slots"):
+        SlotEngine(engine.model, slots=10**8, context=engine.context, max_new_tokens=engine.max_new_tokens)
     small = SlotEngine(engine.model, slots=1, context=engine.context, max_new_tokens=4, max_queue=2)
     small.submit(SlotRequest([2, 3], 4))
     small.submit(SlotRequest([2, 3], 4))

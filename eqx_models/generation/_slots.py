@@ -32,7 +32,7 @@ from ..errors import BusyError, InputError
 from ..models import CausalLM, Seq2SeqLM
 from ..nn import CrossKV
 from ._decoding import Decoder, Rows, init_batched_cache, prefill
-from ._generate import size_class
+from ._generate import cache_bytes, memory_limit, show_bytes, size_class, tree_bytes
 from ._processors import Temperature, TopP
 
 _log = logging.getLogger(__name__)
@@ -40,8 +40,9 @@ _log = logging.getLogger(__name__)
 #: How many of the most likely tokens each step reports with their log-probabilities
 #: (OpenAI's largest `logprobs` for completions).
 TOP_LOGPROBS = 5
-#: Source tokens an encoder-decoder model without a position table accepts by default.
-SEQ2SEQ_CONTEXT = 512
+#: The default context of models that place any length (rotary or relative positions), and
+#: the default `max_new_tokens` of encoder-decoder models.
+DEFAULT_CONTEXT = 512
 
 
 class Token(NamedTuple):
@@ -221,16 +222,17 @@ class SlotEngine:
         self.seq2seq = isinstance(model, Seq2SeqLM)
         limit = model.config.position_limit
         if context is None:
-            context = limit if limit is not None else SEQ2SEQ_CONTEXT
+            context = limit if limit is not None else DEFAULT_CONTEXT
         if context < 1 or (limit is not None and context > limit):
             raise InputError(f"context must be between 1 and the model's {limit} positions, got {context}")
         if max_new_tokens is None:
-            max_new_tokens = SEQ2SEQ_CONTEXT if self.seq2seq else context
-        if not 1 <= max_new_tokens <= (max_new_tokens if self.seq2seq else context):
+            max_new_tokens = DEFAULT_CONTEXT if self.seq2seq else context
+        if max_new_tokens < 1 or (not self.seq2seq and max_new_tokens > context):
             raise InputError(f"max_new_tokens must be between 1 and the context of {context}, got {max_new_tokens}")
         eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
         self.eos = frozenset(int(e) for e in np.atleast_1d(np.asarray(eos if eos is not None else [], np.int64)))
         self.slots, self.context, self.max_new_tokens, self.max_queue = slots, context, max_new_tokens, max_queue
+        self._check_memory()
 
         params, static = eqx.partition(model, eqx.is_array)
         self._params = params
@@ -246,6 +248,22 @@ class SlotEngine:
         self._keys = np.zeros((slots, *jax.random.key_data(jax.random.key(0)).shape), np.uint32)
         self._waiting: collections.deque[SlotRequest] = collections.deque()
         self._wake = threading.Condition()
+
+    def _check_memory(self) -> None:
+        """Refuses, before allocating, slots whose caches would not fit beside the weights."""
+        length = self.max_new_tokens if self.seq2seq else self.context
+        cache = self.slots * cache_bytes(self.model, length)
+        if self.seq2seq:  # cross keys and values: as many bytes per source token as the cache per slot
+            cache += self.slots * (cache_bytes(self.model, self.context) - cache_bytes(self.model, 0))
+        weights = tree_bytes(eqx.filter(self.model, eqx.is_array))
+        limit, what = memory_limit()
+        # The step's output cache may briefly live beside its (donated) input.
+        if weights + 2 * cache > limit:
+            raise InputError(
+                f"{self.slots} slots of {length} tokens need about {show_bytes(2 * cache)} of KV cache beside the "
+                f"model's {show_bytes(weights)}, but the machine has {show_bytes(limit)} of {what}; "
+                "use fewer slots (--max-batch) or a shorter context (--context)"
+            )
 
     def _empty(self) -> SlotState:
         """Every slot free: zero caches (one write index each) and cross keys and values."""

@@ -78,7 +78,7 @@ def warm_up(served: Served) -> None:
         pass
 
 
-def server(served: Served, *, host: str = "127.0.0.1", port: int = 8000, grace: float = 30.0):
+def server(served: Served, *, host: str = "127.0.0.1", port: int = 8000, grace: float | int = 30.0):
     """A `uvicorn.Server` of `served`'s app: `server.run()` serves (`sockets=[...]` for sockets
     bound already), `server.should_exit = True` stops it from another thread."""
     import uvicorn
@@ -97,7 +97,7 @@ def server(served: Served, *, host: str = "127.0.0.1", port: int = 8000, grace: 
     return uvicorn.Server(config)
 
 
-def run(served: Served, *, host: str = "127.0.0.1", port: int = 8000, grace: float = 30.0) -> None:
+def run(served: Served, *, host: str = "127.0.0.1", port: int = 8000, grace: float | int = 30.0) -> None:
     """Serves until SIGTERM or Ctrl-C. On SIGTERM the server stops accepting connections,
     finishes the requests in flight for up to `grace` seconds, and returns normally."""
     # uvicorn drains on SIGTERM, then re-raises the signal to the handler it found: a drained

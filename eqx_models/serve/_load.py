@@ -29,7 +29,7 @@ class LoadReport:
     def tokens_per_second(self) -> float:
         return sum(self.completion_tokens) / self.seconds
 
-    def percentile(self, q: float) -> float:
+    def percentile(self, q: float | int) -> float:
         return float(np.percentile(self.latencies, q))
 
     def line(self) -> str:
@@ -46,7 +46,7 @@ def load_test(
     *,
     clients: int,
     max_tokens: int,
-    time_limit: float,
+    time_limit: float | int,
     model: str | None = None,
 ) -> LoadReport:
     """Sends one greedy `/v1/completions` request per prompt to the server at `url`, at most
