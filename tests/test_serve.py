@@ -86,6 +86,12 @@ def test_chat_completions_equal_greedy_generate_on_the_chat_template(neo):
         model=served.name, messages=messages, max_tokens=20, temperature=0, stream=True
     )
     assert "".join(c.choices[0].delta.content or "" for c in stream) == text
+    scored = client.chat.completions.create(
+        model=served.name, messages=messages, max_tokens=20, temperature=0, logprobs=True, top_logprobs=2
+    )
+    content = scored.choices[0].logprobs.content
+    assert "".join(entry.token for entry in content) == text
+    assert all(len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob == pytest.approx(e.logprob) for e in content)
 
 
 def test_logprobs_stop_sequences_and_seeded_sampling(neo):

@@ -114,15 +114,23 @@ class Sampling(NamedTuple):
 
 def _choose(logits: Float[Array, "rows vocab"], sampling: Sampling) -> Choice:
     """Each row's next token: argmax where its temperature is 0, else a draw after its
-    temperature and top-p (the processors `generate` uses, with one value per row)."""
-    temperature = sampling.temperature[:, None]
-    # Temperature and top-p read no step context.
-    scores = Temperature(jnp.where(temperature > 0, temperature, 1.0))(logits, None)
-    scores = TopP(sampling.top_p[:, None])(scores, None)
-    keys = jax.random.wrap_key_data(sampling.keys)
-    draw = lambda key, step, row: jax.random.categorical(jax.random.fold_in(key, step), row)  # noqa: E731
-    sampled = jax.vmap(draw)(keys, sampling.steps, scores)
-    token = jnp.where(sampling.temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+    temperature and top-p (the processors `generate` uses, with one value per row). The
+    draw, and top-p's sort of the vocabulary, run only when some row needs them."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    sampling_rows = sampling.temperature > 0
+
+    def draw() -> Int[Array, " rows"]:
+        temperature = sampling.temperature[:, None]
+        # Temperature and top-p read no step context.
+        scores = Temperature(jnp.where(temperature > 0, temperature, 1.0))(logits, None)
+        nucleus = lambda s: TopP(sampling.top_p[:, None])(s, None)  # noqa: E731
+        scores = lax.cond(jnp.any(sampling_rows & (sampling.top_p < 1)), nucleus, lambda s: s, scores)
+        keys = jax.random.wrap_key_data(sampling.keys)
+        one = lambda key, step, row: jax.random.categorical(jax.random.fold_in(key, step), row)  # noqa: E731
+        sampled = jax.vmap(one)(keys, sampling.steps, scores).astype(jnp.int32)
+        return jnp.where(sampling_rows, sampled, greedy)
+
+    token = lax.cond(jnp.any(sampling_rows), draw, lambda: greedy)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     chosen = jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
     top_logprobs, top_ids = lax.top_k(log_probs, min(TOP_LOGPROBS, logits.shape[-1]))
