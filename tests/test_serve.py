@@ -260,3 +260,12 @@ def test_int8_weights_and_lora_adapters_are_served(tmp_path):
     assert (text, answer.choices[0].finish_reason) == expected(served, served.encode(PROMPTS[0]), 12)
     plain = serve.load_served(str(EXAMPLE), slots=1, context=64)
     assert text != expected(plain, plain.encode(PROMPTS[0]), 12)[0]  # the adapters and int8 weights took effect
+
+
+@pytest.mark.parametrize("flags", [["--port", "70000"], ["--max-batch", "0"], ["--quantize", "int4"]])
+def test_serve_flags_are_checked_before_loading(flags, capsys):
+    from eqx_models.cli import EXIT_BAD_INPUT, main
+
+    assert main(["serve", "/nonexistent", *flags]) == EXIT_BAD_INPUT
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and flags[0] in error and "/nonexistent" not in error
