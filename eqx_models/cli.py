@@ -1,4 +1,4 @@
-"""`eqx-models`: convert checkpoints, check them against HF, generate, and train.
+"""`eqx-models`: convert checkpoints, check them against HF, generate, serve, and train.
 
 Every failure prints one line naming the problem and exits with a code saying what kind
 of failure it was (`EXIT_CODES`); `--debug` shows the traceback instead.
@@ -8,7 +8,6 @@ import argparse
 import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
@@ -97,6 +96,17 @@ GENERATE_FLAGS = {
     "seed": Seed,
     "quantize": Scheme | None,
 }
+Count = Annotated[int, Range(1, MAX_INT32)]
+#: What each `serve` flag accepts.
+SERVE_FLAGS = {
+    "port": Annotated[int, Range(0, 65535)],
+    "max_batch": Count,
+    "context": Count | None,
+    "max_tokens_limit": Count | None,
+    "max_queue": Count | None,
+    "grace": Annotated[float, Range(0, None)],
+    "quantize": Scheme | None,
+}
 #: What each `convert` flag accepts.
 CONVERT_FLAGS = {"quantize": Scheme | None}
 #: What each `verify` flag accepts (a NaN tolerance would pass every model).
@@ -115,25 +125,11 @@ def _until_eos(ids: list[int], eos_ids: set[int]) -> tuple[list[int], bool]:
     return ids, False
 
 
-def _eos_ids(config_eos: Any, folder: Path) -> set[int]:
-    """The model config's end tokens and those of the folder's `generation_config.json`,
-    which transformers' `generate` stops at (instruction-tuned checkpoints list their
-    end-of-turn token there)."""
-    from .pretrained import read_config
-
-    ids = set() if config_eos is None else {int(e) for e in np.atleast_1d(config_eos)}
-    if (folder / "generation_config.json").is_file():
-        extra = read_config(folder, name="generation_config.json").get("eos_token_id")
-        if isinstance(extra, int) or (isinstance(extra, list) and all(isinstance(e, int) for e in extra)):
-            ids |= set(np.atleast_1d(extra).tolist())
-    return ids
-
-
 def _generate(args: argparse.Namespace) -> None:
     from .generation import generate, stream
     from .hub import folder
     from .models import Seq2SeqLM
-    from .pretrained import from_pretrained
+    from .pretrained import end_token_ids, from_pretrained
     from .text import StreamDecoder, load_tokenizer, prompt_ids
 
     options = _sampling_options(args)
@@ -142,7 +138,7 @@ def _generate(args: argparse.Namespace) -> None:
     model = from_pretrained(src, dtype=args.dtype, strict=args.strict, quantize=args.quantize)
     ids = prompt_ids(codec, args.prompt, vocab_size=model.config.vocab_size, chat=args.chat)
     prompt = np.asarray([ids], np.int32)
-    eos_ids = _eos_ids(model.config.eos_token_id, src)
+    eos_ids = end_token_ids(model.config.eos_token_id, src)
     if eos_ids:  # the loop stops at every end token transformers would (Gemma-it's <end_of_turn> too)
         options["eos_token_id"] = sorted(eos_ids)
     # An encoder-decoder model reads the prompt and writes new text: show only its output.
@@ -176,6 +172,32 @@ def _generate(args: argparse.Namespace) -> None:
         rate = (produced - first[1]) / (elapsed - first[0])
         stats += f" ({rate:.1f} tokens/s after the first chunk, which took {first[0]:.2f}s with compilation)"
     print(stats, file=sys.stderr)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from .serve import load_served, run, warm_up
+
+    served = load_served(
+        args.src,
+        revision=args.revision,
+        slots=args.max_batch,
+        context=args.context,
+        max_tokens_limit=args.max_tokens_limit,
+        max_queue=args.max_queue,
+        quantize=args.quantize,
+        adapter=args.adapter,
+        dtype=args.dtype,
+        byte_level=args.byte_level,
+    )
+    started = time.perf_counter()
+    warm_up(served)
+    engine = served.engine
+    print(
+        f"serving {served.name}: {engine.slots} slots, context {engine.context}, max_tokens up to "
+        f"{engine.max_new_tokens}, compiled in {time.perf_counter() - started:.1f}s",
+        file=sys.stderr,
+    )
+    run(served, host=args.host, port=args.port, grace=args.grace)
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -286,6 +308,41 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--strict", action="store_true", help="weights holding NaN or Inf are an error, not a warning")
     _add_quantize_flag(gen)
     gen.set_defaults(run=_checked(GENERATE_FLAGS, _generate))
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve a model over OpenAI's HTTP API (completions, chat completions) with continuous batching",
+        description="Serves SRC on http://HOST:PORT with OpenAI's endpoints: GET /health, GET /v1/models, POST "
+        "/v1/completions and, when the tokenizer has a chat template, POST /v1/chat/completions. Up to --max-batch "
+        "requests decode together in one compiled step; others wait in a bounded queue (HTTP 429 when it is full). "
+        "SIGTERM finishes the requests in flight (up to --grace seconds) and exits 0.",
+        epilog=EXIT_CODES,
+    )
+    serve.add_argument("src", help="a HF or eqx folder of a causal or seq2seq LM; or " + SOURCE_HELP[2:])
+    _add_revision_flag(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    serve.add_argument("--max-batch", type=int, default=8, help="requests decoded at once (default 8)")
+    serve.add_argument(
+        "--context",
+        type=int,
+        default=None,
+        help="cache slots per request, prompt plus new tokens (default: the model's positions); the longest "
+        "encoder input for seq2seq models (default: their positions, or 512)",
+    )
+    serve.add_argument(
+        "--max-tokens-limit",
+        type=int,
+        default=None,
+        help="the largest max_tokens a request may ask for (default: the context; 512 for seq2seq models)",
+    )
+    serve.add_argument("--max-queue", type=int, default=None, help="requests that may wait (default 4 x max-batch)")
+    serve.add_argument("--grace", type=float, default=30.0, help="seconds to finish work on SIGTERM (default 30)")
+    serve.add_argument("--adapter", default=None, metavar="DIR", help="LoRA adapters (a PEFT folder or hub id)")
+    serve.add_argument("--byte-level", action="store_true", help="byte-level ids instead of the folder's tokenizer")
+    serve.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    _add_quantize_flag(serve)
+    serve.set_defaults(run=_checked(SERVE_FLAGS, _serve))
 
     train = commands.add_parser(
         "train",

@@ -24,3 +24,7 @@ class InputError(EqxModelsError, ValueError):
 class HubError(CheckpointError):
     """A hub id cannot be resolved to a folder: no such repository or revision, no access, no
     network and no cached copy, or no supported weights in the repository."""
+
+
+class BusyError(EqxModelsError, RuntimeError):
+    """A server's queue of waiting requests is full: retry later (HTTP 429)."""

@@ -107,6 +107,18 @@ def read_config(folder: str | os.PathLike, *, name: str = CONFIG_NAME) -> dict[s
     return config
 
 
+def end_token_ids(config_eos: Any, folder: str | os.PathLike) -> set[int]:
+    """The model config's end tokens and those of the folder's `generation_config.json`,
+    which transformers' `generate` stops at (instruction-tuned checkpoints list their
+    end-of-turn token there)."""
+    ids = set() if config_eos is None else {int(e) for e in np.atleast_1d(config_eos)}
+    if (Path(folder) / "generation_config.json").is_file():
+        extra = read_config(folder, name="generation_config.json").get("eos_token_id")
+        if isinstance(extra, int) or (isinstance(extra, list) and all(isinstance(e, int) for e in extra)):
+            ids |= set(np.atleast_1d(extra).tolist())
+    return ids
+
+
 def from_pretrained(
     path_or_repo_id: str | os.PathLike,
     *,

@@ -381,7 +381,7 @@ def test_the_memory_estimate_counts_rows_and_scores(gemma):
 
     limit, _ = _generate.memory_limit()
     new = 2**20
-    per_row = _generate.CACHE_COPIES * _generate._cache_bytes(gemma, 16 + new) + (16 + new) * 4
+    per_row = _generate.CACHE_COPIES * _generate.cache_bytes(gemma, 16 + new) + (16 + new) * 4
     scores_per_row = new * gemma.config.vocab_size * 4
     rows = int(limit // (per_row + scores_per_row)) + 1
     assert rows * per_row < limit  # the caches alone fit

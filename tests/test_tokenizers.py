@@ -284,7 +284,7 @@ def test_tokenizer_is_a_codec_for_streaming(pairs):
 def test_cli_stops_at_the_end_tokens_of_generation_config(tmp_path):
     """`generate` stops where transformers would: the config's EOS and every id listed in
     `generation_config.json` (Gemma-it lists `<end_of_turn>` there)."""
-    from eqx_models.cli import _eos_ids
+    from eqx_models.pretrained import end_token_ids as _eos_ids
 
     assert _eos_ids(1, tmp_path) == {1}
     (tmp_path / "generation_config.json").write_text('{"eos_token_id": [1, 107], "bos_token_id": 2}')

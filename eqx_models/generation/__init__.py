@@ -22,6 +22,9 @@ from ._processors import SuppressTokensAtBegin as SuppressTokensAtBegin
 from ._processors import Temperature as Temperature
 from ._processors import TopK as TopK
 from ._processors import TopP as TopP
+from ._slots import SlotEngine as SlotEngine
+from ._slots import SlotRequest as SlotRequest
+from ._slots import Token as Token
 
 __all__ = [
     "BadWords",
@@ -37,9 +40,12 @@ __all__ = [
     "RepetitionPenalty",
     "StepContext",
     "SuppressTokens",
+    "SlotEngine",
+    "SlotRequest",
     "SuppressTokensAtBegin",
     "Temperature",
     "TopK",
+    "Token",
     "TopP",
     "hf_positions",
     "batched_decode",

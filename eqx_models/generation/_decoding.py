@@ -14,9 +14,13 @@ Generator = CausalLM | Seq2SeqLM
 
 
 def cache_axes(cache: KVCache) -> KVCache:
-    """vmap axes for a batch of caches: the write index is shared by every row, so the
-    cache update stays a `dynamic_update_slice` instead of becoming a scatter."""
+    """vmap axes for a batch of caches. Rows decoded together (`generate`) share one write
+    index, a scalar, so the cache update stays a `dynamic_update_slice` instead of becoming a
+    scatter; rows that started at different times (continuous batching's slots) carry one
+    index each, `[batch]`, and are mapped over it like every other leaf."""
     axes = jax.tree.map(lambda _: 0, cache)
+    if cache.index.ndim:
+        return axes
     return eqx.tree_at(lambda c: c.index, axes, None, is_leaf=lambda x: x is None)
 
 
@@ -39,8 +43,8 @@ def batched_decode(
     *,
     last_only: bool = False,
 ) -> tuple[Float[Array, "batch out vocab"], KVCache]:
-    """A decoder-only model's `decode` over a batch whose caches share one write index
-    (logits of the last new token only with `last_only`)."""
+    """A decoder-only model's `decode` over a batch of caches, sharing one write index or
+    holding one per row (`cache_axes`), logits of the last new token only with `last_only`."""
     axes = cache_axes(cache)
     step = lambda ids, c, m, p: model.decode(ids, c, attention_mask=m, position_ids=p, last_only=last_only)  # noqa: E731
     return jax.vmap(step, in_axes=(0, axes, 0, 0), out_axes=(0, axes))(input_ids, cache, attention_mask, position_ids)

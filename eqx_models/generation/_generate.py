@@ -159,18 +159,18 @@ CACHE_COPIES = 4
 _CACHE_LAYOUT: dict[Any, tuple[int, int]] = {}  # (model class, config, dtype) -> (fixed, per-slot) bytes
 
 
-def _tree_bytes(tree: Any) -> int:
+def tree_bytes(tree: Any) -> int:
     arrays = (leaf for leaf in jax.tree.leaves(tree) if isinstance(leaf, jax.Array | jax.ShapeDtypeStruct))
     return sum(leaf.size * leaf.dtype.itemsize for leaf in arrays)
 
 
-def _cache_bytes(model: CausalLM | Seq2SeqLM, slots: int) -> int:
+def cache_bytes(model: CausalLM | Seq2SeqLM, slots: int) -> int:
     """Bytes of one row's KV cache of `slots` slots. Linear in `slots`, so measured once per
     model shape with `jax.eval_shape` (which allocates nothing)."""
     dtype = next((leaf.dtype for leaf in jax.tree.leaves(model) if eqx.is_inexact_array(leaf)), None)
     key = (type(model), model.config, dtype)
     if key not in _CACHE_LAYOUT:
-        one, two = (_tree_bytes(jax.eval_shape(lambda n=n: model.init_cache(n))) for n in (1, 2))
+        one, two = (tree_bytes(jax.eval_shape(lambda n=n: model.init_cache(n))) for n in (1, 2))
         _CACHE_LAYOUT[key] = (2 * one - two, two - one)
     fixed, per_slot = _CACHE_LAYOUT[key]
     return fixed + per_slot * slots
@@ -192,7 +192,7 @@ def memory_limit() -> tuple[int, str]:
     return limit, "memory"
 
 
-def _bytes(n: int) -> str:
+def show_bytes(n: int) -> str:
     """`n` bytes in decimal units: `38.8 GB`."""
     for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= size:
@@ -213,11 +213,11 @@ def _check_budget(model: CausalLM | Seq2SeqLM, config: GenerationConfig, batch: 
             f"{slots} positions, beyond the {MAX_INT32} of JAX's int32 indices"
         )
     rows = batch * max(config.num_beams, config.num_return_sequences)
-    weights = _tree_bytes(eqx.filter(model, eqx.is_array))
+    weights = tree_bytes(eqx.filter(model, eqx.is_array))
 
     def needed(capacity: int) -> tuple[int, int]:
         """KV cache bytes and token (and score) buffer bytes for `capacity` new slots."""
-        cache = rows * _cache_bytes(model, prompt_slots + capacity)
+        cache = rows * cache_bytes(model, prompt_slots + capacity)
         buffers = rows * (prompt_slots + capacity) * 4 * (2 if config.is_beam_search else 1)
         if config.output_scores:
             buffers += rows * capacity * model.config.vocab_size * 4
@@ -237,9 +237,9 @@ def _check_budget(model: CausalLM | Seq2SeqLM, config: GenerationConfig, batch: 
     advice = f"at most about {capacity} new tokens fit" if fits(capacity) else "not even 16 new tokens fit"
     raise InputError(
         f"max_new_tokens={new} needs more memory than there is: {rows} row(s) of {slots} cache slots take about "
-        f"{_bytes(CACHE_COPIES * cache + buffers)} while decoding ({_bytes(cache)} of KV cache, held up to "
-        f"{CACHE_COPIES} times, and {_bytes(buffers)} of token buffers) beside the model's {_bytes(weights)}, "
-        f"but the machine has {_bytes(limit)} of {what}; {advice}"
+        f"{show_bytes(CACHE_COPIES * cache + buffers)} while decoding ({show_bytes(cache)} of KV cache, held up to "
+        f"{CACHE_COPIES} times, and {show_bytes(buffers)} of token buffers) beside the model's {show_bytes(weights)}, "
+        f"but the machine has {show_bytes(limit)} of {what}; {advice}"
     )
 
 

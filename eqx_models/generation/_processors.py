@@ -179,7 +179,10 @@ class SuppressTokensAtBegin(LogitsProcessor):
 
 
 class Temperature(LogitsProcessor):
-    temperature: float
+    """Divides the scores by `temperature`: one number, or one per row (`[rows, 1]`, the
+    slots of continuous batching, each with its request's temperature)."""
+
+    temperature: float | Float[Array, "rows 1"]
 
     def __call__(self, scores, context):
         return scores / self.temperature
@@ -199,9 +202,10 @@ class TopK(LogitsProcessor):
 
 class TopP(LogitsProcessor):
     """Nucleus sampling: keeps the smallest set of highest-probability tokens whose mass
-    exceeds `p` (HF's rule: drop tokens whose ascending cumulative mass is <= 1 - p)."""
+    exceeds `p` (HF's rule: drop tokens whose ascending cumulative mass is <= 1 - p). `p` is
+    one number, or one per row (`[rows, 1]`)."""
 
-    p: float
+    p: float | Float[Array, "rows 1"]
     min_tokens_to_keep: int = 1
 
     def __call__(self, scores, context):
