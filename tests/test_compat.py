@@ -483,6 +483,7 @@ def test_big_bird_causal_lm_generates_as_pytorch(tmp_path):
     np.testing.assert_array_equal(np.asarray(model.generate(ids, max_new_tokens=6).sequences), expected)
 
 
+@pytest.mark.slow
 def test_hf_flax_t5_needs_the_clip_shim_on_current_jax(loaded):
     """Why `hf_flax_runs` exists: without it HF's Flax T5 fails on current JAX."""
     pair = loaded("FlaxT5Model")

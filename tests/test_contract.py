@@ -147,6 +147,7 @@ LAYERS = {
     "verify": 6,
     "compat": 6,
     "train": 6,
+    "serve": 6,  # the OpenAI-compatible server: a slot engine over any generating model
     "cli": 7,
     "__main__": 8,
     "__init__": 8,

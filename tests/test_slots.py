@@ -4,6 +4,7 @@ seq2seq; requests leave at an end token, their budget, a consumer's stop or a ca
 
 import numpy as np
 import pytest
+from cases import tiered
 from serve_cases import tiny_gpt_neo, tiny_t5
 
 import eqx_models
@@ -13,7 +14,7 @@ from eqx_models.generation import SlotEngine, SlotRequest
 MODELS = {"gpt_neo": tiny_gpt_neo, "t5": tiny_t5}
 
 
-@pytest.fixture(scope="module", params=sorted(MODELS))
+@pytest.fixture(scope="module", params=tiered(sorted(MODELS), "gpt_neo"))
 def engine(request):
     model = MODELS[request.param]()
     if request.param == "t5":
