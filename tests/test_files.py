@@ -87,6 +87,7 @@ def test_convert_into_the_sources_parent_is_refused_and_loses_nothing(tmp_path, 
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spelling", ["same", "dot", "trailing-slash", "link", "dotdot"])
 def test_convert_onto_its_own_source_is_refused(tmp_path, capsys, spelling):
     source = foreign_hf_folder(tmp_path / "model")

@@ -170,6 +170,7 @@ def test_out_of_range_ids_fail_inside_the_model(tmp_path):
         jax.block_until_ready(model(jnp.array([1, 500])))
 
 
+@pytest.mark.slow
 def test_wrong_shapes_fail_the_type_check(getkey):
     config = GPTNeoConfig(**GPT_NEO, num_layers=2, attention_types=((("global", "local"), 1),))
     model = GPTNeoForCausalLM(config, key=getkey())
