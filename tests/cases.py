@@ -7,8 +7,7 @@ import pytest
 import torch
 import transformers
 from oracle import randomise
-
-GPT_NEO = dict(vocab_size=97, hidden_size=32, num_heads=4, max_position_embeddings=64, window_size=3)
+from shapes import GPT_NEO
 
 
 def hf_neo(tmp_path, seed=0, head=transformers.GPTNeoForCausalLM, **overrides):

@@ -20,7 +20,7 @@ from decoder_cases import GEMMA, XGLM
 from flax.training import train_state
 from flax.training.common_utils import onehot
 from oracle import randomise
-from t5_cases import COMMON as T5
+from shapes import T5
 
 # --------------------------------------------------------------------------- the classes and their checkpoints
 

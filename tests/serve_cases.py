@@ -18,6 +18,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from shapes import GPT_NEO, T5
 
 import eqx_models
 from eqx_models import serve
@@ -25,22 +26,6 @@ from eqx_models.models.gpt_neo import GPTNeoConfig, GPTNeoForCausalLM
 from eqx_models.models.t5 import T5Config, T5ForConditionalGeneration
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "stdlib-gpt-neo"
-# The shapes of tests/cases.py's GPT_NEO and tests/t5_cases.py's COMMON, written out because
-# those modules import torch and transformers, which serving tests do not need.
-GPT_NEO = dict(vocab_size=97, hidden_size=32, num_heads=4, max_position_embeddings=64, window_size=3)
-T5 = dict(
-    vocab_size=71,
-    d_model=24,
-    d_kv=6,
-    d_ff=40,
-    num_layers=2,
-    num_heads=4,
-    relative_attention_num_buckets=8,
-    relative_attention_max_distance=12,
-    decoder_start_token_id=0,
-    pad_token_id=0,
-    eos_token_id=1,
-)
 
 
 def random_model(cls: type, config, seed: int = 0, std: float = 1.0) -> eqx.Module:

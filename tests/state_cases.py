@@ -9,7 +9,7 @@ import transformers
 from cases import BIG_BIRD, GPT_NEO, LONG_T5
 from decoder_cases import GEMMA, XGLM
 from oracle import randomise
-from t5_cases import COMMON as T5
+from shapes import T5
 
 from eqx_models.models import FAMILIES, all_classes
 

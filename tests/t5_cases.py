@@ -10,22 +10,7 @@ import numpy as np
 import torch
 import transformers
 from oracle import randomise
-
-# 8 buckets up to distance 12: the encoder's bidirectional buckets are exact up to 2 and
-# logarithmic up to 12, the decoder's exact up to 4; longer sequences reach the last bucket.
-COMMON = dict(
-    vocab_size=71,
-    d_model=24,
-    d_kv=6,
-    d_ff=40,
-    num_layers=2,
-    num_heads=4,
-    relative_attention_num_buckets=8,
-    relative_attention_max_distance=12,
-    decoder_start_token_id=0,
-    pad_token_id=0,
-    eos_token_id=1,
-)
+from shapes import T5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,13 +39,13 @@ class Case:
 
 CASES = {
     # the original T5: ReLU feed-forward, LM head tied to the embedding (rescaled by d_model ** -0.5)
-    "t5": Case("t5", "T5", COMMON),
+    "t5": Case("t5", "T5", T5),
     # T5 v1.1 / FLAN-T5: gated tanh-GELU, untied head; here also a deeper encoder than decoder
     "flan-t5": Case(
         "flan-t5",
         "T5",
         {
-            **COMMON,
+            **T5,
             "feed_forward_proj": "gated-gelu",
             "tie_word_embeddings": False,
             "num_layers": 3,
@@ -68,7 +53,7 @@ CASES = {
         },
     ),
     # mT5: model_type "mt5" and HF's MT5* classes (gated-gelu and untied by default)
-    "mt5": Case("mt5", "MT5", COMMON),
+    "mt5": Case("mt5", "MT5", T5),
 }
 
 
