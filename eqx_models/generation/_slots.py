@@ -46,8 +46,9 @@ DEFAULT_CONTEXT = 512
 
 
 class Token(NamedTuple):
-    """One generated token: its id, its log-probability under the model, and the
-    `TOP_LOGPROBS` most likely ids of that step with theirs (most likely first)."""
+    """One generated token: its id, its log-probability under the model, and, when its
+    request asked for them (`SlotRequest.top_logprobs`), the `TOP_LOGPROBS` most likely ids
+    of that step with theirs (most likely first; empty otherwise)."""
 
     id: int
     logprob: float
@@ -72,6 +73,8 @@ class SlotRequest:
     - `top_p`: nucleus sampling's mass (1 keeps every token, 0 only the most likely).
     - `seed`: the sampler's seed (`jax.random.key(seed)`, folded with the step number, as
       `generate(..., do_sample=True, key=jax.random.key(seed))` draws).
+    - `top_logprobs`: whether its tokens carry the step's most likely alternatives
+      (`Token.top`); the engine ranks the vocabulary only while some request wants them.
     - `on_token(token) -> bool`: called, in the engine's thread, with each new token (end
       tokens excluded); returning True ends the request with reason `"stop"`.
     - `on_done(reason)`: called once at the end: `"stop"` (an end token, or `on_token`
@@ -83,6 +86,7 @@ class SlotRequest:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+    top_logprobs: bool = False
     on_token: Callable[[Token], bool] = _ignore
     on_done: Callable[[str], None] = _nothing
     cancelled: bool = dataclasses.field(default=False, init=False)
@@ -110,6 +114,7 @@ class Sampling(NamedTuple):
     top_p: Float[Array, " rows"]
     keys: UInt32[Array, "rows key"]  # raw key data of jax.random.key(seed)
     steps: Int[Array, " rows"]
+    ranked: Bool[Array, " rows"]  # the row wants the step's most likely alternatives
 
 
 def _choose(logits: Float[Array, "rows vocab"], sampling: Sampling) -> Choice:
@@ -133,7 +138,9 @@ def _choose(logits: Float[Array, "rows vocab"], sampling: Sampling) -> Choice:
     token = lax.cond(jnp.any(sampling_rows), draw, lambda: greedy)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     chosen = jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
-    top_logprobs, top_ids = lax.top_k(log_probs, min(TOP_LOGPROBS, logits.shape[-1]))
+    k = min(TOP_LOGPROBS, logits.shape[-1])
+    unranked = lambda: (jnp.zeros(token.shape + (k,), log_probs.dtype), jnp.zeros(token.shape + (k,), jnp.int32))  # noqa: E731
+    top_logprobs, top_ids = lax.cond(jnp.any(sampling.ranked), lambda: tuple(lax.top_k(log_probs, k)), unranked)
     return Choice(token, chosen, top_ids.astype(jnp.int32), top_logprobs)
 
 
@@ -253,6 +260,7 @@ class SlotEngine:
         self._tokens = np.zeros(slots, np.int32)
         self._temperature = np.zeros(slots, np.float32)
         self._top_p = np.ones(slots, np.float32)
+        self._ranked = np.zeros(slots, bool)
         self._keys = np.zeros((slots, *jax.random.key_data(jax.random.key(0)).shape), np.uint32)
         self._waiting: collections.deque[SlotRequest] = collections.deque()
         self._wake = threading.Condition()
@@ -393,7 +401,7 @@ class SlotEngine:
         return True
 
     def _sampling(self, steps: np.ndarray) -> Sampling:
-        return Sampling(self._temperature, self._top_p, self._keys, steps)
+        return Sampling(self._temperature, self._top_p, self._keys, steps, self._ranked)
 
     def _admit(self) -> bool:
         admitted = False
@@ -410,6 +418,7 @@ class SlotEngine:
             self._running[slot] = _Running(request)
             self._temperature[slot] = request.temperature
             self._top_p[slot] = request.top_p
+            self._ranked[slot] = request.top_logprobs
             self._keys[slot] = np.asarray(jax.random.key_data(jax.random.key(request.seed)))
             one = lambda a: a[slot : slot + 1]  # noqa: E731
             sampling = Sampling(*map(one, self._sampling(np.zeros(self.slots, np.int32))))
@@ -441,7 +450,9 @@ class SlotEngine:
         running.produced += 1
         if token in self.eos:
             return self._finish(slot, "stop")
-        top = tuple(zip(choice.top_ids[row].tolist(), choice.top_logprobs[row].tolist(), strict=True))
+        top = ()
+        if running.request.top_logprobs:
+            top = tuple(zip(choice.top_ids[row].tolist(), choice.top_logprobs[row].tolist(), strict=True))
         try:
             stop = running.request.on_token(Token(token, float(choice.logprob[row]), top))
         except Exception:  # a consumer's failure ends its request, never the engine
@@ -454,4 +465,5 @@ class SlotEngine:
 
     def _finish(self, slot: int, reason: str) -> None:
         running, self._running[slot] = self._running[slot], None
+        self._temperature[slot], self._ranked[slot] = 0.0, False  # a free slot asks for no draw and no ranking
         running.request.on_done(reason)

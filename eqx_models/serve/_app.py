@@ -80,6 +80,7 @@ class _Choice:
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             seed=seed,
+            top_logprobs=bool(sampling.logprobs),
             on_token=self._on_token,
             on_done=self._on_done,
         )
