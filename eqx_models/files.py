@@ -42,6 +42,7 @@ import shutil
 import signal
 import socket
 import stat
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -225,18 +226,59 @@ def _set_handlers(handlers: dict[int, Any]) -> None:
         _end_deferral(deliver=False)
 
 
+class _DroppedInterruptions:
+    """Python drops an exception raised where no caller can catch it (a garbage-collection
+    callback, a `__del__`, a weakref callback) and prints it as "Exception ignored": a
+    signal's exception raised there would be lost, the work would go on and a traceback
+    would reach the user. While our `handlers` are installed, such a dropped interruption
+    is not printed; the signal is sent to the main thread again 20 ms later, to be raised
+    where it unwinds."""
+
+    DELAY = 0.02
+
+    def __init__(self, handlers: dict[int, Any]):
+        self.handlers = handlers
+        self.previous = sys.unraisablehook
+        self.timers: list[threading.Timer] = []
+        sys.unraisablehook = self.hook
+
+    def hook(self, unraisable: Any) -> None:
+        err = unraisable.exc_value
+        signum = getattr(err, "signum", signal.SIGINT) if isinstance(err, KeyboardInterrupt) else None
+        if signum not in self.handlers:
+            self.previous(unraisable)
+            return
+        timer = threading.Timer(self.DELAY, self.resend, (signum,))
+        timer.daemon = True
+        self.timers.append(timer)
+        timer.start()
+
+    def resend(self, signum: int) -> None:
+        if signal.getsignal(signum) == self.handlers[signum]:  # still ours: not restored meanwhile
+            signal.pthread_kill(threading.main_thread().ident, signum)
+
+    def release(self) -> None:
+        """Stops sending again (before the previous handlers return) and restores the hook."""
+        for timer in self.timers:
+            timer.cancel()
+        if sys.unraisablehook == self.hook:
+            sys.unraisablehook = self.previous
+
+
 class interrupts_raise:  # noqa: N801 (a context manager, named like contextlib's)
     """SIGINT and SIGTERM raise `Interrupted` (a `KeyboardInterrupt`) in the main thread
     while inside: what the CLI runs its commands under. Elsewhere a no-op.
 
     `received` keeps the signal: a library that catches every exception (numpy's
-    `tofile` turns one raised while it flushes into a `TypeError`; an exception in a
-    garbage-collection callback is printed and dropped) may surface the interruption as
-    another error or none, and the caller should still treat it as one."""
+    `tofile` turns one raised while it flushes into a `TypeError`) may surface the
+    interruption as another error, and the caller should still treat it as one. One that
+    Python drops (raised in a garbage-collection callback) is raised again: see
+    `_DroppedInterruptions`."""
 
     def __init__(self) -> None:
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
+        self._dropped: _DroppedInterruptions | None = None
 
     def _handler(self, signum: int, frame: Any) -> None:
         self.received = self.received or signum
@@ -248,7 +290,9 @@ class interrupts_raise:  # noqa: N801 (a context manager, named like contextlib'
             previous = {sig: signal.getsignal(sig) for sig in _SIGNALS}
             self._previous = {sig: handler for sig, handler in previous.items() if handler is not None}
             try:
-                _set_handlers({sig: self._handler for sig in self._previous})
+                handlers = {sig: self._handler for sig in self._previous}
+                self._dropped = _DroppedInterruptions(handlers)
+                _set_handlers(handlers)
             except BaseException:  # a signal right after: `__exit__` would not run
                 self.__exit__()
                 raise
@@ -257,6 +301,9 @@ class interrupts_raise:  # noqa: N801 (a context manager, named like contextlib'
     def __exit__(self, *exc_info: Any) -> None:
         _Deferral.depth += 1
         try:
+            if self._dropped is not None:
+                self._dropped.release()
+                self._dropped = None
             for sig, handler in self._previous.items():
                 signal.signal(sig, handler)
             if _Deferral.depth == 1:  # one held back while restoring is in `received`
@@ -270,7 +317,8 @@ def _signals_unwind() -> Iterator[None]:
     """While a temporary folder exists, SIGTERM and SIGINT under their default handling
     (terminate; `KeyboardInterrupt`) raise, so that the folder is removed; then a SIGTERM
     terminates the process by its default action, as the sender asked, even if a library
-    turned the exception into another or dropped it. Handlers someone installed (the CLI's
+    turned the exception into another. One that Python drops is raised again
+    (`_DroppedInterruptions`). Handlers someone installed (the CLI's
     `interrupts_raise`) are left alone."""
     if not _in_main_thread():
         yield
@@ -287,9 +335,11 @@ def _signals_unwind() -> Iterator[None]:
         if not _held_back(signum, frame):
             raise _Terminated(signum) if signum == signal.SIGTERM else KeyboardInterrupt()
 
-    unwinding = None
+    unwinding = dropped = None
     try:
-        _set_handlers({sig: handler for sig in saved})
+        if saved:
+            dropped = _DroppedInterruptions(dict.fromkeys(saved, handler))
+        _set_handlers(dict.fromkeys(saved, handler))
         yield
     except BaseException as err:
         unwinding = err
@@ -297,6 +347,8 @@ def _signals_unwind() -> Iterator[None]:
     finally:
         _Deferral.depth += 1
         try:
+            if dropped is not None:
+                dropped.release()
             for sig, previous in saved.items():
                 signal.signal(sig, previous)
             if _Deferral.depth == 1 and _Deferral.pending is not None:

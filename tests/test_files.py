@@ -637,6 +637,63 @@ def test_sigterm_during_convert_exits_130_with_one_line_and_leaves_the_old_folde
     assert whole_conversion(dst) and leftovers(tmp_path) == []
 
 
+# A signal that arrives while a garbage-collection callback runs (as JAX's does) raises
+# there; Python drops that exception and prints it. The callback below raises the signal
+# from inside itself, once.
+GC_SIGNAL = """
+import gc, json, os, signal, sys, time
+from eqx_models.files import atomic_folder, interrupts_raise
+sent = []
+def callback(phase, info):
+    if phase == "start" and not sent:
+        sent.append(1)
+        signal.raise_signal(signal.SIG{sig})
+def collect_until_interrupted():
+    gc.callbacks.append(callback)
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        [str(i) for i in range(100)]
+    print("ran to the end")
+if sys.argv[1] == "cli":
+    with interrupts_raise() as interruption:
+        try:
+            collect_until_interrupted()
+        except KeyboardInterrupt as err:
+            print("raised", type(err).__name__, err, interruption.received)
+else:
+    try:
+        with atomic_folder(sys.argv[2]) as tmp:
+            (tmp / "part").write_text("half")
+            collect_until_interrupted()
+    except KeyboardInterrupt as err:
+        print("raised", type(err).__name__, os.listdir(os.path.dirname(sys.argv[2])))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["TERM", "INT"])
+@pytest.mark.parametrize("under", ["cli", "default"])
+def test_a_signal_raised_inside_a_gc_callback_is_raised_again_where_it_unwinds(tmp_path, sig, under):
+    script = GC_SIGNAL.format(sig=sig)
+    done = subprocess.run(
+        [sys.executable, "-c", script, under, str(tmp_path / "out")],
+        env=worker_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "Exception ignored" not in done.stderr and "ran to the end" not in done.stdout, done
+    signum = getattr(signal, f"SIG{sig}")
+    if under == "cli":
+        assert done.stdout == f"raised Interrupted SIG{sig} {int(signum)}\n" and done.returncode == 0, done
+    elif sig == "INT":
+        assert done.stdout == "raised KeyboardInterrupt []\n" and done.returncode == 0, done
+    else:  # SIGTERM under default handling: the folder is removed, then the process terminates
+        assert done.stdout == "" and done.returncode == -signal.SIGTERM, done
+        assert list(tmp_path.iterdir()) == []
+
+
 def run_kills(tmp_path, trials, seed):
     done = run_worker("kill", "save,export,checkpoint", "KILL,TERM", trials, seed, tmp_path, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
