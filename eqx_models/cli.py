@@ -38,7 +38,7 @@ def _convert(args: argparse.Namespace) -> None:
     src = folder(args.src, revision=args.revision)
     check_destination(args.dst, source=src, overwrite=args.overwrite)
     if args.quantize is not None and args.to == "hf":
-        raise InputError(f"--quantize {args.quantize} writes int8 weights, which only eqx folders hold: use --to eqx")
+        raise InputError(f"--quantize {args.quantize} stores weights that only eqx folders hold: use --to eqx")
     model, report = load_with_report(src, dtype=args.dtype, strict=args.strict, quantize=args.quantize, progress=True)
     for path in report.initialised:
         print(f"note: {path} is not in the checkpoint and was freshly initialised", file=sys.stderr)
@@ -244,8 +244,8 @@ def _add_quantize_flag(parser: argparse.ArgumentParser) -> None:
         "--quantize",
         default=None,
         metavar="SCHEME",
-        help=f"store the weights quantised ({', '.join(SCHEMES)}: int8 with one scale per output channel, "
-        "embeddings included; activations stay in float)",
+        help=f"store the weights quantised ({', '.join(SCHEMES)}: int8 with one scale per output channel, or "
+        "rounded to bfloat16; embeddings included; activations stay in float)",
     )
 
 

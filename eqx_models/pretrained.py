@@ -147,9 +147,10 @@ def from_pretrained(
     - `key`: initialises heads absent from the checkpoint (default `PRNGKey(0)`).
     - `strict`: weights holding NaN or Inf are an error (`CheckpointError`) instead of a
       `NonFiniteWeightsWarning` naming them.
-    - `quantize`: `"int8"` stores the weights as int8 with one scale per output channel
-      (`eqx_models.quantize`), `quantize_embeddings=False` keeping the embedding tables (and
-      a tied LM head) in `dtype`. Our folders saved quantised load quantised as they were.
+    - `quantize`: `"int8"` stores the weights as int8 with one scale per output channel,
+      `"bfloat16"` rounds them to bfloat16 (`eqx_models.quantize`); `quantize_embeddings=False`
+      keeps the embedding tables (and a tied LM head) in `dtype`. Our folders saved
+      quantised load quantised as they were.
     - `options`: run options (`nn.RunOptions`) such as `scan_layers=False` or `remat=True`.
     """
     model, _ = load_with_report(
@@ -321,10 +322,8 @@ def _read_own_weights(folder: Path) -> dict[str, Any]:
 
 
 def model_dtype(model: Model) -> str:
-    for _, leaf in array_leaves(model):
-        if jnp.issubdtype(leaf.dtype, jnp.floating):
-            return jnp.dtype(leaf.dtype).name
-    return "float32"
+    """The name of the float dtype `model` computes in (`Model.dtype`)."""
+    return jnp.dtype(model.dtype).name
 
 
 def tokenizer_files(folder: str | os.PathLike) -> list[Path]:
@@ -396,7 +395,7 @@ def save_pretrained(
         **nn.run_options(model).as_dict(),
     }
     quantization = quantization_of(model)
-    if quantization is not None:  # the int8 values and scales are stored as they are
+    if quantization is not None:  # the quantised values and scales are stored as they are
         hf["eqx_models"]["quantization"] = quantization
     arrays = {path: np.asarray(leaf) for path, leaf in progress_bar(list(array_leaves(model)), progress, "saving")}
     with atomic_folder(path, overwrite=overwrite) as tmp:
@@ -421,7 +420,8 @@ def export_hf(
     check_destination(path, overwrite=overwrite)  # before any work
     if quantization_of(model) is not None:
         raise InputError(
-            "export_hf writes float weights and this model is quantised (int8): export the float model, or "
+            f"export_hf writes float weights and this model is quantised ({quantization_of(model)['scheme']}): "
+            "export the float model, or "
             "eqx_models.dequantize(model) to export the rounded weights in float"
         )
     cls, config = type(model), model.config

@@ -1,10 +1,12 @@
-"""int8 weight-only quantisation (`eqx_models.quantize`): the per-channel rounding bound,
-every family running quantised, generation, our folder format, the CLI, and the quality
-of the bundled trained model on held-out text.
+"""Weight-only quantisation (`eqx_models.quantize`, int8 and bfloat16 weights): the
+per-channel rounding bound, bfloat16 weights stored exactly, every family running quantised,
+generation, our folder format, the CLI, and the quality of the bundled trained model on
+held-out text.
 
-Tolerances here are quantisation error, not parity: every weight is within half a step
-(`max|row| / 254`) of its float value, so each quantised product is off by a fraction of a
-percent of its output's scale and a tiny model chains about ten of them."""
+Tolerances here are quantisation error, not parity: every int8 weight is within half a step
+(`max|row| / 254`) of its float value and every bfloat16 one within 2**-9 of it (relative),
+so each quantised product is off by a fraction of a percent of its output's scale and a
+tiny model chains about ten of them."""
 
 import json
 
@@ -33,7 +35,7 @@ def test_int8_rows_are_within_half_a_step_of_the_float_rows(getkey, dtype):
     product), and a row of zeros stays zeros. Stacked weights keep their layers axis."""
     rows = jax.random.normal(getkey(), (3, 40, 24)) * jnp.logspace(-3, 1, 40)[None, :, None]
     weight = rows.at[1, 5].set(0.0).astype(dtype)
-    q = nn.Int8Weight.quantize(weight)
+    q = nn.QuantizedWeight.quantize(weight)
     assert q.values.dtype == jnp.int8 and q.values.shape == (3, 40, 24)
     assert q.scale.dtype == dtype and q.scale.shape == (3, 40)
     w = np.asarray(weight, np.float32)
@@ -48,14 +50,41 @@ def test_int8_rows_are_within_half_a_step_of_the_float_rows(getkey, dtype):
     assert 0.2 < float((error[scale > 0] / scale[scale > 0][..., None]).mean()) < 0.3
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_bfloat16_rows_store_the_bfloat16_weights_exactly(getkey, dtype):
+    """Scheme "bfloat16": float16 values times a power-of-two row scale give back each
+    weight rounded to bfloat16, bit for bit, for every element within 2**-29 of its row's
+    largest (here rows spanning 40 binades), and within 2**-40 of the row's largest below
+    that; the largest value sits in [2**15, 2**16) after scaling; zeros stay zeros."""
+    rows = jax.random.normal(getkey(), (3, 40, 24)) * jnp.logspace(-30, 3, 40)[None, :, None]
+    rows = rows.at[2, 7].set(rows[2, 7] * jnp.logspace(-12, 0, 24))  # one row spanning 12 decades
+    weight = rows.at[1, 5].set(0.0).astype(dtype)
+    q = nn.QuantizedWeight.quantize(weight, "bfloat16")
+    assert q.scheme == "bfloat16" and q.values.dtype == jnp.float16 and q.values.shape == (3, 40, 24)
+    assert q.scale.dtype == dtype and q.scale.shape == (3, 40)
+    scale = np.asarray(q.scale, np.float64)
+    assert (np.frexp(scale)[0] == 0.5).all()  # powers of two
+    want = np.asarray(weight.astype(jnp.bfloat16), np.float64)
+    top = np.abs(want).max(-1, keepdims=True)
+    scaled_top = top[..., 0][top[..., 0] > 0] / scale[top[..., 0] > 0]
+    assert (scaled_top >= 2**15).all() and (scaled_top < 2**16).all()
+    got = np.asarray(q.values, np.float64) * scale[..., None]
+    large = np.abs(want) >= top * 2.0**-29
+    np.testing.assert_array_equal(got[large], want[large])
+    assert (np.abs(got - want) <= top * 2.0**-40).all()
+    assert not large.all()  # the rows do reach below 2**-29
+    assert (np.asarray(q.values[1, 5]) == 0).all()
+    np.testing.assert_array_equal(np.asarray(q.dequantize(), np.float64)[large], want[large])
+
+
 def test_quantize_replaces_weights_only_and_keeps_the_tree(getkey):
     model = tiny_text_model("gpt_neo", getkey())
     q = eqx_models.quantize(model, "int8")
     attn = q.transformer.h.layers.attn
-    assert isinstance(attn.q_proj, nn.Linear) and isinstance(attn.q_proj.weight, nn.Int8Weight)
+    assert isinstance(attn.q_proj, nn.Linear) and isinstance(attn.q_proj.weight, nn.QuantizedWeight)
     assert attn.q_proj.weight.values.shape == (2, 32, 32)  # stacked: [layers, out, in]
     assert attn.q_proj.weight.scale.shape == (2, 32)
-    assert isinstance(q.transformer.wte.weight, nn.Int8Weight)
+    assert isinstance(q.transformer.wte.weight, nn.QuantizedWeight)
     assert q.transformer.ln_f.weight is model.transformer.ln_f.weight  # norms shared, not copied
     assert quantization_of(q) == {"scheme": "int8", "embeddings": True}
     assert quantization_of(model) is None
@@ -68,27 +97,43 @@ def test_quantize_replaces_weights_only_and_keeps_the_tree(getkey):
     assert quantization_of(back) is None
     assert back.transformer.wte.weight.shape == model.transformer.wte.weight.shape
 
+    half = eqx_models.quantize(model, "bfloat16")
+    assert half.transformer.h.layers.attn.q_proj.weight.values.dtype == jnp.float16
+    assert quantization_of(half) == {"scheme": "bfloat16", "embeddings": True}
+    with pytest.raises(InputError, match="the model is already quantised int8; dequantize it first"):
+        eqx_models.quantize(q, "bfloat16")
+
+
+# Per scheme: the bound on the largest logit error (relative to the largest logit) and on
+# the next-token KL (nats), from the module docstring's rationale. A bfloat16 weight's error
+# bound (2**-9 of itself) is about half an int8 one's (1/254 of its row's largest), so are
+# its bounds. Measured over the families: int8 0.5-3.6% and KL <= 3.3e-4; bfloat16
+# 0.13-0.93% and KL <= 4.4e-5.
+LOGIT_BOUNDS = {"int8": (0.05, 1e-3), "bfloat16": (0.025, 5e-4)}
+
 
 @pytest.mark.slow
+@pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("model_type", sorted(TINY))
-def test_every_family_runs_quantised_with_logits_close_to_float(getkey, model_type):
-    """Teacher-forced logits of each family's text head, int8 against float32, random tiny
-    weights: within 5% of the largest logit (the rationale is in the module docstring;
-    measured 0.4-3.2%) and a next-token KL below 1e-3 nats."""
+def test_every_family_runs_quantised_with_logits_close_to_float(getkey, model_type, scheme):
+    """Teacher-forced logits of each family's text head, quantised against float32, random
+    tiny weights: within `LOGIT_BOUNDS` of the largest logit, and a small next-token KL."""
     model = tiny_text_model(model_type, getkey())
     ids = np.random.default_rng(0).integers(3, 61, (2, 12))
-    result = compare(model, eqx_models.quantize(model), ids)
-    print(f"\n{model_type}: {result}")
-    assert 0 < result.max_logit_error < 0.05
-    assert result.kl < 1e-3
+    result = compare(model, eqx_models.quantize(model, scheme), ids)
+    print(f"\n{model_type} {scheme}: {result}")
+    error, kl = LOGIT_BOUNDS[scheme]
+    assert 0 < result.max_logit_error < error
+    assert result.kl < kl
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("model_type", ["gpt_neo", "t5"])
-def test_greedy_generation_and_streaming_run_quantised(getkey, model_type):
+def test_greedy_generation_and_streaming_run_quantised(getkey, model_type, scheme):
     """Greedy decoding of a quantised decoder and encoder-decoder (the cached decode loop and
-    the layer scan over int8 weights); streaming yields the same tokens."""
-    q = eqx_models.quantize(tiny_text_model(model_type, getkey()))
+    the layer scan over quantised weights); streaming yields the same tokens."""
+    q = eqx_models.quantize(tiny_text_model(model_type, getkey()), scheme)
     prompt = np.asarray([[5, 9, 13, 2, 7], [3, 4, 8, 8, 1]], np.int32)
     tokens = np.asarray(eqx_models.generate(q, prompt, max_new_tokens=6, eos_token_id=None))
     chunks = [np.asarray(c) for c in stream(q, prompt, max_new_tokens=6, eos_token_id=None, chunk_size=2)]
@@ -117,22 +162,23 @@ def test_from_pretrained_quantize_is_quantize_of_the_loaded_model(example):
     assert tokens.shape == (1, prompt.shape[1] + 8) and (tokens < codec.vocab_size).all()
 
 
-def test_save_and_load_round_trip_is_bit_identical(getkey, tmp_path):
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_save_and_load_round_trip_is_bit_identical(getkey, tmp_path, scheme):
     model = tiny_text_model("gpt_neo", getkey())
     for embeddings in (True, False):
-        q = eqx_models.quantize(model, embeddings=embeddings)
+        q = eqx_models.quantize(model, scheme, embeddings=embeddings)
         folder = tmp_path / f"embeddings-{embeddings}"
         eqx_models.save_pretrained(q, folder)
         own = json.loads((folder / "config.json").read_text())["eqx_models"]
-        assert own["quantization"] == {"scheme": "int8", "embeddings": embeddings}
+        assert own["quantization"] == {"scheme": scheme, "embeddings": embeddings}
         loaded = eqx_models.from_pretrained(folder)
         want, got = _array_leaves(q), _array_leaves(loaded)
         assert [path for path, _ in want] == [path for path, _ in got]
         for (path, a), (_, b) in zip(want, got, strict=True):
             assert a.dtype == b.dtype, path
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
-        # asking again for the same quantisation leaves an int8 folder as it was
-        again = eqx_models.from_pretrained(folder, quantize="int8", quantize_embeddings=embeddings)
+        # asking again for the same quantisation leaves a quantised folder as it was
+        again = eqx_models.from_pretrained(folder, quantize=scheme, quantize_embeddings=embeddings)
         for (path, a), (_, b) in zip(want, _array_leaves(again), strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
 
@@ -152,6 +198,10 @@ def test_cli_generate_and_convert_quantised(tmp_path, capsys):
     float_dst = tmp_path / "float32"
     assert cli.main(["convert", str(EXAMPLE), str(float_dst), "--dtype", "float32"]) == 0
     assert size(dst) < 0.3 * size(float_dst)
+    half = tmp_path / "bfloat16"
+    assert cli.main(["convert", str(EXAMPLE), str(half), "--dtype", "float32", "--quantize", "bfloat16"]) == 0
+    assert quantization_of(eqx_models.from_pretrained(half)) == {"scheme": "bfloat16", "embeddings": True}
+    assert size(half) < 0.55 * size(float_dst)
 
 
 @pytest.mark.parametrize(
@@ -172,8 +222,8 @@ def test_cli_refuses_bad_quantize_flags_in_one_line(argv, message, tmp_path, cap
 
 def test_bad_input_is_one_line_errors(getkey, tmp_path):
     model = tiny_text_model("gpt_neo", getkey())
-    assert SCHEMES == ("int8",)
-    with pytest.raises(InputError, match="unknown quantisation scheme 'int4'; choose one of int8"):
+    assert SCHEMES == ("int8", "bfloat16")
+    with pytest.raises(InputError, match="unknown quantisation scheme 'int4'; choose one of int8, bfloat16"):
         eqx_models.quantize(model, "int4")
     with pytest.raises(InputError, match="holds no nn.Linear layer"):
         eqx_models.quantize({"table": nn.Embedding(4, 3, key=getkey())})
@@ -194,14 +244,15 @@ def test_bad_input_is_one_line_errors(getkey, tmp_path):
 
 
 @pytest.mark.slow
-def test_quality_of_the_bundled_model_on_held_out_text(example):
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quality_of_the_bundled_model_on_held_out_text(example, scheme):
     """Teacher-forced on 4080 tokens of standard-library files the model never saw (test
-    suites and idlelib): int8 (embedding included) picks float32's top-1 token at >= 97% of
-    positions and its mean NLL is within 2% of float32's."""
+    suites and idlelib): the quantised model (embedding included) picks float32's top-1
+    token at >= 97% of positions and its mean NLL is within 2% of float32's."""
     model, codec = example
     ids = held_out_ids(codec, rows=16, seq=256)
-    result = compare(model, eqx_models.quantize(model), ids)
-    print(f"\nbundled example, int8: {result} (NLL change {result.nll_change:+.3%})")
+    result = compare(model, eqx_models.quantize(model, scheme), ids)
+    print(f"\nbundled example, {scheme}: {result} (NLL change {result.nll_change:+.3%})")
     assert result.agreement >= 0.97
     assert abs(result.nll_change) <= 0.02
 
@@ -209,28 +260,31 @@ def test_quality_of_the_bundled_model_on_held_out_text(example):
 @pytest.mark.slow
 def test_quality_table(example, capsys):
     """Prints the quality table of docs/quantization.md: every family's text head (random tiny
-    weights, 4 x 32 random tokens) and the bundled model (held-out text), int8 with the
-    embeddings quantised and kept in float. Run with `-s` to see it."""
-    rows = []
+    weights, 4 x 32 random tokens) and the bundled model (held-out text), under each scheme,
+    with the embeddings quantised and kept in float. Run with `-s` to see it."""
+    cases = []
     for model_type in sorted(TINY):
-        model = tiny_text_model(model_type, jax.random.key(0))
         ids = np.random.default_rng(0).integers(3, 61, (4, 32))
-        rows += [(model_type, e, compare(model, eqx_models.quantize(model, embeddings=e), ids)) for e in (True, False)]
+        cases.append((model_type, tiny_text_model(model_type, jax.random.key(0)), ids))
     model, codec = example
-    ids = held_out_ids(codec, rows=16, seq=256)
-    rows += [
-        ("stdlib-gpt-neo", e, compare(model, eqx_models.quantize(model, embeddings=e), ids)) for e in (True, False)
+    cases.append(("stdlib-gpt-neo", model, held_out_ids(codec, rows=16, seq=256)))
+    rows = [
+        (name, scheme, e, compare(model, eqx_models.quantize(model, scheme, embeddings=e), ids))
+        for name, model, ids in cases
+        for scheme in SCHEMES
+        for e in (True, False)
     ]
     lines = [
-        "| model | embeddings | tokens | top-1 agreement | NLL float32 | NLL int8 | NLL change | KL (nats) "
-        "| max logit error / max logit |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | scheme | embeddings | tokens | top-1 agreement | NLL float32 | NLL quantised | NLL change "
+        "| KL (nats) | max logit error / max logit |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, embeddings, r in rows:
+    for name, scheme, embeddings, r in rows:
         lines.append(
-            f"| {name} | {'int8' if embeddings else 'float'} | {r.tokens} | {r.agreement:.2%} | {r.nll_float:.4f} "
-            f"| {r.nll_quantised:.4f} | {r.nll_change:+.3%} | {r.kl:.1e} | {r.max_logit_error:.2%} |"
+            f"| {name} | {scheme} | {'quantised' if embeddings else 'float'} | {r.tokens} | {r.agreement:.2%} "
+            f"| {r.nll_float:.4f} | {r.nll_quantised:.4f} | {r.nll_change:+.3%} | {r.kl:.1e} "
+            f"| {r.max_logit_error:.2%} |"
         )
     with capsys.disabled():
         print("\n" + "\n".join(lines))
-    assert all(r.tokens > 0 and r.max_logit_error > 0 for _, _, r in rows)
+    assert all(r.tokens > 0 and r.max_logit_error > 0 for *_, r in rows)

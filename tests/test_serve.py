@@ -242,7 +242,7 @@ def test_int8_weights_and_lora_adapters_are_served(tmp_path):
     import jax
 
     from eqx_models.lora import LoRALinear, add_lora, save_adapter
-    from eqx_models.nn import Int8Weight
+    from eqx_models.nn import QuantizedWeight
 
     base = eqx_models.from_pretrained(EXAMPLE)
     adapted = add_lora(base, rank=2, alpha=4, target_modules=["q_proj", "v_proj"], key=jax.random.key(0))
@@ -252,8 +252,8 @@ def test_int8_weights_and_lora_adapters_are_served(tmp_path):
     adapted = jax.tree.map(shift, adapted, is_leaf=is_lora)
     save_adapter(adapted, tmp_path / "adapter")
     served = serve.load_served(str(EXAMPLE), slots=2, context=64, quantize="int8", adapter=str(tmp_path / "adapter"))
-    leaves = jax.tree.leaves(served.engine.model, is_leaf=lambda x: is_lora(x) or isinstance(x, Int8Weight))
-    assert any(is_lora(x) for x in leaves) and any(isinstance(x, Int8Weight) for x in leaves)
+    leaves = jax.tree.leaves(served.engine.model, is_leaf=lambda x: is_lora(x) or isinstance(x, QuantizedWeight))
+    assert any(is_lora(x) for x in leaves) and any(isinstance(x, QuantizedWeight) for x in leaves)
     with ServerThread(served) as server:
         answer = server.client().completions.create(model=served.name, prompt=PROMPTS[0], max_tokens=12, temperature=0)
     text = answer.choices[0].text

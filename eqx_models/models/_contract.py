@@ -69,8 +69,11 @@ class Model(eqx.Module):
 
     @property
     def dtype(self) -> DTypeLike:
-        """The dtype of the first floating-point parameter."""
-        return jax.tree.leaves(eqx.filter(self, eqx.is_inexact_array))[0].dtype
+        """The dtype the model computes in: its first floating-point parameter's, a quantised
+        weight counting by its scale (a bfloat16-quantised one stores float16 values)."""
+        is_quantised = lambda node: isinstance(node, nn.QuantizedWeight)  # noqa: E731
+        tree = jax.tree.map(lambda node: node.scale if is_quantised(node) else node, self, is_leaf=is_quantised)
+        return jax.tree.leaves(eqx.filter(tree, eqx.is_inexact_array))[0].dtype
 
 
 class Cached(Model):

@@ -18,7 +18,7 @@ from ._cache import CrossKV, KVCache, LayerWrite, cached_kv
 from ._linear import AbstractLinear, Adapter, Embedding, Linear, fused_projections
 from ._norm import LayerNorm, RMSNorm
 from ._positions import apply_rotary, relative_position_bucket, rotary_angles, sinusoidal_embedding
-from ._quantized import Int8Weight
+from ._quantized import QuantizedWeight
 from ._stack import RunOptions, Stacked, run_options, split_key, with_run_options
 
 __all__ = [
@@ -34,7 +34,7 @@ __all__ = [
     "masked_softmax",
     "CrossKV",
     "Embedding",
-    "Int8Weight",
+    "QuantizedWeight",
     "KVCache",
     "LayerNorm",
     "LayerWrite",

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax.typing import DTypeLike
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from ._quantized import Int8Weight, concatenate_rows
+from ._quantized import QuantizedWeight, concatenate_rows
 
 # Measured on XLA:CPU (jax 0.10), one token against a layer's slice of stacked weights inside
 # `lax.scan`: written as `x @ W.T`, the slice is read in place at full memory bandwidth while
@@ -24,11 +24,11 @@ _IN_PLACE_MAX_D_IN = 3072
 
 
 def matmul_transposed(
-    x: Float[Array, "*batch d_in"], weight: Float[Array, "d_out d_in"] | Int8Weight
+    x: Float[Array, "*batch d_in"], weight: Float[Array, "d_out d_in"] | QuantizedWeight
 ) -> Float[Array, "*batch d_out"]:
-    """`x @ weight.T`, in the form XLA runs fastest for this `d_in` (see above; an int8
-    weight has one form, `Int8Weight.matmul_transposed`)."""
-    if isinstance(weight, Int8Weight):
+    """`x @ weight.T`, in the form XLA runs fastest for this `d_in` (see above; a quantised
+    weight has one form, `QuantizedWeight.matmul_transposed`)."""
+    if isinstance(weight, QuantizedWeight):
         return weight.matmul_transposed(x)
     if weight.shape[1] <= _IN_PLACE_MAX_D_IN:
         return x @ weight.T
@@ -55,10 +55,11 @@ class AbstractLinear(eqx.Module):
 
 class Linear(AbstractLinear):
     """`y = x W^T + b` on the last axis. The weight keeps PyTorch's `[out, in]` layout,
-    so HF checkpoints need no transpose. The weight may be stored as int8 rows with their
-    scales (`Int8Weight`, made by `eqx_models.quantize`); the layer computes the same way."""
+    so HF checkpoints need no transpose. The weight may be stored quantised, as int8 or
+    bfloat16 rows with their scales (`QuantizedWeight`, made by `eqx_models.quantize`); the
+    layer computes the same way."""
 
-    weight: Float[Array, "d_out d_in"] | Int8Weight
+    weight: Float[Array, "d_out d_in"] | QuantizedWeight
     bias: Float[Array, " d_out"] | None
 
     def __init__(
@@ -113,9 +114,9 @@ class Adapter(AbstractLinear):
 
 class Embedding(eqx.Module):
     """A lookup table `[vocab, dim]` indexed by integer ids of any shape; the table may be
-    stored as int8 rows with their scales (`Int8Weight`, one scale per token)."""
+    stored quantised (`QuantizedWeight`, one scale per token)."""
 
-    weight: Float[Array, "vocab dim"] | Int8Weight
+    weight: Float[Array, "vocab dim"] | QuantizedWeight
 
     def __init__(
         self,
@@ -129,13 +130,13 @@ class Embedding(eqx.Module):
         self.weight = init_std * jax.random.normal(key, (num_embeddings, dim), dtype)
 
     def __call__(self, ids: Int[Array, "*shape"]) -> Float[Array, "*shape dim"]:
-        if isinstance(self.weight, Int8Weight):
+        if isinstance(self.weight, QuantizedWeight):
             return self.weight.take_rows(ids)
         return jnp.take(self.weight, ids, axis=0)
 
     def attend(self, x: Float[Array, "*batch dim"]) -> Float[Array, "*batch vocab"]:
         """Logits against every embedding row (a tied output head)."""
-        if isinstance(self.weight, Int8Weight):
+        if isinstance(self.weight, QuantizedWeight):
             return self.weight.matmul_transposed(x)
         return jnp.einsum("...d,vd->...v", x, self.weight)
 
@@ -158,10 +159,11 @@ def fused_projections(x: Float[Array, "*batch d_in"], layers: tuple[AbstractLine
 
 def _fused_linear(x: Float[Array, "*batch d_in"], layers: tuple[Linear, ...]) -> tuple[Array, ...]:
     weights = [layer.weight for layer in layers]
-    if all(isinstance(w, Int8Weight) for w in weights):
+    schemes = {w.scheme if isinstance(w, QuantizedWeight) else None for w in weights}
+    if None not in schemes and len(schemes) == 1:
         weight = concatenate_rows(weights)
-    else:  # float, or a mix (a partly quantised tree): the int8 ones in float
-        weight = jnp.concatenate([w.dequantize() if isinstance(w, Int8Weight) else w for w in weights])
+    else:  # float, or a mix (a partly quantised tree): the quantised ones in float
+        weight = jnp.concatenate([w.dequantize() if isinstance(w, QuantizedWeight) else w for w in weights])
     y = matmul_transposed(x, weight)
     if any(layer.bias is not None for layer in layers):
         biases = [jnp.zeros(m.weight.shape[:1], m.weight.dtype) if m.bias is None else m.bias for m in layers]

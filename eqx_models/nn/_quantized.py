@@ -1,5 +1,16 @@
-"""Int8 weights with one float scale per row: the stored form of a quantised `Linear` or
-`Embedding` weight (`eqx_models.quantize` makes them). Activations stay in float.
+"""Weights stored small with one float scale per row, computed in float: the stored form of
+a quantised `Linear` or `Embedding` weight (`eqx_models.quantize` makes them). Two schemes:
+
+- `"int8"`: symmetric int8 rows, `scale = max|row| / 127`: a quarter of float32's bytes.
+- `"bfloat16"`: the weight rounded to bfloat16, half of float32's bytes, stored as float16
+  rows times a power-of-two scale (`2**(floor(log2 max|row|) - 15)`). float16 holds 11
+  significant bits to bfloat16's 8, so every element within 2**-29 of its row's largest is
+  stored exactly (smaller ones are off by at most 2**-40 of the row's largest, far below a
+  float32 product's rounding) and the products are those of the bfloat16 weights. The
+  reason for the detour: this CPU (AVX2, no AVX512-BF16) converts float16 in hardware and
+  XLA:CPU fuses that conversion into its matrix-vector loop, while a bfloat16 operand is
+  converted to a float32 copy first (4x slower than float32, measured in
+  docs/quantization.md).
 
 A row is an output channel of a `Linear` (`[d_out, d_in]`, PyTorch's layout) and a token of
 an `Embedding` (`[vocab, dim]`), so one scale per row serves an embedding both as a lookup
@@ -15,42 +26,61 @@ first (`x @ (q * s[:, None]).T`) materialises the float matrix (1.3-1.4x), an in
 dot with int32 accumulation (`preferred_element_type=int32`, activations quantised per
 token) is slower than float32 (0.6x), as is an int8 x float `dot_general` (0.5x), and a
 blockwise loop over row blocks is 1.3x. The einsum spelling of the same product is the
-pathological one here (0.13x for the LM head), so int8 products are always written `@ .T`.
+pathological one here (0.13x for the LM head), so quantised products are always written
+`@ .T`. float16 values take the same form.
 """
 
 import equinox as eqx
 import jax.numpy as jnp
 from jax import lax
-from jaxtyping import Array, Float, Int, Int8
+from jaxtyping import Array, Float, Float16, Int, Int8
 
 INT8_MAX = 127
+# float16's largest finite value is just under 2**16: rows are scaled to below it.
+_FLOAT16_TOP = 15
 
 
-class Int8Weight(eqx.Module):
-    """`weight ~= values * scale[..., None]`: symmetric int8 rows, one float scale per row
-    (`scale = max|row| / 127`, so every element is within `scale / 2` of its float value).
+class QuantizedWeight(eqx.Module):
+    """`weight ~= values * scale[..., None]`: small rows, one float scale per row.
 
-    - `values`: `Int8[Array, "*layers rows cols"]`.
+    - `values`: `Int8[Array, "*layers rows cols"]` (scheme `"int8"`) or
+      `Float16[Array, "*layers rows cols"]` (scheme `"bfloat16"`; see the module docstring).
     - `scale`: `Float[Array, "*layers rows"]`, in the model's float dtype (which is also the
       dtype products are computed in).
     - `pinned`: keep the conversion inside any loop that uses the weight (see
       `matmul_transposed`); `quantize` sets it for weights without a layers axis.
     """
 
-    values: Int8[Array, "*layers rows cols"]
+    values: Int8[Array, "*layers rows cols"] | Float16[Array, "*layers rows cols"]
     scale: Float[Array, "*layers rows"]
     pinned: bool = eqx.field(static=True, default=False)
 
     @staticmethod
-    def quantize(weight: Float[Array, "*layers rows cols"]) -> "Int8Weight":
-        """Rounds each row of `weight` to the nearest multiple of its scale. A row of zeros
-        gets scale 0 (and zeros). A weight without a layers axis is `pinned`."""
+    def quantize(weight: Float[Array, "*layers rows cols"], scheme: str = "int8") -> "QuantizedWeight":
+        """`weight` stored under `scheme`. `"int8"` rounds each row to the nearest multiple of
+        its scale (a row of zeros gets scale 0, and zeros); `"bfloat16"` rounds each element
+        to bfloat16 and stores it exactly (module docstring). A weight without a layers axis
+        is `pinned`."""
         w = weight.astype(jnp.float32)
-        scale = (jnp.max(jnp.abs(w), axis=-1) / INT8_MAX).astype(weight.dtype)
+        top = jnp.max(jnp.abs(w), axis=-1)
+        if scheme == "bfloat16":
+            w = w.astype(jnp.bfloat16).astype(jnp.float32)
+            # the largest bfloat16 element is f * 2**exponent, f in [0.5, 1)
+            _, exponent = jnp.frexp(top.astype(jnp.bfloat16).astype(jnp.float32))
+            # (not below float32's smallest normal power of two: a row that small fits anyway)
+            scale = jnp.ldexp(jnp.ones_like(top), jnp.maximum(exponent - 1 - _FLOAT16_TOP, -126))
+            values = (w / scale[..., None]).astype(jnp.float16)
+            return QuantizedWeight(values, scale.astype(weight.dtype), pinned=weight.ndim == 2)
+        scale = (top / INT8_MAX).astype(weight.dtype)
         stored = scale.astype(jnp.float32)  # divide by the scale as stored (bfloat16 rounds it)
         safe = jnp.where(stored == 0, jnp.ones_like(stored), stored)
         values = jnp.clip(jnp.round(w / safe[..., None]), -INT8_MAX, INT8_MAX).astype(jnp.int8)
-        return Int8Weight(values, scale, pinned=weight.ndim == 2)
+        return QuantizedWeight(values, scale, pinned=weight.ndim == 2)
+
+    @property
+    def scheme(self) -> str:
+        """`"int8"` or `"bfloat16"`."""
+        return "int8" if self.values.dtype == jnp.int8 else "bfloat16"
 
     def dequantize(self) -> Float[Array, "*layers rows cols"]:
         return self.values.astype(self.scale.dtype) * self.scale[..., None]
@@ -83,6 +113,6 @@ class Int8Weight(eqx.Module):
         return rows * jnp.take(self.scale, ids, axis=0)[..., None]
 
 
-def concatenate_rows(weights: list["Int8Weight"]) -> "Int8Weight":
-    """The rows of several unstacked weights, in order, as one weight."""
-    return Int8Weight(jnp.concatenate([w.values for w in weights]), jnp.concatenate([w.scale for w in weights]))
+def concatenate_rows(weights: list["QuantizedWeight"]) -> "QuantizedWeight":
+    """The rows of several unstacked weights of one scheme, in order, as one weight."""
+    return QuantizedWeight(jnp.concatenate([w.values for w in weights]), jnp.concatenate([w.scale for w in weights]))
