@@ -404,7 +404,7 @@ def stream(
     sees output right after the prompt is processed). Rows that hit EOS show the pad id
     afterwards; iteration ends at the budget or when every row has stopped. Each chunk is
     one call of a compiled `lax.while_loop`, so streaming costs one host round trip per
-    chunk, not per token.
+    chunk, not per token; the next chunk is dispatched before the current one is read.
     """
     if chunk_size < 1:
         raise InputError(f"chunk_size must be at least 1, got {chunk_size}")
