@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import numpy as np
 
+from .compilation_cache import use_compilation_cache
 from .errors import EqxModelsError, InputError
 from .files import check_destination, interrupts_raise
 from .quantize import SCHEMES, Scheme
@@ -252,6 +253,14 @@ def _add_quantize_flag(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eqx-models", description=__doc__.splitlines()[0], epilog=EXIT_CODES)
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument(
+        "--no-compilation-cache",
+        dest="compilation_cache",
+        action="store_false",
+        help="compile every program afresh instead of keeping them in JAX's persistent compilation cache, "
+        "$XDG_CACHE_HOME/eqx_models/jax or ~/.cache/eqx_models/jax (JAX_COMPILATION_CACHE_DIR chooses another "
+        "folder, JAX_ENABLE_COMPILATION_CACHE=false turns it off too)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     convert = commands.add_parser(
@@ -366,6 +375,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with interruption:
             args = build_parser().parse_args(argv)
             debug = args.debug
+            if args.compilation_cache:  # a second run of the same shapes loads its programs instead of compiling
+                use_compilation_cache()
             args.run(args)
     except (KeyboardInterrupt, Exception) as err:
         if debug:

@@ -4,6 +4,9 @@ import os
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# `eqx-models` keeps compiled programs in the user's cache folder: not from tests, in process or in the
+# subprocesses they start (tests/test_compilation_cache.py points it at tmp_path).
+os.environ.setdefault("JAX_ENABLE_COMPILATION_CACHE", "false")
 
 import jax
 import pytest

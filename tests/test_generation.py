@@ -253,3 +253,13 @@ def test_bad_requests_are_named_before_compiling(neo, options, match):
 def test_beam_search_cannot_stream(neo):
     with pytest.raises(eqx_models.InputError, match="cannot stream"):
         next(eqx_models.generation.stream(neo, np.array([[1, 2]]), max_new_tokens=3, num_beams=2))
+
+
+@pytest.mark.slow
+def test_traced_prompts_keep_the_models_run_time_checks(neo):
+    """`generate` on concrete ids leaves the model's run-time checks out of its program (the
+    ids were checked on the host); the same call under `jax.jit` must not reuse that program."""
+    eqx_models.generate(neo, np.array([[5, 6]]), max_new_tokens=2, eos_token_id=None)
+    bad = np.array([[5, neo.config.vocab_size + 3]])
+    with pytest.raises(Exception, match="token id outside"):
+        jax.block_until_ready(jax.jit(lambda ids: eqx_models.generate(neo, ids, max_new_tokens=2))(bad))

@@ -7,6 +7,7 @@ model, at run time) and `generate` returns the whole budget, `[rows, seq + max_n
 with the pad id after each row's end, since the number of steps taken is not known while
 tracing."""
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -20,7 +21,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ..errors import InputError
-from ..models import CausalLM, Model, Seq2SeqLM
+from ..models import CausalLM, Model, Seq2SeqLM, checked_on_host
 from ..validation import MAX_INT32
 from ._config import GenerationConfig, resolve
 from ._processors import LogitsProcessor, build_processors
@@ -243,25 +244,44 @@ def _check_budget(model: CausalLM | Seq2SeqLM, config: GenerationConfig, batch: 
     )
 
 
-def _sample_program(model, ids, mask, request, config, processors, key, new_capacity):
-    decoder, state = sample_start(model, ids, mask, request, config, processors, key, new_capacity)
-    state = sample_advance(decoder, state, request.budget, request, config, processors, key, new_capacity)
+def _sample_program(model, ids, mask, request, config, processors, key, new_capacity, host_checked):
+    with _checks(host_checked):
+        decoder, state = sample_start(model, ids, mask, request, config, processors, key, new_capacity)
+        state = sample_advance(decoder, state, request.budget, request, config, processors, key, new_capacity)
     return state.tokens, state.step, state.scores
 
 
-def _beam_program(model, ids, mask, request, config, processors, new_capacity):
-    decoder, state = beam_start(model, ids, mask, request, config, processors, new_capacity)
-    state = beam_advance(decoder, state, request.budget, request, config, processors, new_capacity)
+def _beam_program(model, ids, mask, request, config, processors, new_capacity, host_checked):
+    with _checks(host_checked):
+        decoder, state = beam_start(model, ids, mask, request, config, processors, new_capacity)
+        state = beam_advance(decoder, state, request.budget, request, config, processors, new_capacity)
     keep = config.num_return_sequences
     flat = lambda x: x[:, :keep].reshape(-1, *x.shape[2:])  # noqa: E731
     return flat(state.done), flat(state.done_lengths), flat(state.done_scores), state.scores, state.step
 
 
+def _start_program(model, ids, mask, request, config, processors, key, new_capacity, host_checked):
+    with _checks(host_checked):
+        return sample_start(model, ids, mask, request, config, processors, key, new_capacity)
+
+
+def _advance_program(decoder, state, until, request, config, processors, key, new_capacity, host_checked):
+    with _checks(host_checked):
+        return sample_advance(decoder, state, until, request, config, processors, key, new_capacity)
+
+
+def _checks(host_checked: bool) -> contextlib.AbstractContextManager:
+    """`host_checked` (static, so it keys the compiled program): `_plan` checked the ids on
+    the host and sized the cache for the budget, so the model's run-time checks are left out
+    (`checked_on_host`), which also lets JAX's persistent compilation cache store the program."""
+    return checked_on_host() if host_checked else contextlib.nullcontext()
+
+
 # Module-level so a test can wrap them in `eqx.debug.assert_max_traces`.
 compiled_sample = eqx.filter_jit(_sample_program)
 compiled_beam = eqx.filter_jit(_beam_program)
-compiled_sample_start = eqx.filter_jit(sample_start)
-compiled_sample_advance = eqx.filter_jit(sample_advance)
+compiled_sample_start = eqx.filter_jit(_start_program)
+compiled_sample_advance = eqx.filter_jit(_advance_program)
 
 
 def _key(key: Any, config: GenerationConfig) -> PRNGKeyArray | None:
@@ -332,7 +352,7 @@ def generate(
     budget = plan.budget
     if config.is_beam_search:
         done, lengths, sequence_scores, scores, steps = compiled_beam(
-            model, plan.ids, plan.mask, plan.request, config, plan.processors, plan.new_capacity
+            model, plan.ids, plan.mask, plan.request, config, plan.processors, plan.new_capacity, not plan.traced
         )
         new, steps = (budget, budget) if plan.traced else (int(jnp.max(lengths)), int(steps))
         sequences = _trim(done, plan, new)
@@ -340,7 +360,7 @@ def generate(
             return sequences
         return GenerateOutput(sequences, scores[:, :steps], sequence_scores)
     tokens, steps, scores = compiled_sample(
-        model, plan.ids, plan.mask, plan.request, config, plan.processors, key, plan.new_capacity
+        model, plan.ids, plan.mask, plan.request, config, plan.processors, key, plan.new_capacity, not plan.traced
     )
     steps = budget if plan.traced else int(steps)
     sequences = _trim(tokens, plan, steps)
@@ -384,7 +404,7 @@ def stream(
     sees output right after the prompt is processed). Rows that hit EOS show the pad id
     afterwards; iteration ends at the budget or when every row has stopped. Each chunk is
     one call of a compiled `lax.while_loop`, so streaming costs one host round trip per
-    chunk, not per token.
+    chunk, not per token; the next chunk is dispatched before the current one is read.
     """
     if chunk_size < 1:
         raise InputError(f"chunk_size must be at least 1, got {chunk_size}")
@@ -401,15 +421,20 @@ def stream(
 def _stream_chunks(plan: _Plan, model: CausalLM | Seq2SeqLM, key: Any, chunk_size: int) -> Iterator[np.ndarray]:
     config, request = plan.config, plan.request
     decoder, state = compiled_sample_start(
-        model, plan.ids, plan.mask, request, config, plan.processors, key, plan.new_capacity
+        model, plan.ids, plan.mask, request, config, plan.processors, key, plan.new_capacity, True
     )
     start, emitted = _new_columns(plan), 0
     while True:
+        # The next chunk is dispatched before this one is read (JAX runs it asynchronously): its
+        # tracing, and its compilation the first time, overlap this chunk's run instead of
+        # following it, and no chunk waits for the host. Past the end it runs no steps.
+        ahead = compiled_sample_advance(
+            decoder, state, state.step + chunk_size, request, config, plan.processors, key, plan.new_capacity, True
+        )
         steps = int(state.step)
         if steps > emitted:
             yield np.asarray(state.tokens[:, start + emitted : start + steps])
             emitted = steps
-        if steps >= int(request.budget) or bool(jnp.all(state.finished)):
+        if steps >= plan.budget or bool(jnp.all(state.finished)):
             return
-        until = jnp.asarray(steps + chunk_size, jnp.int32)
-        state = compiled_sample_advance(decoder, state, until, request, config, plan.processors, key, plan.new_capacity)
+        state = ahead

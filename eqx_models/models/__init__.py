@@ -21,7 +21,7 @@ from ._contract import (
     Model,
     Seq2SeqLM,
 )
-from ._runner import recording_hidden_states
+from ._runner import checked_on_host, recording_hidden_states
 from .big_bird import (
     BigBirdConfig,
     BigBirdForCausalLM,
@@ -175,6 +175,7 @@ __all__ = [
     "class_by_name",
     "classes_for_task",
     "family_of",
+    "checked_on_host",
     "recording_hidden_states",
     "registry_table",
     "resolve_class",

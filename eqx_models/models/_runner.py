@@ -8,6 +8,7 @@ A model supplies only what differs: how it embeds, what one layer does with its
 """
 
 import contextlib
+import contextvars
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -62,9 +63,10 @@ def token_inputs(
     if seq > cache.max_len:
         raise InputError(f"{seq} tokens do not fit a KV cache of {cache.max_len} slots")
     slots = cache.slots(seq)
-    slots = eqx.error_if(
-        slots, slots[-1] >= cache.max_len, "decode step writes past the end of the KV cache; allocate a longer one"
-    )
+    if _CHECKS_IN_PROGRAM.get():
+        slots = eqx.error_if(
+            slots, slots[-1] >= cache.max_len, "decode step writes past the end of the KV cache; allocate a longer one"
+        )
     positions = slots if position_ids is None else position_ids
     write = nn.LayerWrite(cache.keys, cache.values, cache.index)
     cache = cache.with_tokens(valid)
@@ -72,8 +74,34 @@ def token_inputs(
     return TokenInputs(positions, slots, kv_slots, cache.valid, cache, write)
 
 
+#: False while tracing under `checked_on_host`. A context variable: a trace in another thread
+#: (the server's engine) keeps its checks.
+_CHECKS_IN_PROGRAM = contextvars.ContextVar("eqx_models_checks_in_program", default=True)
+
+
+@contextlib.contextmanager
+def checked_on_host() -> Iterator[None]:
+    """Leaves the run-time checks of token ids and KV-cache slots (`eqx.error_if`) out of
+    the models traced inside the block, for a caller that has checked its ids on the host
+    and sized the cache itself (`generate` and `stream` on concrete inputs). Each check is
+    a host callback: a round trip per decode step, and a program JAX's persistent
+    compilation cache refuses to store.
+
+    Tracing only: the caller must key its compiled program on the choice (a static
+    argument), or a program traced without checks could be reused for inputs that need them.
+    """
+    token = _CHECKS_IN_PROGRAM.set(False)
+    try:
+        yield
+    finally:
+        _CHECKS_IN_PROGRAM.reset(token)
+
+
 def check_token_ids(input_ids: Int[Array, " seq"], vocab_size: int) -> Int[Array, " seq"]:
-    """Returns `input_ids`, failing at run time if any id is outside `[0, vocab_size)`."""
+    """Returns `input_ids`, failing at run time if any id is outside `[0, vocab_size)`
+    (unless traced under `checked_on_host`)."""
+    if not _CHECKS_IN_PROGRAM.get():
+        return input_ids
     bad = jnp.any((input_ids < 0) | (input_ids >= vocab_size))
     return eqx.error_if(input_ids, bad, f"input_ids contain a token id outside [0, {vocab_size})")
 
