@@ -30,6 +30,8 @@ pathological one here (0.13x for the LM head), so quantised products are always 
 `@ .T`. float16 values take the same form.
 """
 
+from typing import Any
+
 import equinox as eqx
 import jax.numpy as jnp
 from jax import lax
@@ -61,21 +63,22 @@ class QuantizedWeight(eqx.Module):
         its scale (a row of zeros gets scale 0, and zeros); `"bfloat16"` rounds each element
         to bfloat16 and stores it exactly (module docstring). A weight without a layers axis
         is `pinned`."""
+        # Rounding is `reduce_precision`: under `jit` XLA may drop a float32 -> bfloat16 ->
+        # float32 round trip of `astype`s (it allows excess precision), and the stored values
+        # would then disagree with the scale.
         w = weight.astype(jnp.float32)
-        top = jnp.max(jnp.abs(w), axis=-1)
         if scheme == "bfloat16":
-            w = w.astype(jnp.bfloat16).astype(jnp.float32)
-            # the largest bfloat16 element is f * 2**exponent, f in [0.5, 1)
-            _, exponent = jnp.frexp(top.astype(jnp.bfloat16).astype(jnp.float32))
-            # (not below float32's smallest normal power of two: a row that small fits anyway)
-            scale = jnp.ldexp(jnp.ones_like(top), jnp.maximum(exponent - 1 - _FLOAT16_TOP, -126))
+            w = _round_to(w, jnp.bfloat16)
+            # the largest element is f * 2**exponent, f in [0.5, 1); not below float32's
+            # smallest normal power of two (a row that small fits anyway)
+            _, exponent = jnp.frexp(jnp.max(jnp.abs(w), axis=-1))
+            scale = jnp.ldexp(jnp.ones_like(w[..., 0]), jnp.maximum(exponent - 1 - _FLOAT16_TOP, -126))
             values = (w / scale[..., None]).astype(jnp.float16)
             return QuantizedWeight(values, scale.astype(weight.dtype), pinned=weight.ndim == 2)
-        scale = (top / INT8_MAX).astype(weight.dtype)
-        stored = scale.astype(jnp.float32)  # divide by the scale as stored (bfloat16 rounds it)
+        stored = _round_to(jnp.max(jnp.abs(w), axis=-1) / INT8_MAX, weight.dtype)  # the scale as stored
         safe = jnp.where(stored == 0, jnp.ones_like(stored), stored)
         values = jnp.clip(jnp.round(w / safe[..., None]), -INT8_MAX, INT8_MAX).astype(jnp.int8)
-        return QuantizedWeight(values, scale, pinned=weight.ndim == 2)
+        return QuantizedWeight(values, stored.astype(weight.dtype), pinned=weight.ndim == 2)
 
     @property
     def scheme(self) -> str:
@@ -111,6 +114,12 @@ class QuantizedWeight(eqx.Module):
         """The float rows at `ids` (an embedding lookup)."""
         rows = jnp.take(self.values, ids, axis=0).astype(self.scale.dtype)
         return rows * jnp.take(self.scale, ids, axis=0)[..., None]
+
+
+def _round_to(x: Float[Array, "*shape"], dtype: Any) -> Float[Array, "*shape"]:
+    """float32 `x` rounded to the nearest value of the float `dtype` (ties to even), in float32."""
+    info = jnp.finfo(dtype)
+    return lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
 
 
 def concatenate_rows(weights: list["QuantizedWeight"]) -> "QuantizedWeight":
