@@ -7,6 +7,7 @@ otherwise. Models call these layers, or `fused_projections`, and never read thei
 
 import abc
 import itertools
+import math
 
 import equinox as eqx
 import jax
@@ -141,14 +142,22 @@ class Embedding(eqx.Module):
         return jnp.einsum("...d,vd->...v", x, self.weight)
 
 
+# Measured on XLA:CPU (jax 0.10, GPT-Neo-125M's shape, docs/benchmarks.md): concatenating
+# q/k/v weights inside the layer scan copies them at every call. For one token (a decode
+# step) that copy costs more than the three products save: greedy decoding ran 15% (float32)
+# to 38% (int8) faster with three products. For a 512-token forward one product over the
+# concatenated weights is 1-6% faster. Between the two, fewer tokens than this run unfused.
+_FUSE_MIN_TOKENS = 16
+
+
 def fused_projections(x: Float[Array, "*batch d_in"], layers: tuple[AbstractLinear, ...]) -> tuple[Array, ...]:
-    """Applies several layers to the same input: `Linear`s (and the `Linear` bases of
-    `Adapter`s, whose deltas are added after) as one matmul over their stacked weights (one
-    large matmul beats three small ones; inside a layer scan the weights are being copied
-    out of the stack anyway, so stacking them costs nothing extra); any other layer kind
-    one by one."""
+    """Applies several layers to the same input. For at least `_FUSE_MIN_TOKENS` tokens,
+    `Linear`s (and the `Linear` bases of `Adapter`s, whose deltas are added after) run as one
+    matmul over their concatenated weights; for fewer (a decode step), or any other layer
+    kind, one by one (see above)."""
     bases = tuple(layer.base if isinstance(layer, Adapter) else layer for layer in layers)
-    if all(isinstance(base, Linear) for base in bases):
+    tokens = math.prod(x.shape[:-1])
+    if tokens >= _FUSE_MIN_TOKENS and all(isinstance(base, Linear) for base in bases):
         outputs = _fused_linear(x, bases)
     else:
         outputs = tuple(base(x) for base in bases)
