@@ -133,6 +133,7 @@ LAYERS = {
     "validation": 0,
     "files": 0,
     "_slow_tokenizers": 0,
+    "compilation_cache": 0,  # turns on JAX's persistent cache for the CLI; imports only jax
     "nn": 1,
     "checkpoint": 2,
     "hub": 3,  # huggingface_hub downloads; knows the checkpoint readers' file preference
