@@ -53,7 +53,7 @@ def test_a_second_generate_loads_every_program_from_the_cache(tmp_path):
     folder = tmp_path / "eqx_models" / "jax"
     first = run(GENERATE, tmp_path)
     stored = sorted(p.name for p in folder.iterdir())
-    assert any("_start_program" in name for name in stored) and any("_advance_program" in name for name in stored)
+    assert any("sample_start" in name for name in stored) and any("sample_advance" in name for name in stored)
     second = run(GENERATE, tmp_path)
     assert sorted(p.name for p in folder.iterdir()) == stored  # nothing new was compiled
     assert second.stdout == first.stdout

@@ -160,7 +160,9 @@ def neo(tmp_path_factory):
 
 @pytest.mark.slow
 def test_prompt_and_budget_buckets_share_one_compiled_program(neo, monkeypatch):
-    counted = eqx.filter_jit(eqx.debug.assert_max_traces(_generate._sample_program, max_traces=1))
+    counted = eqx.filter_jit(
+        eqx.debug.assert_max_traces(_generate.host_checkable(_generate._sample_program), max_traces=1)
+    )
     monkeypatch.setattr(_generate, "compiled_sample", counted)
     rng = np.random.default_rng(0)
     for width, new in [(3, 5), (9, 12), (16, 16), (1, 9)]:  # prompts of 1..16 tokens, budgets of 1..16

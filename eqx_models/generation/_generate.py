@@ -244,44 +244,41 @@ def _check_budget(model: CausalLM | Seq2SeqLM, config: GenerationConfig, batch: 
     )
 
 
-def _sample_program(model, ids, mask, request, config, processors, key, new_capacity, host_checked):
-    with _checks(host_checked):
-        decoder, state = sample_start(model, ids, mask, request, config, processors, key, new_capacity)
-        state = sample_advance(decoder, state, request.budget, request, config, processors, key, new_capacity)
+def _sample_program(model, ids, mask, request, config, processors, key, new_capacity):
+    decoder, state = sample_start(model, ids, mask, request, config, processors, key, new_capacity)
+    state = sample_advance(decoder, state, request.budget, request, config, processors, key, new_capacity)
     return state.tokens, state.step, state.scores
 
 
-def _beam_program(model, ids, mask, request, config, processors, new_capacity, host_checked):
-    with _checks(host_checked):
-        decoder, state = beam_start(model, ids, mask, request, config, processors, new_capacity)
-        state = beam_advance(decoder, state, request.budget, request, config, processors, new_capacity)
+def _beam_program(model, ids, mask, request, config, processors, new_capacity):
+    decoder, state = beam_start(model, ids, mask, request, config, processors, new_capacity)
+    state = beam_advance(decoder, state, request.budget, request, config, processors, new_capacity)
     keep = config.num_return_sequences
     flat = lambda x: x[:, :keep].reshape(-1, *x.shape[2:])  # noqa: E731
     return flat(state.done), flat(state.done_lengths), flat(state.done_scores), state.scores, state.step
 
 
-def _start_program(model, ids, mask, request, config, processors, key, new_capacity, host_checked):
-    with _checks(host_checked):
-        return sample_start(model, ids, mask, request, config, processors, key, new_capacity)
+def host_checkable(program: Callable) -> Callable:
+    """`program` with a keyword argument `host_checked` (static, so it keys the compiled
+    program): when `_plan` checked the ids on the host and sized the cache for the budget,
+    the model's run-time checks are left out (`checked_on_host`), which also lets JAX's
+    persistent compilation cache store the program."""
 
+    def run(*args: Any, host_checked: bool) -> Any:
+        with checked_on_host() if host_checked else contextlib.nullcontext():
+            return program(*args)
 
-def _advance_program(decoder, state, until, request, config, processors, key, new_capacity, host_checked):
-    with _checks(host_checked):
-        return sample_advance(decoder, state, until, request, config, processors, key, new_capacity)
-
-
-def _checks(host_checked: bool) -> contextlib.AbstractContextManager:
-    """`host_checked` (static, so it keys the compiled program): `_plan` checked the ids on
-    the host and sized the cache for the budget, so the model's run-time checks are left out
-    (`checked_on_host`), which also lets JAX's persistent compilation cache store the program."""
-    return checked_on_host() if host_checked else contextlib.nullcontext()
+    # the program's name (compiled programs and cache entries are named after it), not its
+    # signature: `functools.wraps` would make `jit` bind arguments to `program`'s
+    run.__name__ = run.__qualname__ = program.__name__
+    return run
 
 
 # Module-level so a test can wrap them in `eqx.debug.assert_max_traces`.
-compiled_sample = eqx.filter_jit(_sample_program)
-compiled_beam = eqx.filter_jit(_beam_program)
-compiled_sample_start = eqx.filter_jit(_start_program)
-compiled_sample_advance = eqx.filter_jit(_advance_program)
+compiled_sample = eqx.filter_jit(host_checkable(_sample_program))
+compiled_beam = eqx.filter_jit(host_checkable(_beam_program))
+compiled_sample_start = eqx.filter_jit(host_checkable(sample_start))
+compiled_sample_advance = eqx.filter_jit(host_checkable(sample_advance))
 
 
 def _key(key: Any, config: GenerationConfig) -> PRNGKeyArray | None:
@@ -352,7 +349,14 @@ def generate(
     budget = plan.budget
     if config.is_beam_search:
         done, lengths, sequence_scores, scores, steps = compiled_beam(
-            model, plan.ids, plan.mask, plan.request, config, plan.processors, plan.new_capacity, not plan.traced
+            model,
+            plan.ids,
+            plan.mask,
+            plan.request,
+            config,
+            plan.processors,
+            plan.new_capacity,
+            host_checked=not plan.traced,
         )
         new, steps = (budget, budget) if plan.traced else (int(jnp.max(lengths)), int(steps))
         sequences = _trim(done, plan, new)
@@ -360,7 +364,15 @@ def generate(
             return sequences
         return GenerateOutput(sequences, scores[:, :steps], sequence_scores)
     tokens, steps, scores = compiled_sample(
-        model, plan.ids, plan.mask, plan.request, config, plan.processors, key, plan.new_capacity, not plan.traced
+        model,
+        plan.ids,
+        plan.mask,
+        plan.request,
+        config,
+        plan.processors,
+        key,
+        plan.new_capacity,
+        host_checked=not plan.traced,
     )
     steps = budget if plan.traced else int(steps)
     sequences = _trim(tokens, plan, steps)
@@ -421,7 +433,7 @@ def stream(
 def _stream_chunks(plan: _Plan, model: CausalLM | Seq2SeqLM, key: Any, chunk_size: int) -> Iterator[np.ndarray]:
     config, request = plan.config, plan.request
     decoder, state = compiled_sample_start(
-        model, plan.ids, plan.mask, request, config, plan.processors, key, plan.new_capacity, True
+        model, plan.ids, plan.mask, request, config, plan.processors, key, plan.new_capacity, host_checked=True
     )
     start, emitted = _new_columns(plan), 0
     while True:
@@ -429,7 +441,15 @@ def _stream_chunks(plan: _Plan, model: CausalLM | Seq2SeqLM, key: Any, chunk_siz
         # tracing, and its compilation the first time, overlap this chunk's run instead of
         # following it, and no chunk waits for the host. Past the end it runs no steps.
         ahead = compiled_sample_advance(
-            decoder, state, state.step + chunk_size, request, config, plan.processors, key, plan.new_capacity, True
+            decoder,
+            state,
+            state.step + chunk_size,
+            request,
+            config,
+            plan.processors,
+            key,
+            plan.new_capacity,
+            host_checked=True,
         )
         steps = int(state.step)
         if steps > emitted:
