@@ -347,33 +347,17 @@ def generate(
             raise InputError(f"chunk_size must be at least 1, got {chunk_size}")
         return _collect(_stream_chunks(plan, model, key, chunk_size), streamer, plan)
     budget = plan.budget
+    inputs = (model, plan.ids, plan.mask, plan.request, config, plan.processors)
     if config.is_beam_search:
         done, lengths, sequence_scores, scores, steps = compiled_beam(
-            model,
-            plan.ids,
-            plan.mask,
-            plan.request,
-            config,
-            plan.processors,
-            plan.new_capacity,
-            host_checked=not plan.traced,
+            *inputs, plan.new_capacity, host_checked=not plan.traced
         )
         new, steps = (budget, budget) if plan.traced else (int(jnp.max(lengths)), int(steps))
         sequences = _trim(done, plan, new)
         if not config.output_scores:
             return sequences
         return GenerateOutput(sequences, scores[:, :steps], sequence_scores)
-    tokens, steps, scores = compiled_sample(
-        model,
-        plan.ids,
-        plan.mask,
-        plan.request,
-        config,
-        plan.processors,
-        key,
-        plan.new_capacity,
-        host_checked=not plan.traced,
-    )
+    tokens, steps, scores = compiled_sample(*inputs, key, plan.new_capacity, host_checked=not plan.traced)
     steps = budget if plan.traced else int(steps)
     sequences = _trim(tokens, plan, steps)
     if not config.output_scores:
