@@ -7,11 +7,17 @@ or `~/.cache/eqx_models/jax`, and JAX's own variables take precedence:
 `JAX_COMPILATION_CACHE_DIR` chooses another folder, `JAX_ENABLE_COMPILATION_CACHE=false` turns
 the cache off, `JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS` keeps its meaning (we store every
 program, since even the small ones of a small model take a tenth of a second to compile).
+The folder is capped at `MAX_BYTES` (JAX deletes the least recently used programs beyond it)
+unless `JAX_COMPILATION_CACHE_MAX_SIZE` says otherwise (`-1`: no cap).
 """
 
 import os
 import sys
 from pathlib import Path
+
+#: The cache folder's default cap. The README's first command stores 260 kB (its two
+#: generation programs are 46 kB each): a gigabyte keeps thousands of shapes.
+MAX_BYTES = 2**30
 
 
 def default_folder() -> Path:
@@ -25,7 +31,7 @@ def default_folder() -> Path:
 def use_compilation_cache(folder: str | Path | None = None) -> Path | None:
     """Turns on JAX's persistent compilation cache in `folder` (default: JAX's
     `JAX_COMPILATION_CACHE_DIR` if set, else `default_folder()`), storing every compiled
-    program. Call it before anything is compiled.
+    program, in a folder capped at `MAX_BYTES`. Call it before anything is compiled.
 
     **Returns:** the folder, or `None` when the cache stays off: JAX's
     `JAX_ENABLE_COMPILATION_CACHE` is false, or the folder cannot be created or written
@@ -46,4 +52,6 @@ def use_compilation_cache(folder: str | Path | None = None) -> Path | None:
     jax.config.update("jax_compilation_cache_dir", str(folder))
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:
+        jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
     return folder

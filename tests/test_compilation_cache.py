@@ -10,7 +10,7 @@ from pathlib import Path
 import jax
 import pytest
 
-from eqx_models.compilation_cache import default_folder, use_compilation_cache
+from eqx_models.compilation_cache import MAX_BYTES, default_folder, use_compilation_cache
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "stdlib-gpt-neo"
 GENERATE = ["generate", str(EXAMPLE), "--prompt", "def ", "--max-new-tokens", "12"]
@@ -66,3 +66,21 @@ def test_the_flag_or_an_unusable_folder_runs_without_a_cache(tmp_path):
     (tmp_path / "file").write_text("XDG_CACHE_HOME is a file")
     done = run(GENERATE, tmp_path / "file")
     assert "note: compiling without a compilation cache: cannot use" in done.stderr
+
+
+def cap_in_fresh_process(folder, **env):
+    """`jax_compilation_cache_max_size` after `use_compilation_cache(folder)`, in a fresh process."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    environment.update(JAX_ENABLE_COMPILATION_CACHE="true", **env)
+    code = (
+        "import jax, sys; from eqx_models.compilation_cache import use_compilation_cache;"
+        "use_compilation_cache(sys.argv[1]); print(jax.config.jax_compilation_cache_max_size)"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(folder)], env=environment, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout)
+
+
+def test_the_folder_is_capped_unless_jax_is_told_otherwise(tmp_path):
+    assert cap_in_fresh_process(tmp_path) == MAX_BYTES == 2**30
+    assert cap_in_fresh_process(tmp_path, JAX_COMPILATION_CACHE_MAX_SIZE="-1") == -1
