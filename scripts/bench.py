@@ -26,8 +26,13 @@ class Case:
     hf_config: Callable[[int], object]  # num_layers -> transformers config
     torch_class: str
     flax_class: str
-    layers: int
-    deep_layers: int
+    layers: int  # of the timed forward
+
+
+#: Issue 18's targets: forward time over HF Flax's; our compile time at 24 layers over 12.
+FORWARD_TARGET = 0.95
+COMPILE_LAYERS = (12, 24)
+COMPILE_TARGET = 1.3
 
 
 def gpt_neo_125m(num_layers: int):
@@ -74,9 +79,9 @@ def xglm_564m_width(num_layers: int):
 
 
 CASES = {
-    "gpt_neo": Case("GPT-Neo-125M", gpt_neo_125m, "GPTNeoForCausalLM", "FlaxGPTNeoForCausalLM", 12, 24),
-    "gemma": Case("Gemma-2B-width (2 layers, MQA)", gemma_2b_width, "GemmaForCausalLM", "FlaxGemmaForCausalLM", 2, 8),
-    "xglm": Case("XGLM-564M-width (6 layers)", xglm_564m_width, "XGLMForCausalLM", "FlaxXGLMForCausalLM", 6, 24),
+    "gpt_neo": Case("GPT-Neo-125M", gpt_neo_125m, "GPTNeoForCausalLM", "FlaxGPTNeoForCausalLM", 12),
+    "gemma": Case("Gemma-2B-width (2 layers, MQA)", gemma_2b_width, "GemmaForCausalLM", "FlaxGemmaForCausalLM", 2),
+    "xglm": Case("XGLM-564M-width (6 layers)", xglm_564m_width, "XGLMForCausalLM", "FlaxXGLMForCausalLM", 6),
 }
 
 
@@ -178,21 +183,22 @@ def run_case(case: Case, seq: int, runs: int, root: str) -> list[tuple[str, str]
     median.update(torch_median)
     ours, flax, torch_time = median["ours"], median["flax"], median["torch"]
     ours_first, flax_first = first["ours"], first["flax"]
-    compile_shallow, compile_deep = (compile_seconds(case, n, seq) for n in (case.layers, case.deep_layers))
+    shallow_layers, deep_layers = COMPILE_LAYERS
+    compile_shallow, compile_deep = (compile_seconds(case, n, seq) for n in COMPILE_LAYERS)
     label = f"{case.name} forward 1x{seq}"
     return [
         (f"{label}: eqx_models", f"{ours * 1e3:.0f} ms"),
         (f"{label}: HF Flax", f"{flax * 1e3:.0f} ms"),
         (f"{label}: HF PyTorch", f"{torch_time * 1e3:.0f} ms"),
-        (f"{label}: ratio ours / HF Flax (target <= 1.0)", f"{ours / flax:.2f}"),
+        (f"{label}: ratio ours / HF Flax (target <= {FORWARD_TARGET})", f"{ours / flax:.2f}"),
         (f"{label}: ratio ours / HF PyTorch", f"{ours / torch_time:.2f}"),
         (f"{case.name} first call (compile + run): ours / HF Flax", f"{ours_first:.2f} s / {flax_first:.2f} s"),
         (
-            f"{case.name} compile {case.layers} layers / {case.deep_layers} layers",
+            f"{case.name} compile {shallow_layers} layers / {deep_layers} layers (from shapes)",
             f"{compile_shallow:.2f} s / {compile_deep:.2f} s",
         ),
         (
-            f"{case.name} compile ratio {case.deep_layers}/{case.layers} layers (target <= 1.3)",
+            f"{case.name} compile ratio {deep_layers}/{shallow_layers} layers (target <= {COMPILE_TARGET})",
             f"{compile_deep / compile_shallow:.2f}",
         ),
     ]
