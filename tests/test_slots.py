@@ -134,3 +134,26 @@ def test_limits_are_one_line_errors_and_a_full_queue_is_busy(engine):
     small.submit(SlotRequest([2, 3], 4))
     with pytest.raises(BusyError, match="waiting"):
         small.submit(SlotRequest([2, 3], 4))
+
+
+def test_the_compiled_programs_leave_the_host_checked_run_time_checks_out(engine):
+    # `check` validates every request on the host, so neither program calls back to the host
+    # (a round trip per step, and a program JAX's persistent compilation cache cannot store).
+    rng = np.random.default_rng(3)
+    Collect(engine, rng.integers(2, engine.model.config.vocab_size, 5).tolist(), 3)
+    drain(engine)
+    active = np.ones(engine.slots, bool)
+    steps = np.zeros(engine.slots, np.int32)
+    step = engine._step.lower(engine._params, engine._state, engine._tokens, active, engine._sampling(steps))
+    ids, mask = engine._padded(SlotRequest([2, 3, 4], 2))
+    one = lambda a: a[:1]  # noqa: E731
+    join = engine._join.lower(
+        engine._params,
+        engine._state,
+        np.int32(0),
+        ids,
+        mask,
+        type(engine._sampling(steps))(*map(one, engine._sampling(steps))),
+    )
+    for program in (step, join):
+        assert "callback" not in program.as_text()

@@ -32,7 +32,7 @@ from ..errors import BusyError, InputError
 from ..models import CausalLM, Seq2SeqLM
 from ..nn import CrossKV
 from ._decoding import Decoder, Rows, init_batched_cache, prefill
-from ._generate import cache_bytes, memory_limit, show_bytes, size_class, tree_bytes
+from ._generate import cache_bytes, host_checkable, memory_limit, show_bytes, size_class, tree_bytes
 from ._processors import Temperature, TopP
 
 _log = logging.getLogger(__name__)
@@ -252,8 +252,13 @@ class SlotEngine:
         params, static = eqx.partition(model, eqx.is_array)
         self._params = params
         start = model.config.decoder_start_token_id if self.seq2seq else None
-        self._join = jax.jit(functools.partial(_join, static, start), donate_argnums=(1,))
-        self._step = jax.jit(functools.partial(_step, static), donate_argnums=(1,))
+        # `check` keeps every request's ids in the vocabulary and its prompt and budget in its
+        # rows, so the programs leave the model's run-time checks out: no host round trip per
+        # step, and programs JAX's persistent compilation cache can store for the next start.
+        self._join = jax.jit(
+            functools.partial(host_checkable(_join), static, start, host_checked=True), donate_argnums=(1,)
+        )
+        self._step = jax.jit(functools.partial(host_checkable(_step), static, host_checked=True), donate_argnums=(1,))
         self._state = self._empty()
 
         self._running: list[_Running | None] = [None] * slots
