@@ -56,7 +56,11 @@ class LongT5Config(T5Config):
 
 
 Bias = tuple[Float[Array, "heads block window"], Bool[Array, "blocks 1 block window"]]
-SideBias = tuple[Float[Array, "blocks heads block globals"], Bool[Array, "blocks 1 block globals"]]
+#: What the transient-global attention needs beside `Bias`: the bias of each global block id
+#: (row `id + 1`, so padding's -1 is row 0) towards every global block, each token's global
+#: block id and validity, and which global blocks hold (or precede) real tokens. Rows for
+#: single tokens are gathered per chunk of queries, never `[heads, seq, globals]` at once.
+SideBias = tuple[Float[Array, "ids heads globals"], Int[Array, " seq"], Bool[Array, " seq"], Bool[Array, " globals"]]
 
 
 class LongT5LocalAttention(eqx.Module):
@@ -81,27 +85,20 @@ class LongT5LocalAttention(eqx.Module):
         x: Float[Array, "seq dim"],
         local: Bias,
         side: SideBias | None,
-        block_ids: None,
         *,
         key: PRNGKeyArray | None = None,
     ) -> Float[Array, "seq dim"]:
-        bias, allowed = local
-        seq = x.shape[0]
-        blocks, length = allowed.shape[0], self.block_len
-        pad = blocks * length - seq
-        q, k, v = nn.fused_projections(x, (self.q, self.k, self.v))
-        # [seq, h * d] -> [blocks, block, h, d]; keys/values see blocks i - 1, i, i + 1
-        q, k, v = (jnp.pad(t, ((0, pad), (0, 0))).reshape(blocks, length, self.num_heads, -1) for t in (q, k, v))
-        k3, v3 = (_three_blocks(t) for t in (k, v))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k3, preferred_element_type=jnp.float32) + bias
-        probs = self.dropout(nn.masked_softmax(scores, allowed, nn.LONGT5_ADD), key=key).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v3).reshape(blocks * length, -1)[:seq]
-        return self.o(out)
+        q, k, v = (t.reshape(x.shape[0], self.num_heads, -1) for t in nn.fused_projections(x, (self.q, self.k, self.v)))
+        out = blocked_attention(q, k, v, local, None, self.block_len, self.dropout, key=key)
+        return self.o(out.reshape(x.shape[0], -1))
 
 
-def _three_blocks(x: Shaped[Array, "blocks block *rest"]) -> Shaped[Array, "blocks window *rest"]:
-    """Concatenates each block with its neighbours (zero blocks at the edges)."""
-    padded = jnp.pad(x, ((1, 1),) + ((0, 0),) * (x.ndim - 1))
+def _three_blocks(
+    x: Shaped[Array, "blocks block *rest"], *, edges: bool = True
+) -> Shaped[Array, "windows window *rest"]:
+    """Concatenates each block with its neighbours: zero blocks at the edges, or with
+    `edges=False` only the inner blocks, whose neighbours are the first and last blocks."""
+    padded = jnp.pad(x, ((1, 1),) + ((0, 0),) * (x.ndim - 1)) if edges else x
     return jnp.concatenate([padded[:-2], padded[1:-1], padded[2:]], axis=1)
 
 
@@ -142,18 +139,91 @@ def global_block_ids(
 
 
 def side_bias(global_relative_bias: nn.Embedding, valid: Bool[Array, " seq"], config: "LongT5Config") -> SideBias:
-    """Bias of every token towards every global block (relative buckets of `global - block`)
-    and which global blocks it may attend (those whose validity equals its own)."""
+    """Bias of every global block id towards every global block (relative buckets of
+    `global - block`), each token's block id and validity, and which global blocks a real token
+    may attend (a token attends the global blocks whose validity equals its own)."""
     ids, segments = global_block_ids(valid, config.global_block_size)
-    length = config.block_len
-    blocks = -(-valid.shape[0] // length)
-    pad = blocks * length - valid.shape[0]
-    relative = jnp.arange(segments.shape[0])[None, :] - ids[:, None]  # [seq, globals]
-    bias = relative_bias(global_relative_bias, relative, bidirectional=True, config=config)  # [heads, seq, globals]
-    bias = jnp.pad(bias, ((0, 0), (0, pad), (0, 0)))
-    allowed = jnp.pad(valid.astype(jnp.int32)[:, None] == segments[None, :], ((0, pad), (0, 0)), constant_values=True)
-    blocked = lambda t: t.reshape(t.shape[0], blocks, length, -1).transpose(1, 0, 2, 3)  # noqa: E731
-    return blocked(bias), blocked(allowed[None])
+    num_globals = segments.shape[0]
+    # one row per id from -1 (padding) to num_globals - 1: [ids, globals]
+    relative = jnp.arange(num_globals)[None, :] - jnp.arange(-1, num_globals)[:, None]
+    bias = relative_bias(global_relative_bias, relative, bidirectional=True, config=config)  # [heads, ids, globals]
+    return jnp.moveaxis(bias, 0, 1), ids, valid, segments.astype(bool)
+
+
+#: Queries are processed in chunks of whole blocks holding at most this many float32 scores
+#: (local and side together), so memory stays bounded for any length.
+_CHUNK_SCORES = 2**24
+
+
+def blocked_attention(
+    q: Float[Array, "seq heads head_dim"],
+    k: Float[Array, "seq heads head_dim"],
+    v: Float[Array, "seq heads head_dim"],
+    local: Bias,
+    side: tuple[Float[Array, "globals heads head_dim"], Float[Array, "globals heads head_dim"], SideBias] | None,
+    block_len: int,
+    dropout: eqx.nn.Dropout,
+    *,
+    key: PRNGKeyArray | None = None,
+) -> Float[Array, "seq heads head_dim"]:
+    """LongT5's encoder attention: each block of `block_len` queries attends its own and the
+    two neighbouring key blocks (`local`: relative bias and mask) and, when `side` is given
+    (`side_k`, `side_v` and `SideBias`), every global block too, with one softmax over the
+    local and side scores. No score scaling. Chunks of query blocks run one after another
+    (`jax.lax.map`), so neither the scores nor the side bias exist for all queries at once."""
+    (bias, allowed), seq = local, q.shape[0]
+    blocks, heads = allowed.shape[0], q.shape[1]
+    width = 3 * block_len + (0 if side is None else side[0].shape[0])
+    chunks = -(-blocks * heads * block_len * width // _CHUNK_SCORES)
+    per_chunk = -(-blocks // chunks)
+    rows = per_chunk * block_len
+    padded = chunks * rows
+    q = jnp.pad(q, ((0, padded - seq), (0, 0), (0, 0)))
+    # keys and values with one zero block before and after, so that every chunk slices its window
+    k, v = (jnp.pad(t, ((block_len, padded - seq + block_len), (0, 0), (0, 0))) for t in (k, v))
+    allowed = jnp.pad(allowed, ((0, chunks * per_chunk - blocks), (0, 0), (0, 0), (0, 0)))
+    if side is not None:
+        side_k, side_v, (side_bias, ids, valid, segments) = side
+        ids = jnp.pad(ids, (0, padded - seq), constant_values=-1)
+        valid = jnp.pad(valid, (0, padded - seq))
+
+    def chunk(index: Int[Array, ""]) -> Float[Array, "rows heads head_dim"]:
+        start = index * rows
+        qc = jax.lax.dynamic_slice_in_dim(q, start, rows).reshape(per_chunk, block_len, heads, -1)
+        # [per_chunk + 2, block, h, d] -> [per_chunk, 3 * block, h, d]: blocks i - 1, i, i + 1
+        k3, v3 = (
+            _three_blocks(
+                jax.lax.dynamic_slice_in_dim(t, start, rows + 2 * block_len).reshape(
+                    per_chunk + 2, block_len, heads, -1
+                ),
+                edges=False,
+            )
+            for t in (k, v)
+        )
+        chunk_allowed = jax.lax.dynamic_slice_in_dim(allowed, index * per_chunk, per_chunk)
+        # [b, block, h, d] x [b, 3 * block, h, d] -> [b, h, block, 3 * block]
+        scores = jnp.einsum("bqhd,bkhd->bhqk", qc, k3, preferred_element_type=jnp.float32) + bias
+        if side is not None:
+            chunk_ids = jax.lax.dynamic_slice_in_dim(ids, start, rows)
+            chunk_valid = jax.lax.dynamic_slice_in_dim(valid, start, rows)
+            # [rows, h, globals] -> [b, h, block, globals]
+            chunk_bias = side_bias[chunk_ids + 1].reshape(per_chunk, block_len, heads, -1).transpose(0, 2, 1, 3)
+            side_allowed = (chunk_valid[:, None] == segments[None, :]).reshape(per_chunk, 1, block_len, -1)
+            # [b, block, h, d] x [globals, h, d] -> [b, h, block, globals]
+            side_scores = jnp.einsum("bqhd,ghd->bhqg", qc, side_k, preferred_element_type=jnp.float32)
+            scores = jnp.concatenate([scores, side_scores + chunk_bias], axis=-1)
+            chunk_allowed = jnp.concatenate([chunk_allowed, side_allowed], axis=-1)
+        chunk_key = None if key is None else jax.random.fold_in(key, index)
+        probs = dropout(nn.masked_softmax(scores, chunk_allowed, nn.LONGT5_ADD), key=chunk_key).astype(v.dtype)
+        # [b, h, block, 3 * block] x [b, 3 * block, h, d] -> [b, block, h, d]
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs[..., : 3 * block_len], v3)
+        if side is not None:
+            # [b, h, block, globals] x [globals, h, d] -> [b, block, h, d]
+            out = out + jnp.einsum("bhqg,ghd->bqhd", probs[..., 3 * block_len :], side_v)
+        return out.reshape(rows, heads, -1)
+
+    out = chunk(jnp.int32(0)) if chunks == 1 else jax.lax.map(chunk, jnp.arange(chunks)).reshape(padded, heads, -1)
+    return out[:seq]
 
 
 class LongT5TransientGlobalAttention(eqx.Module):
@@ -180,35 +250,21 @@ class LongT5TransientGlobalAttention(eqx.Module):
         x: Float[Array, "seq dim"],
         local: Bias,
         side: SideBias,
-        block_ids: Int[Array, " seq"],
         *,
         key: PRNGKeyArray | None = None,
     ) -> Float[Array, "seq dim"]:
-        (local_bias, local_allowed), (side_bias, side_allowed) = local, side
-        seq, num_globals = x.shape[0], side_bias.shape[-1]
-        blocks, length = local_allowed.shape[0], self.block_len
+        seq, (_, block_ids, _, segments) = x.shape[0], side
+        num_globals = segments.shape[0]
         # each global input sums its block's tokens (padding, id -1, is dropped); a segment sum
         # is linear in length where upstream's one-hot matmul is quadratic
-        segments = jnp.where(block_ids >= 0, block_ids, num_globals)
-        sums = jax.ops.segment_sum(x, segments, num_segments=num_globals + 1)[:num_globals]
-        global_inputs = self.global_input_layer_norm(sums)
-        q, k, v = nn.fused_projections(x, (self.q, self.k, self.v))
-        q, k, v = (
-            jnp.pad(t, ((0, blocks * length - seq), (0, 0))).reshape(blocks, length, self.num_heads, -1)
-            for t in (q, k, v)
-        )
+        sums = jax.ops.segment_sum(x, jnp.where(block_ids >= 0, block_ids, num_globals), num_segments=num_globals + 1)
+        global_inputs = self.global_input_layer_norm(sums[:num_globals])
+        q, k, v = (t.reshape(seq, self.num_heads, -1) for t in nn.fused_projections(x, (self.q, self.k, self.v)))
         side_k, side_v = (
             t.reshape(num_globals, self.num_heads, -1) for t in (self.k(global_inputs), self.v(global_inputs))
         )
-        k3, v3 = _three_blocks(k), _three_blocks(v)
-        local_scores = jnp.einsum("bqhd,bkhd->bhqk", q, k3, preferred_element_type=jnp.float32) + local_bias
-        side_scores = jnp.einsum("bqhd,ghd->bhqg", q, side_k, preferred_element_type=jnp.float32) + side_bias
-        scores = jnp.concatenate([local_scores, side_scores], axis=-1)
-        allowed = jnp.concatenate([local_allowed, side_allowed], axis=-1)
-        probs = self.dropout(nn.masked_softmax(scores, allowed, nn.LONGT5_ADD), key=key).astype(v.dtype)
-        local_p, side_p = probs[..., : 3 * length], probs[..., 3 * length :]
-        out = jnp.einsum("bhqk,bkhd->bqhd", local_p, v3) + jnp.einsum("bhqg,ghd->bqhd", side_p, side_v)
-        return self.o(out.reshape(blocks * length, -1)[:seq])
+        out = blocked_attention(q, k, v, local, (side_k, side_v, side), self.block_len, self.dropout, key=key)
+        return self.o(out.reshape(seq, -1))
 
 
 class LongT5LayerTransientGlobalSelfAttention(eqx.Module):
@@ -280,14 +336,13 @@ class LongT5Encoder(eqx.Module):
         *,
         key: PRNGKeyArray | None = None,
     ) -> Float[Array, "seq dim"]:
-        local, side, block_ids = local_bias(self.relative_attention_bias, valid, config), None, None
+        local, side = local_bias(self.relative_attention_bias, valid, config), None
         if self.global_relative_attention_bias is not None:
             side = side_bias(self.global_relative_attention_bias, valid, config)
-            block_ids = global_block_ids(valid, config.global_block_size)[0]
 
         def layer(block: LongT5EncoderBlock, x, step: LayerStep, layer_key):
             k1, k2 = nn.split_key(layer_key, 2)
-            return block.layer[1](block.layer[0](x, local, side, block_ids, key=k1), key=k2), None
+            return block.layer[1](block.layer[0](x, local, side, key=k1), key=k2), None
 
         x, _ = run_stack(
             self.block,
