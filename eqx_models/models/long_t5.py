@@ -60,7 +60,7 @@ Bias = tuple[Float[Array, "heads block window"], Bool[Array, "blocks 1 block win
 #: (row `id + 1`, so padding's -1 is row 0) towards every global block, each token's global
 #: block id and validity, and which global blocks hold (or precede) real tokens. Rows for
 #: single tokens are gathered per chunk of queries, never `[heads, seq, globals]` at once.
-SideBias = tuple[Float[Array, "ids heads globals"], Int[Array, " seq"], Bool[Array, " seq"], Bool[Array, " globals"]]
+SideBias = tuple[Float[Array, "heads ids globals"], Int[Array, " seq"], Bool[Array, " seq"], Bool[Array, " globals"]]
 
 
 class LongT5LocalAttention(eqx.Module):
@@ -88,18 +88,24 @@ class LongT5LocalAttention(eqx.Module):
         *,
         key: PRNGKeyArray | None = None,
     ) -> Float[Array, "seq dim"]:
-        q, k, v = (t.reshape(x.shape[0], self.num_heads, -1) for t in nn.fused_projections(x, (self.q, self.k, self.v)))
+        q, k, v = (_heads_first(t, self.num_heads) for t in nn.fused_projections(x, (self.q, self.k, self.v)))
         out = blocked_attention(q, k, v, local, None, self.block_len, self.dropout, key=key)
         return self.o(out.reshape(x.shape[0], -1))
 
 
-def _three_blocks(
-    x: Shaped[Array, "blocks block *rest"], *, edges: bool = True
-) -> Shaped[Array, "windows window *rest"]:
-    """Concatenates each block with its neighbours: zero blocks at the edges, or with
-    `edges=False` only the inner blocks, whose neighbours are the first and last blocks."""
-    padded = jnp.pad(x, ((1, 1),) + ((0, 0),) * (x.ndim - 1)) if edges else x
-    return jnp.concatenate([padded[:-2], padded[1:-1], padded[2:]], axis=1)
+def _three_blocks(x: Shaped[Array, "..."], *, axis: int = 0, edges: bool = True) -> Shaped[Array, "..."]:
+    """Concatenates each block (along `axis`) with its neighbours: zero blocks at the edges,
+    or with `edges=False` only the inner blocks, whose neighbours are the first and last."""
+    if edges:
+        x = jnp.pad(x, tuple((1, 1) if i == axis else (0, 0) for i in range(x.ndim)))
+    count = x.shape[axis] - 2
+    parts = [jax.lax.slice_in_dim(x, start, start + count, axis=axis) for start in range(3)]
+    return jnp.concatenate(parts, axis=axis + 1)
+
+
+def _heads_first(x: Float[Array, "seq inner"], heads: int) -> Float[Array, "heads seq head_dim"]:
+    """A projection `[seq, heads * head_dim]` split into heads, heads first."""
+    return nn.heads_first(x.reshape(x.shape[0], heads, -1))
 
 
 def local_bias(relative_bias_table: nn.Embedding, valid: Bool[Array, " seq"], config: "LongT5Config") -> Bias:
@@ -147,7 +153,7 @@ def side_bias(global_relative_bias: nn.Embedding, valid: Bool[Array, " seq"], co
     # one row per id from -1 (padding) to num_globals - 1: [ids, globals]
     relative = jnp.arange(num_globals)[None, :] - jnp.arange(-1, num_globals)[:, None]
     bias = relative_bias(global_relative_bias, relative, bidirectional=True, config=config)  # [heads, ids, globals]
-    return jnp.moveaxis(bias, 0, 1), ids, valid, segments.astype(bool)
+    return bias, ids, valid, segments.astype(bool)
 
 
 #: Queries are processed in chunks of whole blocks holding at most this many float32 scores
@@ -156,11 +162,11 @@ _CHUNK_SCORES = 2**24
 
 
 def blocked_attention(
-    q: Float[Array, "seq heads head_dim"],
-    k: Float[Array, "seq heads head_dim"],
-    v: Float[Array, "seq heads head_dim"],
+    q: Float[Array, "heads seq head_dim"],
+    k: Float[Array, "heads seq head_dim"],
+    v: Float[Array, "heads seq head_dim"],
     local: Bias,
-    side: tuple[Float[Array, "globals heads head_dim"], Float[Array, "globals heads head_dim"], SideBias] | None,
+    side: tuple[Float[Array, "heads globals head_dim"], Float[Array, "heads globals head_dim"], SideBias] | None,
     block_len: int,
     dropout: eqx.nn.Dropout,
     *,
@@ -169,19 +175,24 @@ def blocked_attention(
     """LongT5's encoder attention: each block of `block_len` queries attends its own and the
     two neighbouring key blocks (`local`: relative bias and mask) and, when `side` is given
     (`side_k`, `side_v` and `SideBias`), every global block too, with one softmax over the
-    local and side scores. No score scaling. Chunks of query blocks run one after another
-    (`jax.lax.map`), so neither the scores nor the side bias exist for all queries at once."""
-    (bias, allowed), seq = local, q.shape[0]
-    blocks, heads = allowed.shape[0], q.shape[1]
-    width = 3 * block_len + (0 if side is None else side[0].shape[0])
+    local and side scores. No score scaling.
+
+    Inputs are heads first (`nn.heads_first`), so that every product is a plain batched
+    matmul; the output is sequence first, ready for the output projection. Chunks of query
+    blocks run one after another (`jax.lax.map`), so neither the scores nor the side bias
+    exist for all queries at once: memory is bounded by `_CHUNK_SCORES`, not by the length."""
+    (bias, allowed), (heads, seq, _) = local, q.shape
+    blocks = allowed.shape[0]
+    width = 3 * block_len + (0 if side is None else side[0].shape[1])
     chunks = -(-blocks * heads * block_len * width // _CHUNK_SCORES)
     per_chunk = -(-blocks // chunks)
     rows = per_chunk * block_len
     padded = chunks * rows
-    q = jnp.pad(q, ((0, padded - seq), (0, 0), (0, 0)))
+    q = jnp.pad(q, ((0, 0), (0, padded - seq), (0, 0)))
     # keys and values with one zero block before and after, so that every chunk slices its window
-    k, v = (jnp.pad(t, ((block_len, padded - seq + block_len), (0, 0), (0, 0))) for t in (k, v))
-    allowed = jnp.pad(allowed, ((0, chunks * per_chunk - blocks), (0, 0), (0, 0), (0, 0)))
+    k, v = (jnp.pad(t, ((0, 0), (block_len, padded - seq + block_len), (0, 0))) for t in (k, v))
+    # [blocks, 1, block, window] -> [1, blocks, block, window], to broadcast over heads
+    allowed = jnp.pad(allowed, ((0, chunks * per_chunk - blocks), (0, 0), (0, 0), (0, 0))).swapaxes(0, 1)
     if side is not None:
         side_k, side_v, (side_bias, ids, valid, segments) = side
         ids = jnp.pad(ids, (0, padded - seq), constant_values=-1)
@@ -189,38 +200,40 @@ def blocked_attention(
 
     def chunk(index: Int[Array, ""]) -> Float[Array, "rows heads head_dim"]:
         start = index * rows
-        qc = jax.lax.dynamic_slice_in_dim(q, start, rows).reshape(per_chunk, block_len, heads, -1)
-        # [per_chunk + 2, block, h, d] -> [per_chunk, 3 * block, h, d]: blocks i - 1, i, i + 1
+        qc = jax.lax.dynamic_slice_in_dim(q, start, rows, axis=1)  # [h, rows, d]
+        # [h, per_chunk + 2, block, d] -> [h, per_chunk, 3 * block, d]: blocks i - 1, i, i + 1
         k3, v3 = (
             _three_blocks(
-                jax.lax.dynamic_slice_in_dim(t, start, rows + 2 * block_len).reshape(
-                    per_chunk + 2, block_len, heads, -1
+                jax.lax.dynamic_slice_in_dim(t, start, rows + 2 * block_len, axis=1).reshape(
+                    heads, per_chunk + 2, block_len, -1
                 ),
+                axis=1,
                 edges=False,
             )
             for t in (k, v)
         )
-        chunk_allowed = jax.lax.dynamic_slice_in_dim(allowed, index * per_chunk, per_chunk)
-        # [b, block, h, d] x [b, 3 * block, h, d] -> [b, h, block, 3 * block]
-        scores = jnp.einsum("bqhd,bkhd->bhqk", qc, k3, preferred_element_type=jnp.float32) + bias
+        chunk_allowed = jax.lax.dynamic_slice_in_dim(allowed, index * per_chunk, per_chunk, axis=1)
+        # [h, b, block, d] x [h, b, 3 * block, d] -> [h, b, block, 3 * block]
+        qb = qc.reshape(heads, per_chunk, block_len, -1)
+        scores = jnp.einsum("hbqd,hbkd->hbqk", qb, k3, preferred_element_type=jnp.float32) + bias[:, None]
         if side is not None:
             chunk_ids = jax.lax.dynamic_slice_in_dim(ids, start, rows)
             chunk_valid = jax.lax.dynamic_slice_in_dim(valid, start, rows)
-            # [rows, h, globals] -> [b, h, block, globals]
-            chunk_bias = side_bias[chunk_ids + 1].reshape(per_chunk, block_len, heads, -1).transpose(0, 2, 1, 3)
-            side_allowed = (chunk_valid[:, None] == segments[None, :]).reshape(per_chunk, 1, block_len, -1)
-            # [b, block, h, d] x [globals, h, d] -> [b, h, block, globals]
-            side_scores = jnp.einsum("bqhd,ghd->bhqg", qc, side_k, preferred_element_type=jnp.float32)
-            scores = jnp.concatenate([scores, side_scores + chunk_bias], axis=-1)
+            # [h, rows, d] x [h, globals, d] -> [h, rows, globals]; each token's bias row by its id
+            side_scores = jnp.einsum("hmd,hgd->hmg", qc, side_k, preferred_element_type=jnp.float32)
+            side_scores = (side_scores + side_bias[:, chunk_ids + 1]).reshape(heads, per_chunk, block_len, -1)
+            side_allowed = (chunk_valid[:, None] == segments[None, :]).reshape(1, per_chunk, block_len, -1)
+            scores = jnp.concatenate([scores, side_scores], axis=-1)
             chunk_allowed = jnp.concatenate([chunk_allowed, side_allowed], axis=-1)
         chunk_key = None if key is None else jax.random.fold_in(key, index)
         probs = dropout(nn.masked_softmax(scores, chunk_allowed, nn.LONGT5_ADD), key=chunk_key).astype(v.dtype)
-        # [b, h, block, 3 * block] x [b, 3 * block, h, d] -> [b, block, h, d]
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs[..., : 3 * block_len], v3)
+        # [h, b, block, 3 * block] x [h, b, 3 * block, d] -> [h, rows, d]
+        out = jnp.einsum("hbqk,hbkd->hbqd", probs[..., : 3 * block_len], v3).reshape(heads, rows, -1)
         if side is not None:
-            # [b, h, block, globals] x [globals, h, d] -> [b, block, h, d]
-            out = out + jnp.einsum("bhqg,ghd->bqhd", probs[..., 3 * block_len :], side_v)
-        return out.reshape(rows, heads, -1)
+            # [h, rows, globals] x [h, globals, d] -> [h, rows, d]
+            side_probs = probs[..., 3 * block_len :].reshape(heads, rows, -1)
+            out = out + jnp.einsum("hmg,hgd->hmd", side_probs, side_v)
+        return out.swapaxes(0, 1)
 
     out = chunk(jnp.int32(0)) if chunks == 1 else jax.lax.map(chunk, jnp.arange(chunks)).reshape(padded, heads, -1)
     return out[:seq]
@@ -259,10 +272,8 @@ class LongT5TransientGlobalAttention(eqx.Module):
         # is linear in length where upstream's one-hot matmul is quadratic
         sums = jax.ops.segment_sum(x, jnp.where(block_ids >= 0, block_ids, num_globals), num_segments=num_globals + 1)
         global_inputs = self.global_input_layer_norm(sums[:num_globals])
-        q, k, v = (t.reshape(seq, self.num_heads, -1) for t in nn.fused_projections(x, (self.q, self.k, self.v)))
-        side_k, side_v = (
-            t.reshape(num_globals, self.num_heads, -1) for t in (self.k(global_inputs), self.v(global_inputs))
-        )
+        q, k, v = (_heads_first(t, self.num_heads) for t in nn.fused_projections(x, (self.q, self.k, self.v)))
+        side_k, side_v = (_heads_first(t, self.num_heads) for t in (self.k(global_inputs), self.v(global_inputs)))
         out = blocked_attention(q, k, v, local, (side_k, side_v, side), self.block_len, self.dropout, key=key)
         return self.o(out.reshape(seq, -1))
 
