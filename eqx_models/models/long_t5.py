@@ -157,8 +157,10 @@ def side_bias(global_relative_bias: nn.Embedding, valid: Bool[Array, " seq"], co
 
 
 #: Queries are processed in chunks of whole blocks holding at most this many float32 scores
-#: (local and side together), so memory stays bounded for any length.
-_CHUNK_SCORES = 2**24
+#: (local and side together; at least one block), so memory stays bounded for any length.
+#: Measured at base width (12 heads, blocks of 128): 2**22 (chunks of 16 MiB of scores) ran
+#: 2k tokens twice as fast as 2**24 and 16k tokens as fast, in less memory.
+_CHUNK_SCORES = 2**22
 
 
 def blocked_attention(
@@ -184,8 +186,8 @@ def blocked_attention(
     (bias, allowed), (heads, seq, _) = local, q.shape
     blocks = allowed.shape[0]
     width = 3 * block_len + (0 if side is None else side[0].shape[1])
-    chunks = -(-blocks * heads * block_len * width // _CHUNK_SCORES)
-    per_chunk = -(-blocks // chunks)
+    chunks = -(-blocks // max(1, _CHUNK_SCORES // (heads * block_len * width)))
+    per_chunk = -(-blocks // chunks)  # fewer than `chunks` padding blocks
     rows = per_chunk * block_len
     padded = chunks * rows
     q = jnp.pad(q, ((0, 0), (0, padded - seq), (0, 0)))
