@@ -49,6 +49,30 @@ def test_encoder_matches_hf_on_right_padded_batch(
     assert diff < 2e-5
 
 
+@pytest.mark.parametrize("attention", tiered(["local", "transient-global"], "transient-global"))
+@pytest.mark.parametrize("blocks_per_chunk", [1, 2])
+def test_chunked_encoder_matches_hf_with_padding_blocks(tmp_path, monkeypatch, attention, blocks_per_chunk):
+    """Long inputs run in chunks of query blocks: 20 tokens are 7 blocks of 3, run as 7 chunks
+    of one block or 4 chunks of two (one block of padding), with padded sequences in the batch."""
+    from eqx_models.models import long_t5
+
+    reference = hf_long_t5_encoder(tmp_path, encoder_attention_type=attention)
+    model = eqx_models.from_pretrained(tmp_path)
+    globals_ = 20 // LONG_T5["global_block_size"] if attention == "transient-global" else 0
+    per_block = LONG_T5["num_heads"] * 3 * (9 + globals_)  # scores of one block of queries
+    monkeypatch.setattr(long_t5, "_CHUNK_SCORES", blocks_per_chunk * per_block)
+    rng = np.random.default_rng(1)
+    lengths = [20, 13, 5]
+    ids = rng.integers(2, LONG_T5["vocab_size"], (3, 20))
+    mask = (np.arange(20)[None] < np.array(lengths)[:, None]).astype(np.int64)
+    with torch.no_grad():
+        expected = reference(torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state.numpy()
+    ours = jax.vmap(lambda i, m: model(i, attention_mask=m))(ids, mask)
+    diff = max_diff_valid(ours, expected, mask)
+    print(f"LongT5 {attention} encoder in chunks of {blocks_per_chunk} blocks: {diff:.2e}")
+    assert diff < 2e-5
+
+
 @pytest.mark.slow
 def test_local_attention_cost_is_linear_in_length(tmp_path):
     """The bias is [heads, block, 3 * block] for any length and the mask (and so the attention)
