@@ -227,6 +227,21 @@ def test_block_sparse_equals_dense_attention_under_the_plans_mask(getkey, block_
     assert not np.asarray(sparse)[n - 3 :].any()  # padded queries output zeros, as upstream
 
 
+@pytest.mark.parametrize("block_size,num_random_blocks,num_blocks", [(2, 1, 9), (4, 3, 12)])
+def test_inference_plan_shortcut_equals_gathering_block_0(getkey, block_size, num_random_blocks, num_blocks):
+    """`random_is_first` scores block 0 once and counts it for the random copies; the same
+    attention as gathering the inference plan's random blocks (all block 0) as keys."""
+    from eqx_models.models._block_sparse import SparsePlan, block_sparse_attention, inference_plan
+
+    heads, n = 3, num_blocks * block_size
+    q, k, v = (jax.random.normal(getkey(), (n, heads, 8)) for _ in range(3))
+    valid = jax.numpy.arange(n) < n - 3
+    rand_blocks = inference_plan(heads, num_blocks, num_random_blocks)
+    gathered = block_sparse_attention(q, k, v, SparsePlan(valid, rand_blocks, block_size))
+    counted = block_sparse_attention(q, k, v, SparsePlan(valid, rand_blocks, block_size, random_is_first=True))
+    np.testing.assert_allclose(np.asarray(counted), np.asarray(gathered), atol=1e-6)
+
+
 @pytest.mark.slow
 def test_random_plan_is_valid_keyed_and_reproducible(getkey):
     from eqx_models.models._block_sparse import random_plan

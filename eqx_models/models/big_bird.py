@@ -464,7 +464,7 @@ class BigBirdModel(Decoder):
                 else:
                     layer_key, plan_key = jax.random.split(layer_key)
                     rand_blocks = random_plan(plan_key, heads, num_blocks, rand)
-                plan = SparsePlan(inputs.kv_valid, rand_blocks, cfg.block_size)
+                plan = SparsePlan(inputs.kv_valid, rand_blocks, cfg.block_size, random_is_first=layer_key is None)
             crossing = None if step.inputs is None else CrossLayer(*step.inputs, cross.valid)
             ctx = LayerContext(mask, inputs.positions, step.write, step.index, crossing)
             return block(x, ctx, key=layer_key, sparse=plan)
