@@ -6,7 +6,7 @@ from . import hub, lora
 from .errors import CheckpointError, ConfigError, EqxModelsError, HubError, InputError
 from .generation import generate
 from .models import FAMILIES
-from .nn import with_run_options
+from .nn import separate_layers, stack_layers, with_run_options
 from .pretrained import export_hf, from_pretrained, load_with_report, save_pretrained
 from .quantize import dequantize, quantize
 from .state_dict import from_state_dict, to_state_dict
@@ -32,6 +32,8 @@ __all__ = [
     "dequantize",
     "quantize",
     "save_pretrained",
+    "separate_layers",
+    "stack_layers",
     "to_state_dict",
     "with_run_options",
 ]

@@ -259,6 +259,11 @@ def add_lora(
     """
     _check_settings(rank, alpha, dropout)
     targets = _check_targets(target_modules)
+    if nn.has_separate_layers(model):
+        raise ConfigError(
+            "add_lora needs the layers stacked, and this model stores them separately: "
+            "add the adapters to eqx_models.stack_layers(model), then separate_layers again"
+        )
     key_map = _key_map(model)
     _refuse_adapted(model, "add_lora")
     chosen: list[tuple[str, Any, str, int]] = []

@@ -384,6 +384,7 @@ def save_pretrained(
     passes the source folder's `tokenizer_files`): regular files only, never through a link
     out of their folder, never more readable than the source."""
     check_destination(path, overwrite=overwrite)  # before any work
+    model = nn.stack_layers(model)  # our folders store the layers stacked
     cls = type(model)
     class_by_name(cls.__name__)  # fails clearly for an unregistered model
     hf = _hf_config(model)
@@ -424,6 +425,7 @@ def export_hf(
             "export the float model, or "
             "eqx_models.dequantize(model) to export the rounded weights in float"
         )
+    model = nn.stack_layers(model)  # HF's names index the stacked layers
     cls, config = type(model), model.config
     state = tree_to_state(model, cls.key_map(config), progress=progress)
     hf = _hf_config(model)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import nn
 from .checkpoint._lazy import LazyTensor
 from .checkpoint.keymap import KeyMap, array_leaves, tree_to_state
 from .checkpoint.layout import flatten_params, flax_layout, tree_to_flax, unwrap_params
@@ -85,6 +86,7 @@ def to_state_dict(model: Model, *, layout: Layout = "pytorch") -> dict[str, Any]
       `checkpoint.layout.tree_to_flax`, which also runs under `jax.jit`.
     """
     class_by_name(type(model).__name__)  # an unregistered class fails by name
+    model = nn.stack_layers(model)  # HF's names index the stacked layers
     key_map = type(model).key_map(model.config)
     if layout == "pytorch":
         return tree_to_state(model, key_map, tied=True)

@@ -7,7 +7,8 @@
 
 float32 random weights are written once per model family as a HF checkpoint and loaded by
 all three. Each run generates exactly `--new-tokens` tokens greedily from a `--prompt`-token
-prompt (EOS disabled). Prints tokens/s (new tokens * batch / median wall time), first-call
+prompt (EOS disabled). Ours runs in both layouts, stacked layers (the default) and
+`eqx_models.separate_layers`. Prints tokens/s (new tokens * batch / median wall time), first-call
 times (compile + run), ratios, whether the three agree token for token, and this machine's
 memory-bandwidth bound for batch 1 (parameter bytes read per decode step / read bandwidth).
 With `--variants`, only eqx_models runs, once per weight format (float32, bfloat16 compute,
@@ -85,6 +86,15 @@ CASES = {
 FLAX_TARGETS = {(CASES["gpt_neo"].name, 8): 1.0, (CASES["gemma"].name, 8): 1.0}
 TORCH_TARGETS = {(CASES["gemma"].name, 1): 2.0, (CASES["long_t5"].name, 1): 2.0, (CASES["long_t5"].name, 8): 2.0}
 BOUND_TARGET = 0.85
+#: The contenders of a family's table: our two layouts (`OURS`: stacked layers, the default, and
+#: `eqx_models.separate_layers`), HF Flax and HF PyTorch.
+CONTENDERS = {
+    "ours": "eqx_models",
+    "separate": "eqx_models, layers separate",
+    "flax": "HF Flax jax.jit(generate)",
+    "torch": "HF PyTorch",
+}
+OURS = ("ours", "separate")
 FIRST_TARGET = 0.5
 
 
@@ -209,6 +219,7 @@ def time_jax(case: GenCase, folder: str, inputs: dict, new: int, runs: int, timi
     pad = config.pad_token_id if config.pad_token_id is not None else 0
     prompt = next(iter(inputs.values()))[0].shape[1]
     ours_model = eqx_models.from_pretrained(folder)
+    separate_model = eqx_models.separate_layers(eqx_models.from_pretrained(folder))
     flax_model = None
     try:
         with jax.numpy_dtype_promotion("standard"):
@@ -231,11 +242,17 @@ def time_jax(case: GenCase, folder: str, inputs: dict, new: int, runs: int, timi
         def ours_run(ids=ids, mask=mask):
             return eqx_models.generate(ours_model, ids, mask, max_new_tokens=new, eos_token_id=None)
 
+        def separate_run(ids=ids, mask=mask):
+            return eqx_models.generate(separate_model, ids, mask, max_new_tokens=new, eos_token_id=None)
+
         def flax_run(ids=ids, mask=mask):
             with jax.numpy_dtype_promotion("standard"):
                 return flax_generate(ids, attention_mask=mask, params=flax_model.params).sequences
 
-        fns = {"ours": _keeping(timings, case, prompt, "ours", batch, ours_run)}
+        fns = {
+            "ours": _keeping(timings, case, prompt, "ours", batch, ours_run),
+            "separate": _keeping(timings, case, prompt, "separate", batch, separate_run),
+        }
         if timings.flax_error is None:
             fns["flax"] = _keeping(timings, case, prompt, "flax", batch, flax_run)
         try:
@@ -298,36 +315,42 @@ def family_rows(
     rows = []
     for batch in batches:
         label = f"{case.name} b{batch}"
-        rate = {n: new * batch / median[n, batch] for n in ("ours", "flax", "torch") if (n, batch) in median}
+        rate = {n: new * batch / median[n, batch] for n in CONTENDERS if (n, batch) in median}
 
         def show(name: str) -> str:
             if name not in rate:
                 return f"n/a ({timings.flax_error})"
             return f"{rate[name]:.1f} tok/s ({median[name, batch]:.2f} s per call)"
 
-        rows += [
-            (f"{label}: eqx_models", show("ours")),
-            (f"{label}: HF Flax jax.jit(generate)", show("flax")),
-            (f"{label}: HF PyTorch", show("torch")),
-        ]
-        if "flax" in rate:
-            rows.append((f"{label}: ours / HF Flax tok/s{_wanted(FLAX_TARGETS, case, batch)}", _ratio(rate, "flax")))
-        rows.append((f"{label}: ours / HF PyTorch tok/s{_wanted(TORCH_TARGETS, case, batch)}", _ratio(rate, "torch")))
-        if ("flax", batch) in first:
-            ours_first, flax_first = first["ours", batch], first["flax", batch]
-            rows += [
-                (f"{label}: first call (compile + run) ours / HF Flax", f"{ours_first:.2f} s / {flax_first:.2f} s"),
-                (
-                    f"{label}: first call ratio ours / HF Flax (target <= {FIRST_TARGET:g})",
-                    f"{ours_first / flax_first:.2f}",
-                ),
-            ]
-        else:
-            rows.append((f"{label}: first call (compile + run) ours", f"{first['ours', batch]:.2f} s"))
+        rows += [(f"{label}: {CONTENDERS[n]}", show(n)) for n in CONTENDERS]
+        for ours in OURS:
+            name = "ours" if ours == "ours" else "ours, layers separate"
+            if "flax" in rate:
+                wanted = _wanted(FLAX_TARGETS, case, batch)
+                rows.append((f"{label}: {name} / HF Flax tok/s{wanted}", _ratio(rate, "flax", ours)))
+            wanted = _wanted(TORCH_TARGETS, case, batch)
+            rows.append((f"{label}: {name} / HF PyTorch tok/s{wanted}", _ratio(rate, "torch", ours)))
+            if ("flax", batch) in first:
+                ours_first, flax_first = first[ours, batch], first["flax", batch]
+                rows += [
+                    (
+                        f"{label}: first call (compile + run) {name} / HF Flax",
+                        f"{ours_first:.2f} s / {flax_first:.2f} s",
+                    ),
+                    (
+                        f"{label}: first call ratio {name} / HF Flax (target <= {FIRST_TARGET:g})",
+                        f"{ours_first / flax_first:.2f}",
+                    ),
+                ]
+            else:
+                rows.append((f"{label}: first call (compile + run) {name}", f"{first[ours, batch]:.2f} s"))
         counts = " / ".join(
             str(outputs[n, batch].shape[1]) if (n, batch) in outputs else "n/a" for n in ("ours", "flax", "torch")
         )
-        agree = [f"ours = PyTorch: {agreement(outputs['ours', batch], outputs['torch', batch])}"]
+        agree = [
+            f"ours = PyTorch: {agreement(outputs['ours', batch], outputs['torch', batch])}",
+            f"layers separate = ours: {agreement(outputs['separate', batch], outputs['ours', batch])}",
+        ]
         if ("flax", batch) in outputs:
             agree.insert(0, f"ours = Flax: {agreement(outputs['ours', batch], outputs['flax', batch])}")
         what = f"{label}: new tokens ours / Flax / PyTorch; greedy tokens agree"
@@ -335,13 +358,17 @@ def family_rows(
     rows.append((f"{case.name}: parameter bytes read per decode step", f"{step_bytes / 1e6:.0f} MB"))
     if 1 in batches:
         bound = bandwidth / step_bytes
-        rows += [
-            (f"{case.name} b1: bandwidth bound ({bandwidth / 1e9:.1f} GB/s / bytes per step)", f"{bound:.1f} tok/s"),
-            (
-                f"{case.name} b1: ours / bandwidth bound (target >= {BOUND_TARGET:.0%})",
-                f"{new / median['ours', 1] / bound:.0%}",
-            ),
-        ]
+        rows.append(
+            (f"{case.name} b1: bandwidth bound ({bandwidth / 1e9:.1f} GB/s / bytes per step)", f"{bound:.1f} tok/s")
+        )
+        for ours in OURS:
+            name = "ours" if ours == "ours" else "ours, layers separate"
+            rows.append(
+                (
+                    f"{case.name} b1: {name} / bandwidth bound (target >= {BOUND_TARGET:.0%})",
+                    f"{new / median[ours, 1] / bound:.0%}",
+                )
+            )
     notes = [] if timings.flax_error is None else [f"{case.name}: HF Flax n/a: {timings.flax_error}"]
     return rows, notes
 
@@ -411,8 +438,8 @@ def variant_rows(
     return rows
 
 
-def _ratio(rate: dict[str, float], other: str) -> str:
-    return f"{rate['ours'] / rate[other]:.2f}"
+def _ratio(rate: dict[str, float], other: str, ours: str = "ours") -> str:
+    return f"{rate[ours] / rate[other]:.2f}"
 
 
 def main() -> None:

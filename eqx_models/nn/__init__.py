@@ -19,7 +19,16 @@ from ._linear import AbstractLinear, Adapter, Embedding, Linear, fused_projectio
 from ._norm import LayerNorm, RMSNorm
 from ._positions import apply_rotary, relative_position_bucket, rotary_angles, sinusoidal_embedding
 from ._quantized import QuantizedWeight
-from ._stack import RunOptions, Stacked, run_options, split_key, with_run_options
+from ._stack import (
+    RunOptions,
+    Stacked,
+    has_separate_layers,
+    run_options,
+    separate_layers,
+    split_key,
+    stack_layers,
+    with_run_options,
+)
 
 __all__ = [
     "ACTIVATIONS",
@@ -56,4 +65,7 @@ __all__ = [
     "sinusoidal_embedding",
     "split_key",
     "with_run_options",
+    "separate_layers",
+    "stack_layers",
+    "has_separate_layers",
 ]

@@ -127,7 +127,9 @@ def param_sharding(tree: PyTree, mesh: Mesh, *, min_size: int = MIN_SHARDED_SIZE
 
     def visit(node: Any, stacked: bool) -> Any:
         if isinstance(node, Stacked):
-            return eqx.tree_at(lambda s: s.layers, node, walk(node.layers, True), is_leaf=lambda x: x is None)
+            return eqx.tree_at(
+                lambda s: s.layers, node, walk(node.layers, not node.separate), is_leaf=lambda x: x is None
+            )
         if isinstance(node, nn.Linear):
             shardings = jax.tree.map(lambda x: leaf(x, stacked=stacked), node)
             if eqx.is_array(node.weight):

@@ -1,0 +1,142 @@
+"""Layers stored separately (`eqx_models.separate_layers`, the faster decoding layout on
+XLA:CPU) against transformers 4.57.6 PyTorch for every family: logits on padded batches,
+greedy generation token for token; and the conversions around it (back to stacked, saving,
+exporting, quantised weights, what refuses it)."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+from cases import LONG_T5, hf_bird, hf_long_t5_encoder, tiered
+from cases import right_padded as bird_padded
+from decoder_cases import CASES as DECODERS
+from oracle import assert_same_tree, hf_generate, hf_positions, left_padded, max_diff_valid, torch_logits
+from t5_cases import CASES as T5_CASES
+from t5_cases import right_padded
+
+import eqx_models
+from eqx_models import lora, nn
+from eqx_models.errors import ConfigError
+
+
+def separate(folder, **options):
+    model = eqx_models.separate_layers(eqx_models.from_pretrained(folder, **options))
+    assert nn.has_separate_layers(model)
+    return model
+
+
+@pytest.mark.parametrize("case", tiered(list(DECODERS), "gpt-neo"))
+def test_decoder_logits_and_greedy_generation_match_hf(tmp_path, case):
+    case = DECODERS[case]
+    reference = case.save(tmp_path, seed=3)
+    model = separate(tmp_path)
+    ids, mask = left_padded(np.random.default_rng(1), case.config["vocab_size"], [11, 7, 3])
+    positions = hf_positions(mask)
+    ours = jax.vmap(lambda i, m, p: model(i, attention_mask=m, position_ids=p))(ids, mask, positions)
+    diff = max_diff_valid(ours, torch_logits(reference, ids, mask, positions), mask)
+    print(f"{case.id} separate layers: max |logits diff| {diff:.2e}")
+    assert diff < 2e-5
+
+    ids = np.where(mask, ids, case.config["pad_token_id"])
+    first = np.asarray(eqx_models.generate(model, ids, mask, max_new_tokens=3, eos_token_id=None))
+    eos = int(first[0, ids.shape[1] + 1])  # stops row 0 early, the others run on
+    ours = np.asarray(eqx_models.generate(model, ids, mask, max_new_tokens=10, eos_token_id=eos))
+    theirs = hf_generate(
+        reference,
+        ids,
+        mask,
+        max_new_tokens=10,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=case.config["pad_token_id"],
+    )
+    np.testing.assert_array_equal(ours, theirs.sequences.numpy())
+
+
+def test_t5_greedy_generation_matches_hf_with_a_deeper_encoder(tmp_path):
+    case = T5_CASES["flan-t5"]  # 3 encoder layers, 2 decoder layers, untied head
+    reference = case.save(tmp_path, seed=5)
+    model = separate(tmp_path)
+    ids, mask = right_padded(np.random.default_rng(5), case.config["vocab_size"], [9, 4, 6])
+    first = np.asarray(eqx_models.generate(model, ids, mask, max_new_tokens=3, eos_token_id=None))
+    eos = int(first[1, 2])
+    options = dict(max_new_tokens=12, eos_token_id=eos, pad_token_id=0)
+    ours = eqx_models.generate(model, ids, mask, output_scores=True, **options)
+    theirs = hf_generate(reference, ids, mask, do_sample=False, output_scores=True, **options)
+    np.testing.assert_array_equal(np.asarray(ours.sequences), theirs.sequences.numpy())
+    expected = torch.stack(theirs.scores, 1).numpy()
+    diff = float(np.abs(np.asarray(ours.scores) - expected).max())
+    print(f"flan-t5 separate layers: greedy scores max diff {diff:.2e} (max |ref| {np.abs(expected).max():.2f})")
+    assert diff < 2e-5 + 1e-4 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("attention", ["local", "transient-global"])
+def test_long_t5_encoder_matches_hf(tmp_path, attention):
+    reference = hf_long_t5_encoder(tmp_path, encoder_attention_type=attention)
+    model = separate(tmp_path)
+    rng = np.random.default_rng(0)
+    lengths = [17, 11, 4]  # not multiples of the block length 3
+    ids = rng.integers(2, LONG_T5["vocab_size"], (3, 17))
+    mask = (np.arange(17)[None] < np.array(lengths)[:, None]).astype(np.int64)
+    with torch.no_grad():
+        expected = reference(torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state.numpy()
+    diff = max_diff_valid(jax.vmap(lambda i, m: model(i, attention_mask=m))(ids, mask), expected, mask)
+    print(f"LongT5 {attention} encoder, separate layers: {diff:.2e}")
+    assert diff < 2e-5
+
+
+def test_big_bird_block_sparse_masked_lm_matches_hf(tmp_path):
+    config = dict(attention_type="block_sparse", block_size=4, num_random_blocks=2)
+    reference = hf_bird(tmp_path, "BigBirdForMaskedLM", seed=4, **config)
+    model = separate(tmp_path)
+    ids, mask, types = bird_padded(np.random.default_rng(4), [45, 39, 41])
+    assert ids.shape[1] > model.config.max_full_attention_tokens  # really sparse
+    with torch.no_grad():
+        expected = reference(
+            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), token_type_ids=torch.tensor(types)
+        ).logits.numpy()
+    ours = jax.vmap(lambda i, m, t: model(i, attention_mask=m, token_type_ids=t))(ids, mask, types)
+    diff = max_diff_valid(ours, expected, mask)
+    print(f"BigBird block-sparse MLM, separate layers: {diff:.2e}")
+    assert diff < 2e-5
+
+
+def test_stacking_again_saving_and_exporting_give_the_stacked_model(tmp_path):
+    DECODERS["gpt-neo"].save(tmp_path / "hf")
+    stacked = eqx_models.from_pretrained(tmp_path / "hf")
+    model = eqx_models.separate_layers(stacked)
+    assert model.transformer.h.separate and model.transformer.h.num_layers == stacked.transformer.h.num_layers
+    assert_same_tree(eqx_models.stack_layers(model), stacked)
+    assert eqx_models.separate_layers(model) is model and eqx_models.stack_layers(stacked) is stacked
+    ours, theirs = eqx_models.to_state_dict(model), eqx_models.to_state_dict(stacked)
+    assert ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in ours)
+    eqx_models.save_pretrained(model, tmp_path / "own")
+    assert_same_tree(eqx_models.from_pretrained(tmp_path / "own"), stacked)
+    eqx_models.export_hf(model, tmp_path / "exported")
+    assert_same_tree(eqx_models.from_pretrained(tmp_path / "exported"), stacked)
+
+
+def test_quantised_weights_generate_as_they_do_stacked(tmp_path):
+    case = DECODERS["gpt-neo"]
+    case.save(tmp_path, seed=4)
+    stacked = eqx_models.quantize(eqx_models.from_pretrained(tmp_path), "int8")
+    model = eqx_models.separate_layers(stacked)
+    # weights without a layers axis are pinned in loops, as quantize pins them (and unpinned again when stacked)
+    leaves = jax.tree.leaves(model, is_leaf=lambda x: isinstance(x, nn.QuantizedWeight))
+    weights = [leaf for leaf in leaves if isinstance(leaf, nn.QuantizedWeight)]
+    assert weights and all(w.pinned for w in weights)
+    assert_same_tree(eqx_models.stack_layers(model), stacked)
+    ids, mask = left_padded(np.random.default_rng(4), case.config["vocab_size"], [8, 5])
+    ids = np.where(mask, ids, case.config["pad_token_id"])
+    np.testing.assert_array_equal(
+        np.asarray(eqx_models.generate(model, ids, mask, max_new_tokens=8, eos_token_id=None)),
+        np.asarray(eqx_models.generate(stacked, ids, mask, max_new_tokens=8, eos_token_id=None)),
+    )
+
+
+def test_lora_refuses_separate_layers_in_one_line(tmp_path):
+    DECODERS["gpt-neo"].save(tmp_path)
+    model = separate(tmp_path)
+    with pytest.raises(ConfigError, match="stores them separately") as error:
+        lora.add_lora(model, rank=2, alpha=4, target_modules=["q_proj"], key=jax.random.PRNGKey(0))
+    assert "\n" not in str(error.value)
