@@ -113,12 +113,14 @@ def write_checkpoint(case: Case, num_layers: int, folder: str) -> None:
     getattr(transformers, case.torch_class)(case.hf_config(num_layers)).save_pretrained(folder)
 
 
-def ours_forward(folder: str, ids: np.ndarray) -> Callable[[], object]:
+def ours_forward(folder: str, ids: np.ndarray, *, separate: bool = False) -> Callable[[], object]:
     import equinox as eqx
 
     import eqx_models
 
     model = eqx_models.from_pretrained(folder)
+    if separate:
+        model = eqx_models.separate_layers(model)
     forward = eqx.filter_jit(lambda m, i: jax.vmap(m)(i))
     tokens = jax.numpy.asarray(ids)
     return lambda: forward(model, tokens).block_until_ready()
@@ -154,17 +156,19 @@ def torch_forward(case: Case, folder: str, ids: np.ndarray) -> Callable[[], obje
     return forward
 
 
-def compile_seconds(case: Case, num_layers: int, seq: int, repeats: int = 3) -> float:
+def compile_seconds(case: Case, num_layers: int, seq: int, repeats: int = 3, *, separate: bool = False) -> float:
     """Lowering + XLA compile of our forward at `num_layers`, from shapes only (best of
-    `repeats`, each a fresh compile)."""
+    `repeats`, each a fresh compile); `separate`: with the layers stored separately."""
     import equinox as eqx
 
+    from eqx_models import separate_layers
     from eqx_models.models import FAMILIES
 
     family = FAMILIES[case.hf_config(2).model_type]
     config = family.config.from_hf_config(case.hf_config(num_layers).to_dict())
     cls = dict(family.by_name())[case.torch_class]
-    shapes = eqx.nn.inference_mode(eqx.filter_eval_shape(cls, config, key=jax.random.key(0)))
+    build = (lambda key: separate_layers(cls(config, key=key))) if separate else (lambda key: cls(config, key=key))
+    shapes = eqx.nn.inference_mode(eqx.filter_eval_shape(build, jax.random.key(0)))
     params, static = eqx.partition(shapes, lambda x: isinstance(x, jax.ShapeDtypeStruct))
     ids = jax.ShapeDtypeStruct((1, seq), jax.numpy.int32)
     best = float("inf")
@@ -182,19 +186,27 @@ def run_case(case: Case, seq: int, runs: int, root: str) -> list[tuple[str, str]
     write_checkpoint(case, case.layers, shallow)
     # The JAX contenders alternate run by run. PyTorch runs on its own afterwards: its
     # OpenMP threads keep spinning after each call and would slow whatever runs next.
-    first, median = interleaved({"ours": ours_forward(shallow, ids), "flax": flax_forward(case, shallow, ids)}, runs)
+    contenders = {
+        "ours": ours_forward(shallow, ids),
+        "separate": ours_forward(shallow, ids, separate=True),
+        "flax": flax_forward(case, shallow, ids),
+    }
+    first, median = interleaved(contenders, runs)
     _, torch_median = interleaved({"torch": torch_forward(case, shallow, ids)}, runs)
     median.update(torch_median)
     ours, flax, torch_time = median["ours"], median["flax"], median["torch"]
     ours_first, flax_first = first["ours"], first["flax"]
     shallow_layers, deep_layers = COMPILE_LAYERS
     compile_shallow, compile_deep = (compile_seconds(case, n, seq) for n in COMPILE_LAYERS)
+    separate_shallow, separate_deep = (compile_seconds(case, n, seq, separate=True) for n in COMPILE_LAYERS)
     label = f"{case.name} forward 1x{seq}"
     return [
         (f"{label}: eqx_models", f"{ours * 1e3:.0f} ms"),
+        (f"{label}: eqx_models, layers separate", f"{median['separate'] * 1e3:.0f} ms"),
         (f"{label}: HF Flax", f"{flax * 1e3:.0f} ms"),
         (f"{label}: HF PyTorch", f"{torch_time * 1e3:.0f} ms"),
         (f"{label}: ratio ours / HF Flax (target <= {FORWARD_TARGET})", f"{ours / flax:.2f}"),
+        (f"{label}: ratio ours, layers separate / HF Flax", f"{median['separate'] / flax:.2f}"),
         (f"{label}: ratio ours / HF PyTorch", f"{ours / torch_time:.2f}"),
         (f"{case.name} first call (compile + run): ours / HF Flax", f"{ours_first:.2f} s / {flax_first:.2f} s"),
         (
@@ -204,6 +216,10 @@ def run_case(case: Case, seq: int, runs: int, root: str) -> list[tuple[str, str]
         (
             f"{case.name} compile ratio {deep_layers}/{shallow_layers} layers (target <= {COMPILE_TARGET})",
             f"{compile_deep / compile_shallow:.2f}",
+        ),
+        (
+            f"{case.name} compile {shallow_layers} / {deep_layers} layers, layers separate",
+            f"{separate_shallow:.2f} s / {separate_deep:.2f} s (ratio {separate_deep / separate_shallow:.2f})",
         ),
     ]
 
