@@ -140,3 +140,32 @@ def test_lora_refuses_separate_layers_in_one_line(tmp_path):
     with pytest.raises(ConfigError, match="stores them separately") as error:
         lora.add_lora(model, rank=2, alpha=4, target_modules=["q_proj"], key=jax.random.PRNGKey(0))
     assert "\n" not in str(error.value)
+
+
+def test_adapters_added_before_separating_and_gradients_match_the_stacked_model(tmp_path, getkey):
+    import equinox as eqx
+
+    case = DECODERS["gemma-mqa"]
+    case.save(tmp_path, seed=6)
+    stacked = lora.add_lora(
+        eqx_models.from_pretrained(tmp_path), rank=2, alpha=4, target_modules=["q_proj", "down_proj"], key=getkey()
+    )
+    stacked = jax.tree.map(lambda x: x + 0.01 if eqx.is_inexact_array(x) else x, stacked)  # B non-zero
+    model = eqx_models.separate_layers(stacked)
+    ids, mask = left_padded(np.random.default_rng(6), case.config["vocab_size"], [9, 6])
+    ids = np.where(mask, ids, case.config["pad_token_id"])
+    np.testing.assert_array_equal(
+        np.asarray(eqx_models.generate(model, ids, mask, max_new_tokens=6, eos_token_id=None)),
+        np.asarray(eqx_models.generate(stacked, ids, mask, max_new_tokens=6, eos_token_id=None)),
+    )
+
+    def loss(m):
+        logits = jax.vmap(lambda i, k: m(i, attention_mask=k))(ids, mask)
+        return (jax.nn.log_softmax(logits) * mask[..., None].astype(logits.dtype)).mean()
+
+    for remat in (False, True):
+        ours = eqx.filter_grad(loss)(eqx_models.with_run_options(model, remat=remat))
+        theirs = eqx.filter_grad(loss)(eqx_models.with_run_options(stacked, remat=remat))
+        ours, theirs = eqx_models.stack_layers(ours), theirs
+        for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
