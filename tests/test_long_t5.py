@@ -16,27 +16,29 @@ import eqx_models
 from eqx_models import nn
 from eqx_models.models import LongT5Config
 
-ENCODERS = [  # attention type, feed-forward, global block size, scan
-    ("local", "relu", 4, True),
-    ("local", "gated-gelu", 4, False),
-    ("transient-global", "relu", 4, True),
-    ("transient-global", "gated-gelu", 3, True),
-    ("transient-global", "gated-gelu", 5, False),
+ENCODERS = [  # attention type, feed-forward, global block size, layers: scanned, looped or stored separately
+    ("local", "relu", 4, "scan"),
+    ("local", "gated-gelu", 4, "loop"),
+    ("local", "relu", 4, "separate"),
+    ("transient-global", "relu", 4, "scan"),
+    ("transient-global", "gated-gelu", 3, "scan"),
+    ("transient-global", "gated-gelu", 5, "loop"),
+    ("transient-global", "gated-gelu", 3, "separate"),
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("attention,feed_forward_proj,global_block_size,scan_layers", ENCODERS)
-def test_encoder_matches_hf_on_right_padded_batch(
-    tmp_path, attention, feed_forward_proj, global_block_size, scan_layers
-):
+@pytest.mark.parametrize("attention,feed_forward_proj,global_block_size,layers", ENCODERS)
+def test_encoder_matches_hf_on_right_padded_batch(tmp_path, attention, feed_forward_proj, global_block_size, layers):
     reference = hf_long_t5_encoder(
         tmp_path,
         feed_forward_proj=feed_forward_proj,
         encoder_attention_type=attention,
         global_block_size=global_block_size,
     )
-    model = eqx_models.from_pretrained(tmp_path, scan_layers=scan_layers)
+    model = eqx_models.from_pretrained(tmp_path, scan_layers=layers != "loop")
+    if layers == "separate":
+        model = eqx_models.separate_layers(model)
     rng = np.random.default_rng(0)
     lengths = [17, 11, 4]  # not multiples of the block length 3
     ids = rng.integers(2, LONG_T5["vocab_size"], (3, 17))
@@ -45,7 +47,7 @@ def test_encoder_matches_hf_on_right_padded_batch(
         expected = reference(torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state.numpy()
     ours = jax.vmap(lambda i, m: model(i, attention_mask=m))(ids, mask)
     diff = max_diff_valid(ours, expected, mask)
-    print(f"LongT5 {attention} encoder {feed_forward_proj} global block {global_block_size}: {diff:.2e}")
+    print(f"LongT5 {attention} encoder {feed_forward_proj} global block {global_block_size} {layers}: {diff:.2e}")
     assert diff < 2e-5
 
 

@@ -1,13 +1,14 @@
 """Layers stored separately (`eqx_models.separate_layers`, the faster decoding layout on
-XLA:CPU) against transformers 4.57.6 PyTorch for every family: logits on padded batches,
-greedy generation token for token; and the conversions around it (back to stacked, saving,
-exporting, quantised weights, what refuses it)."""
+XLA:CPU) against transformers 4.57.6 PyTorch for every family (LongT5's encoder: in
+tests/test_long_t5.py): logits on padded batches, greedy generation token for token; and the
+conversions around it (back to stacked, saving, exporting, quantised weights, adapters,
+gradients, what refuses it)."""
 
 import jax
 import numpy as np
 import pytest
 import torch
-from cases import LONG_T5, hf_bird, hf_long_t5_encoder, tiered
+from cases import hf_bird, tiered
 from cases import right_padded as bird_padded
 from decoder_cases import CASES as DECODERS
 from oracle import assert_same_tree, hf_generate, hf_positions, left_padded, max_diff_valid, torch_logits
@@ -23,6 +24,17 @@ def separate(folder, **options):
     model = eqx_models.separate_layers(eqx_models.from_pretrained(folder, **options))
     assert nn.has_separate_layers(model)
     return model
+
+
+def assert_same_greedy(model, stacked, case, *, seed, lengths):
+    """Greedy tokens of `model` equal `stacked`'s on a left-padded batch; returns the batch."""
+    ids, mask = left_padded(np.random.default_rng(seed), case.config["vocab_size"], lengths)
+    ids = np.where(mask, ids, case.config["pad_token_id"])
+    np.testing.assert_array_equal(
+        np.asarray(eqx_models.generate(model, ids, mask, max_new_tokens=8, eos_token_id=None)),
+        np.asarray(eqx_models.generate(stacked, ids, mask, max_new_tokens=8, eos_token_id=None)),
+    )
+    return ids, mask
 
 
 @pytest.mark.parametrize("case", tiered(list(DECODERS), "gpt-neo"))
@@ -70,21 +82,6 @@ def test_t5_greedy_generation_matches_hf_with_a_deeper_encoder(tmp_path):
     assert diff < 2e-5 + 1e-4 * np.abs(expected).max()
 
 
-@pytest.mark.parametrize("attention", ["local", "transient-global"])
-def test_long_t5_encoder_matches_hf(tmp_path, attention):
-    reference = hf_long_t5_encoder(tmp_path, encoder_attention_type=attention)
-    model = separate(tmp_path)
-    rng = np.random.default_rng(0)
-    lengths = [17, 11, 4]  # not multiples of the block length 3
-    ids = rng.integers(2, LONG_T5["vocab_size"], (3, 17))
-    mask = (np.arange(17)[None] < np.array(lengths)[:, None]).astype(np.int64)
-    with torch.no_grad():
-        expected = reference(torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state.numpy()
-    diff = max_diff_valid(jax.vmap(lambda i, m: model(i, attention_mask=m))(ids, mask), expected, mask)
-    print(f"LongT5 {attention} encoder, separate layers: {diff:.2e}")
-    assert diff < 2e-5
-
-
 def test_big_bird_block_sparse_masked_lm_matches_hf(tmp_path):
     config = dict(attention_type="block_sparse", block_size=4, num_random_blocks=2)
     reference = hf_bird(tmp_path, "BigBirdForMaskedLM", seed=4, **config)
@@ -126,12 +123,7 @@ def test_quantised_weights_generate_as_they_do_stacked(tmp_path):
     weights = [leaf for leaf in leaves if isinstance(leaf, nn.QuantizedWeight)]
     assert weights and all(w.pinned for w in weights)
     assert_same_tree(eqx_models.stack_layers(model), stacked)
-    ids, mask = left_padded(np.random.default_rng(4), case.config["vocab_size"], [8, 5])
-    ids = np.where(mask, ids, case.config["pad_token_id"])
-    np.testing.assert_array_equal(
-        np.asarray(eqx_models.generate(model, ids, mask, max_new_tokens=8, eos_token_id=None)),
-        np.asarray(eqx_models.generate(stacked, ids, mask, max_new_tokens=8, eos_token_id=None)),
-    )
+    assert_same_greedy(model, stacked, case, seed=4, lengths=[8, 5])
 
 
 def test_lora_refuses_separate_layers_in_one_line(tmp_path):
@@ -152,12 +144,7 @@ def test_adapters_added_before_separating_and_gradients_match_the_stacked_model(
     )
     stacked = jax.tree.map(lambda x: x + 0.01 if eqx.is_inexact_array(x) else x, stacked)  # B non-zero
     model = eqx_models.separate_layers(stacked)
-    ids, mask = left_padded(np.random.default_rng(6), case.config["vocab_size"], [9, 6])
-    ids = np.where(mask, ids, case.config["pad_token_id"])
-    np.testing.assert_array_equal(
-        np.asarray(eqx_models.generate(model, ids, mask, max_new_tokens=6, eos_token_id=None)),
-        np.asarray(eqx_models.generate(stacked, ids, mask, max_new_tokens=6, eos_token_id=None)),
-    )
+    ids, mask = assert_same_greedy(model, stacked, case, seed=6, lengths=[9, 6])
 
     def loss(m):
         logits = jax.vmap(lambda i, k: m(i, attention_mask=k))(ids, mask)
