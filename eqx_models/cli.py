@@ -130,6 +130,7 @@ def _generate(args: argparse.Namespace) -> None:
     from .generation import generate, stream
     from .hub import folder
     from .models import Seq2SeqLM
+    from .nn import separate_layers
     from .pretrained import end_token_ids, from_pretrained
     from .text import StreamDecoder, load_tokenizer, prompt_ids
 
@@ -137,6 +138,8 @@ def _generate(args: argparse.Namespace) -> None:
     src = folder(args.src, revision=args.revision)
     codec = load_tokenizer(src, byte_level=args.byte_level)  # before the weights: a missing tokenizer fails fast
     model = from_pretrained(src, dtype=args.dtype, strict=args.strict, quantize=args.quantize)
+    if args.separate_layers:
+        model = separate_layers(model)
     ids = prompt_ids(codec, args.prompt, vocab_size=model.config.vocab_size, chat=args.chat)
     prompt = np.asarray([ids], np.int32)
     eos_ids = end_token_ids(model.config.eos_token_id, src)
@@ -316,6 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
     gen.add_argument("--strict", action="store_true", help="weights holding NaN or Inf are an error, not a warning")
     _add_quantize_flag(gen)
+    gen.add_argument(
+        "--separate-layers",
+        action="store_true",
+        help="store each layer's weights separately (eqx_models.separate_layers): faster decoding on CPU, "
+        "compile time growing with depth",
+    )
     gen.set_defaults(run=_checked(GENERATE_FLAGS, _generate))
 
     serve = commands.add_parser(

@@ -4,6 +4,8 @@ tests/test_long_t5.py): logits on padded batches, greedy generation token for to
 conversions around it (back to stacked, saving, exporting, quantised weights, adapters,
 gradients, what refuses it)."""
 
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
@@ -156,3 +158,16 @@ def test_adapters_added_before_separating_and_gradients_match_the_stacked_model(
         ours, theirs = eqx_models.stack_layers(ours), theirs
         for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_cli_generate_with_separate_layers_prints_the_same_text(capsys):
+    from eqx_models import cli
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "stdlib-gpt-neo"
+    texts = []
+    for flags in ([], ["--separate-layers"]):
+        assert cli.main(["generate", str(example), "--prompt", "def ", "--max-new-tokens", "12", *flags]) == 0
+        out = capsys.readouterr()
+        assert "12 new tokens" in out.err
+        texts.append(out.out)
+    assert texts[0] == texts[1] and texts[0].startswith("def ")
