@@ -23,7 +23,7 @@ from lora_cases import CASES, LoraCase, float64_logits, hf_logits, load_base, ou
 from oracle import assert_same_tree, max_diff_valid
 from safetensors.numpy import load_file, save_file
 
-from eqx_models import CheckpointError, ConfigError, InputError, from_pretrained, lora
+from eqx_models import CheckpointError, ConfigError, InputError, from_pretrained, lora, quantize
 from eqx_models.cli import EXIT_BAD_INPUT, main
 from eqx_models.models import GPTNeoConfig, GPTNeoForCausalLM
 from eqx_models.train import TrainConfig
@@ -192,11 +192,13 @@ def bytes_of(tree) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", [jnp.float32, pytest.param(jnp.bfloat16, marks=pytest.mark.slow)])
-def test_lora_training_lowers_the_loss_and_leaves_the_base_bit_identical(getkey, dtype):
-    model = lora.add_lora(
-        tiny_neo(getkey(), dtype), rank=4, alpha=8, target_modules=["q_proj", "v_proj"], dropout=0.1, key=getkey()
-    )
+@pytest.mark.parametrize("base_kind", ["float32", "bfloat16", "int8"])
+def test_lora_training_lowers_the_loss_and_leaves_the_base_bit_identical(getkey, base_kind):
+    """LoRA over a float32, bfloat16 or int8 base (QLoRA-style: the int8 weights stay int8)."""
+    base = tiny_neo(getkey(), jnp.bfloat16 if base_kind == "bfloat16" else jnp.float32)
+    if base_kind == "int8":
+        base = quantize(base, "int8")
+    model = lora.add_lora(base, rank=4, alpha=8, target_modules=["q_proj", "v_proj"], dropout=0.1, key=getkey())
     spec = lora.adapter_filter(model)
     optimizer = adamw(3e-2, eqx.filter(model, spec), weight_decay=0.01, clip_norm=1.0)
     state = init_state(model, optimizer, key=getkey(), trainable=lora.adapter_filter)
@@ -207,7 +209,7 @@ def test_lora_training_lowers_the_loss_and_leaves_the_base_bit_identical(getkey,
     for _ in range(10):
         state, metrics = step(state, batch)
         losses.append(float(metrics["loss"]))
-    print(f"{jnp.dtype(dtype).name} base: LoRA losses {losses[0]:.4f} -> {losses[-1]:.4f}")
+    print(f"{base_kind} base: LoRA losses {losses[0]:.4f} -> {losses[-1]:.4f}")
     assert losses[-1] < losses[0] - 0.05
     frozen = jax.tree.map(operator.not_, spec)
     assert_same_tree(eqx.filter(state.model, frozen), eqx.filter(model, frozen))
