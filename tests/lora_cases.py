@@ -14,7 +14,7 @@ import torch
 import transformers
 from cases import LONG_T5, bird_batch, hf_bird
 from decoder_cases import CASES as DECODERS
-from oracle import Float64Throughout, hf_positions, left_padded, randomise
+from oracle import float64_truth, hf_positions, left_padded, randomise
 from t5_cases import CASES as T5_CASES
 from t5_cases import right_padded
 
@@ -96,17 +96,8 @@ def hf_logits(model: torch.nn.Module, batch: dict) -> np.ndarray:
 
 
 def float64_logits(model: torch.nn.Module, batch: dict) -> np.ndarray | None:
-    """`hf_logits` of a float64 copy of `model`: the exact logits both float32 implementations
-    approximate. On some CPUs PyTorch's own float32 logits are as far from them as ours
-    (LongT5 on an AVX-512 machine: 9.0e-5 and 7.6e-5, in opposite directions, 1.7e-4 apart),
-    so comparing the two float32 results measures PyTorch's rounding as much as ours. `None`
-    where HF's code does not run in float64 (XGLM fills a float32 mask with float64's
-    minimum and fails)."""
-    try:
-        with Float64Throughout():  # HF GPT-Neo casts its attention to float32 on purpose
-            return hf_logits(copy.deepcopy(model).double(), batch)
-    except RuntimeError:
-        return None
+    """`hf_logits` of a float64 copy of `model` (`oracle.float64_truth`), or `None`."""
+    return float64_truth(hf_logits, model, batch)
 
 
 def randomise_adapters(peft_model: torch.nn.Module, seed: int, std: float = 0.3) -> torch.nn.Module:

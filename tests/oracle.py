@@ -1,5 +1,8 @@
 """Random tiny HF PyTorch models: the numerical oracle of every parity test."""
 
+import copy
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
@@ -79,6 +82,20 @@ class Float64Throughout(TorchFunctionMode):
             if kwargs.get("dtype", args[1] if len(args) > 1 else None) is torch.float32:
                 return args[0]
         return func(*args, **kwargs)
+
+
+def float64_truth(run: Callable[..., np.ndarray], model: torch.nn.Module, *args) -> np.ndarray | None:
+    """`run(model, *args)` with a float64 copy of the HF `model`: the exact result both float32
+    implementations approximate. On some CPUs PyTorch's own float32 logits are as far from it
+    as ours, in the other direction (LongT5 on an AVX-512 machine: 9.0e-5 and 7.6e-5, 1.7e-4
+    apart), so comparing two float32 results measures PyTorch's rounding as much as ours.
+    `None` where HF's code does not run in float64 (XGLM fills a float32 mask with float64's
+    minimum and fails): compare with its float32 result there."""
+    try:
+        with Float64Throughout():
+            return run(copy.deepcopy(model).double(), *args)
+    except RuntimeError:
+        return None
 
 
 def assert_same_tree(a, b) -> None:
