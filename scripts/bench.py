@@ -9,6 +9,7 @@ layers keeps it flat). Not a test: numbers depend on the machine.
 """
 
 import argparse
+import collections
 import json
 import os
 import shutil
@@ -180,6 +181,62 @@ def compile_seconds(case: Case, num_layers: int, seq: int, repeats: int = 3, *, 
     return best
 
 
+def matrix_product_seconds(forward: Callable, *args, repeats: int = 3) -> float:
+    """The matrix products of `forward(*args)` each timed alone: every `dot_general` of its
+    program (a scan body's once per iteration), on random operands of its shapes, best of
+    `repeats`, summed: the library products' share of a forward, which every implementation
+    on this machine pays (HF Flax's products are the same). A product run alone also writes
+    a fresh output buffer (for an LM head, hundreds of MB of first-touched pages), so a whole
+    forward can come in a few percent under this sum; the rest of a forward (norms,
+    softmax, activations, copies) is what lies above it."""
+    from jax import lax
+    from jax.extend import core
+
+    counts: collections.Counter = collections.Counter()
+
+    def visit(jaxpr, times: int) -> None:
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                lhs, rhs = (v.aval for v in eqn.invars)
+                params = (eqn.params["dimension_numbers"], eqn.params.get("preferred_element_type"))
+                counts[(lhs.shape, lhs.dtype, rhs.shape, rhs.dtype, params)] += times
+            inner = times * (eqn.params["length"] if eqn.primitive.name == "scan" else 1)
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, tuple | list) else (value,):
+                    if isinstance(sub, core.ClosedJaxpr):
+                        visit(sub.jaxpr, inner)
+                    elif isinstance(sub, core.Jaxpr):
+                        visit(sub, inner)
+
+    visit(jax.make_jaxpr(forward)(*args).jaxpr, 1)
+    total = 0.0
+    for (lhs_shape, lhs_dtype, rhs_shape, rhs_dtype, (dims, out_dtype)), count in counts.items():
+        lhs = jax.random.normal(jax.random.key(0), lhs_shape, lhs_dtype)
+        rhs = jax.random.normal(jax.random.key(1), rhs_shape, rhs_dtype)
+        product = jax.jit(
+            lambda a, b, dims=dims, out=out_dtype: lax.dot_general(a, b, dims, preferred_element_type=out)
+        )
+        product(lhs, rhs).block_until_ready()
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            product(lhs, rhs).block_until_ready()
+            best = min(best, time.perf_counter() - start)
+        total += count * best
+        del lhs, rhs
+    return total
+
+
+def our_products_seconds(folder: str, ids: np.ndarray) -> float:
+    """`matrix_product_seconds` of our (default, stacked) forward."""
+    import equinox as eqx
+
+    import eqx_models
+
+    params, static = eqx.partition(eqx_models.from_pretrained(folder), eqx.is_array)
+    return matrix_product_seconds(lambda p, i: jax.vmap(eqx.combine(p, static))(i), params, jax.numpy.asarray(ids))
+
+
 def run_case(case: Case, seq: int, runs: int, root: str) -> list[tuple[str, str]]:
     ids = np.random.default_rng(0).integers(0, 1000, (1, seq)).astype(np.int32)
     shallow = os.path.join(root, case.name.split()[0])
@@ -194,6 +251,7 @@ def run_case(case: Case, seq: int, runs: int, root: str) -> list[tuple[str, str]
     first, median = interleaved(contenders, runs)
     _, torch_median = interleaved({"torch": torch_forward(case, shallow, ids)}, runs)
     median.update(torch_median)
+    products = our_products_seconds(shallow, ids)
     ours, flax, torch_time = median["ours"], median["flax"], median["torch"]
     ours_first, flax_first = first["ours"], first["flax"]
     shallow_layers, deep_layers = COMPILE_LAYERS
@@ -208,6 +266,11 @@ def run_case(case: Case, seq: int, runs: int, root: str) -> list[tuple[str, str]
         (f"{label}: ratio ours / HF Flax (target <= {FORWARD_TARGET})", f"{ours / flax:.2f}"),
         (f"{label}: ratio ours, layers separate / HF Flax", f"{median['separate'] / flax:.2f}"),
         (f"{label}: ratio ours / HF PyTorch", f"{ours / torch_time:.2f}"),
+        (f"{label}: its matrix products, each timed alone, summed (the limit)", f"{products * 1e3:.0f} ms"),
+        (
+            f"{label}: time / that limit: ours, layers separate, HF Flax",
+            f"{ours / products:.2f}, {median['separate'] / products:.2f}, {flax / products:.2f}",
+        ),
         (f"{case.name} first call (compile + run): ours / HF Flax", f"{ours_first:.2f} s / {flax_first:.2f} s"),
         (
             f"{case.name} compile {shallow_layers} layers / {deep_layers} layers (from shapes)",
