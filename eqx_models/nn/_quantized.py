@@ -7,10 +7,10 @@ a quantised `Linear` or `Embedding` weight (`eqx_models.quantize` makes them). T
   significant bits to bfloat16's 8, so every element within 2**-29 of its row's largest is
   stored exactly (smaller ones are off by at most 2**-40 of the row's largest, far below a
   float32 product's rounding) and the products are those of the bfloat16 weights. The
-  reason for the detour: this CPU (AVX2, no AVX512-BF16) converts float16 in hardware and
-  XLA:CPU fuses that conversion into its matrix-vector loop, while a bfloat16 operand is
-  converted to a float32 copy first (4x slower than float32, measured in
-  docs/quantization.md).
+  reason for the detour: the CPU this was chosen on (AVX2, no AVX512-BF16) converts float16
+  in hardware and XLA:CPU fuses that conversion into its matrix-vector loop, while a
+  bfloat16 operand is converted to a float32 copy first (4x slower than float32, measured
+  in docs/quantization.md).
 
 A row is an output channel of a `Linear` (`[d_out, d_in]`, PyTorch's layout) and a token of
 an `Embedding` (`[vocab, dim]`), so one scale per row serves an embedding both as a lookup
