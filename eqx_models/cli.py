@@ -192,6 +192,7 @@ def _serve(args: argparse.Namespace) -> None:
         adapter=args.adapter,
         dtype=args.dtype,
         byte_level=args.byte_level,
+        separate_layers=args.separate_layers,
     )
     started = time.perf_counter()
     warm_up(served)
@@ -250,6 +251,15 @@ def _add_quantize_flag(parser: argparse.ArgumentParser) -> None:
         metavar="SCHEME",
         help=f"store the weights quantised ({', '.join(SCHEMES)}: int8 with one scale per output channel, or "
         "rounded to bfloat16; embeddings included; activations stay in float)",
+    )
+
+
+def _add_separate_layers_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--separate-layers",
+        action="store_true",
+        help="store each layer's weights separately (eqx_models.separate_layers): faster decoding on CPU, "
+        "compile time growing with depth",
     )
 
 
@@ -319,12 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
     gen.add_argument("--strict", action="store_true", help="weights holding NaN or Inf are an error, not a warning")
     _add_quantize_flag(gen)
-    gen.add_argument(
-        "--separate-layers",
-        action="store_true",
-        help="store each layer's weights separately (eqx_models.separate_layers): faster decoding on CPU, "
-        "compile time growing with depth",
-    )
+    _add_separate_layers_flag(gen)
     gen.set_defaults(run=_checked(GENERATE_FLAGS, _generate))
 
     serve = commands.add_parser(
@@ -360,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--byte-level", action="store_true", help="byte-level ids instead of the folder's tokenizer")
     serve.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
     _add_quantize_flag(serve)
+    _add_separate_layers_flag(serve)
     serve.set_defaults(run=_checked(SERVE_FLAGS, _serve))
 
     train = commands.add_parser(

@@ -262,6 +262,30 @@ def test_int8_weights_and_lora_adapters_are_served(tmp_path):
     assert text != expected(plain, plain.encode(PROMPTS[0]), 12)[0]  # the adapters and int8 weights took effect
 
 
+def test_layers_stored_separately_serve_the_stacked_models_answers():
+    """`serve --separate-layers`: the continuous-batching engine over separately stored layers
+    gives each of several concurrent requests what greedy `generate` gives with the default,
+    stacked layers."""
+    from eqx_models import nn
+
+    served = serve.load_served(str(EXAMPLE), slots=3, context=96, separate_layers=True)
+    assert nn.has_separate_layers(served.engine.model)
+    stacked = serve.load_served(str(EXAMPLE), slots=1, context=96)
+    assert not nn.has_separate_layers(stacked.engine.model)
+    jobs = [(PROMPTS[i % 4], 6 + 5 * i) for i in range(6)]
+    with ServerThread(served) as server:
+        client = server.client()
+
+        def ask(job):
+            prompt, max_tokens = job
+            answer = client.completions.create(model=served.name, prompt=prompt, max_tokens=max_tokens, temperature=0)
+            return answer.choices[0].text, answer.choices[0].finish_reason
+
+        with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+            answers = list(pool.map(ask, jobs))
+    assert answers == [expected(stacked, stacked.encode(prompt), max_tokens) for prompt, max_tokens in jobs]
+
+
 @pytest.mark.parametrize("flags", [["--port", "70000"], ["--max-batch", "0"], ["--quantize", "int4"]])
 def test_serve_flags_are_checked_before_loading(flags, capsys):
     from eqx_models.cli import EXIT_BAD_INPUT, main

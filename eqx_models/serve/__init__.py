@@ -8,6 +8,7 @@ since every field is checked by hand with OpenAI's messages (`_protocol`).
 import logging
 import signal
 
+from .. import nn
 from ..generation import SlotEngine, SlotRequest
 from ..models import CausalLM, Seq2SeqLM
 from ..text import Codec
@@ -42,10 +43,13 @@ def load_served(
     dtype: str | None = None,
     byte_level: bool = False,
     name: str | None = None,
+    separate_layers: bool = False,
 ) -> Served:
     """A folder or hub id, loaded for serving: the model (int8 weights with `quantize`, LoRA
-    adapters from `adapter`), its tokenizer, and a `SlotEngine` of `slots` slots that stops
-    at every end token `generate` would (the config's and `generation_config.json`'s)."""
+    adapters from `adapter`, each layer's weights in buffers of their own with
+    `separate_layers`: `eqx_models.separate_layers`), its tokenizer, and a `SlotEngine` of
+    `slots` slots that stops at every end token `generate` would (the config's and
+    `generation_config.json`'s)."""
     from ..errors import InputError
     from ..hub import folder
     from ..lora import load_adapter
@@ -59,6 +63,8 @@ def load_served(
         raise InputError(f"{src} holds a {type(model).__name__}, which does not generate: serve a causal or seq2seq LM")
     if adapter is not None:
         model = load_adapter(model, adapter)
+    if separate_layers:  # after the adapters: `add_lora` takes stacked layers
+        model = nn.separate_layers(model)
     engine = SlotEngine(
         model,
         slots=slots,
