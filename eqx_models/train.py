@@ -26,7 +26,9 @@ OUTPUT/adapter/            with --lora-rank: adapter_config.json + adapter_model
 
 With `--lora-rank R` (a fine-tune: `--init-from` is required) the model gets LoRA adapters on
 the `--lora-targets` layers (`eqx_models.lora`) and only the adapters train; the base weights
-stay exactly as loaded, and the optimizer state covers the adapters alone.
+stay exactly as loaded, and the optimizer state covers the adapters alone. With
+`--lora-quantize int8` the base is loaded quantised (`eqx_models.quantize`) and stays so while
+training (QLoRA-style); `--lora-merge` then merges into the float weights the base stands for.
 
 The same command runs on every process of a multi-process (multi-host) job: with
 `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` set (or a cluster JAX
@@ -53,6 +55,7 @@ from . import lora
 from .errors import ConfigError, InputError
 from .files import check_destination
 from .models import Model, Seq2SeqLM, resolve_class
+from .quantize import Scheme
 from .training.checkpoint import CheckpointManager, barrier, gather_to_host
 from .training.data import (
     Document,
@@ -171,6 +174,9 @@ class TrainConfig:
     lora_dropout: Annotated[float, Range(0, 1, open_high=True)] = _field(0.0, "LoRA: dropout on the adapters' input")
     lora_rslora: bool = _field(False, "LoRA: scale by alpha / sqrt(rank) (rank-stabilised)")
     lora_merge: bool = _field(False, "LoRA: also write the merged model to OUTPUT/model")
+    lora_quantize: Scheme | None = _field(
+        None, "LoRA: store the frozen base quantised while training (int8 or bfloat16; QLoRA-style)"
+    )
 
     # Fields that define the run: resuming with other values would train something else.
     IDENTITY = (
@@ -191,6 +197,7 @@ class TrainConfig:
         "lora_targets",
         "lora_dropout",
         "lora_rslora",
+        "lora_quantize",
     )
     RELATIONS = (
         Relation(
@@ -220,6 +227,11 @@ class TrainConfig:
             ("lora_rank", "lora_merge"),
             lambda rank, merge: rank > 0 or not merge,
             "lora_merge applies to LoRA runs; give lora_rank too",
+        ),
+        Relation(
+            ("lora_rank", "lora_quantize"),
+            lambda rank, scheme: rank > 0 or scheme is None,
+            "lora_quantize stores a LoRA run's frozen base quantised; give lora_rank too",
         ),
     )
     # Our checks run in `__post_init__`, with our messages; jaxtyping's import hook (on in the
@@ -474,6 +486,7 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> dict[st
     """Runs `config` end to end (see the module docstring) and returns the summary."""
     from .hub import folder
     from .pretrained import export_hf, from_pretrained
+    from .quantize import dequantize
     from .training.sharding import initialize_distributed, make_mesh, make_sharded_train_step, shard_batch, shard_state
 
     config.validate()
@@ -506,7 +519,7 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> dict[st
     docs = _documents(config)
     train_docs, eval_docs = split_documents(docs, config.eval_fraction, config.seed)
     init_folder = folder(config.init_from, revision=config.revision) if config.init_from is not None else None
-    init = from_pretrained(init_folder) if init_folder is not None else None
+    init = from_pretrained(init_folder, quantize=config.lora_quantize) if init_folder is not None else None
     output.mkdir(parents=True, exist_ok=True)
     tokens = _tokens(config, train_docs, output, None if init is None else init.config, init_folder)
     model = _with_lora(_build_model(config, tokens, init), config)
@@ -600,7 +613,9 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> dict[st
         )
         log(f"adapter written to {output / 'adapter'}")
     if not config.lora_rank or config.lora_merge:
-        export_hf(lora.merge_lora(model), output / "model", overwrite=True, extra_files=extra_files)
+        # a quantised base merges as the float weights it stands for: the model that trained
+        merged = lora.merge_lora(dequantize(model) if config.lora_quantize else model)
+        export_hf(merged, output / "model", overwrite=True, extra_files=extra_files)
         log(f"model written to {output / 'model'}")
     records = read_metrics(output / "metrics.jsonl")
     plot_losses(records, output / "loss.png", title=f"{type(model).__name__} on {', '.join(config.data)}")

@@ -442,6 +442,23 @@ def test_train_with_lora_writes_a_peft_adapter_and_resumes_exactly(hf_base, tmp_
     )
 
 
+@pytest.mark.slow
+def test_train_with_lora_over_an_int8_base_merges_into_the_weights_it_stands_for(hf_base, tmp_path):
+    """`--lora-quantize int8`: the base trains int8 (QLoRA-style); the adapters, loaded over
+    the same int8 base, give the logits of the merged model written to OUTPUT/model (the
+    dequantised base plus the adapters), which differ from merging into the float base."""
+    output = tmp_path / "run"
+    assert main(lora_flags(hf_base, output, "--lora-merge", "--lora-quantize", "int8")) == 0
+    assert json.loads((output / "train_config.json").read_text())["lora_quantize"] == "int8"
+    trained = lora.load_adapter(from_pretrained(hf_base, quantize="int8"), output / "adapter")
+    merged = from_pretrained(output / "model")
+    ids = jnp.asarray(np.arange(3, 30))
+    expected = np.asarray(trained(ids))
+    assert np.abs(np.asarray(merged(ids)) - expected).max() < tolerance(expected)
+    over_float = np.asarray(lora.merge_lora(lora.load_adapter(from_pretrained(hf_base), output / "adapter"))(ids))
+    assert np.abs(over_float - expected).max() > tolerance(expected)
+
+
 @pytest.mark.parametrize(
     "changes, match",
     [
@@ -451,6 +468,8 @@ def test_train_with_lora_writes_a_peft_adapter_and_resumes_exactly(hf_base, tmp_
         ({"lora_rank": 4, "init_from": "x", "lora_targets": "q_proj,,v_proj"}, "comma-separated module names"),
         ({"lora_merge": True}, "lora_merge applies to LoRA runs"),
         ({"lora_rank": 4, "init_from": "x", "lora_targets": "q", "lora_dropout": 1.0}, "lora_dropout"),
+        ({"lora_quantize": "int8"}, "lora_quantize stores a LoRA run's frozen base quantised; give lora_rank too"),
+        ({"lora_rank": 4, "init_from": "x", "lora_targets": "q", "lora_quantize": "int4"}, "lora_quantize"),
     ],
 )
 def test_bad_lora_run_settings_fail_clearly(changes, match):
