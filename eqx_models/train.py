@@ -614,8 +614,7 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> dict[st
         log(f"adapter written to {output / 'adapter'}")
     if not config.lora_rank or config.lora_merge:
         # a quantised base merges as the float weights it stands for: the model that trained
-        merged = lora.merge_lora(dequantize(model) if config.lora_quantize else model)
-        export_hf(merged, output / "model", overwrite=True, extra_files=extra_files)
+        export_hf(lora.merge_lora(dequantize(model)), output / "model", overwrite=True, extra_files=extra_files)
         log(f"model written to {output / 'model'}")
     records = read_metrics(output / "metrics.jsonl")
     plot_losses(records, output / "loss.png", title=f"{type(model).__name__} on {', '.join(config.data)}")
